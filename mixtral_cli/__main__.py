@@ -1,0 +1,5 @@
+"""`python -m mixtral_cli` runs the `mixtral` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,206 @@
+"""The `mixtral` command: one small function per verb; parsing and printing only."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__, ui
+from .errors import UserError
+from .generate import GenerationConfig, SamplingConfig
+
+app = typer.Typer(
+    name="mixtral",
+    help="Run Mixtral-8x7B on one consumer GPU (or slowly on a CPU): download, quantize, chat.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+GEN = "Generation"
+RT = "Runtime"
+
+# -- shared options (Annotated aliases keep each command's signature short) -------------------
+ModelOpt = Annotated[str | None, typer.Option("-m", "--model", help="Local directory or Hub repo id [default: $MIXTRAL_MODEL or mistralai/Mixtral-8x7B-Instruct-v0.1].")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download the model first if it is not in the cache.")]
+MaxTokensOpt = Annotated[int, typer.Option("-n", "--max-tokens", help="Maximum tokens to generate.", rich_help_panel=GEN)]
+TempOpt = Annotated[float, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 = greedy.", rich_help_panel=GEN)]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass; 1 = off.", rich_help_panel=GEN)]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the K most likely tokens; 0 = off.", rich_help_panel=GEN)]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p x the top probability; 0 = off.", rich_help_panel=GEN)]
+RepeatOpt = Annotated[float, typer.Option("--repeat-penalty", help="Penalty for the last 64 tokens; 1 = off.", rich_help_panel=GEN)]
+SeedOpt = Annotated[int | None, typer.Option("-s", "--seed", help="Random seed (same seed, same output) [default: random].", rich_help_panel=GEN)]
+SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt (put before the first user message).", rich_help_panel=GEN)]
+CtxOpt = Annotated[int | None, typer.Option("-c", "--ctx-size", help="Context length in tokens [default: min(model max, 4096)].", rich_help_panel=GEN)]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this string appears (repeatable).", rich_help_panel=GEN)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel=RT)]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype of unquantized parts: auto, float32, bfloat16, float16.", rich_help_panel=RT)]
+GpuMemOpt = Annotated[str | None, typer.Option("--gpu-mem", help="GPU memory budget for this process, e.g. 24GiB [default: free memory].", rich_help_panel=RT)]
+SlotsOpt = Annotated[int | None, typer.Option("--experts-in-gpu", help="Expert slots per layer (overrides the planner; CPU too).", rich_help_panel=RT)]
+NoPrefetchOpt = Annotated[bool, typer.Option("--no-prefetch", help="Turn off speculative expert prefetch.", rich_help_panel=RT)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mixtral-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
+              seed: int | None) -> SamplingConfig:
+    return SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repeat_penalty=repeat_penalty, seed=seed)
+
+
+def _runtime(device: str, dtype: str, ctx_size: int | None, gpu_mem: str | None, experts_in_gpu: int | None,
+             no_prefetch: bool):
+    from .runtime import RuntimeOptions
+    from .sizes import parse_size
+
+    if ctx_size is not None and ctx_size < 2:
+        raise UserError(f"-c/--ctx-size must be at least 2, got {ctx_size}")
+    return RuntimeOptions(device=device, dtype=dtype, ctx_size=ctx_size,
+                          gpu_mem=parse_size(gpu_mem) if gpu_mem else None,
+                          experts_in_gpu=experts_in_gpu, prefetch=not no_prefetch)
+
+
+def _load(model: str | None, opts, yes: bool = False):
+    from .hub import resolve_model
+    from .runtime import load_engine
+
+    path = resolve_model(model, download_missing=yes)
+    with ui.load_progress() as update:
+        return load_engine(path, opts, on_progress=update)
+
+
+@app.command()
+def run(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' or omitted with piped input reads stdin.")] = None,
+    model: ModelOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="No chat template: ids are [BOS] + encode(prompt).")] = False,
+    json_out: JsonOpt = False,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    temperature: TempOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatOpt = 1.0,
+    seed: SeedOpt = None,
+    ctx_size: CtxOpt = None,
+    stop: StopOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    gpu_mem: GpuMemOpt = None,
+    experts_in_gpu: SlotsOpt = None,
+    no_prefetch: NoPrefetchOpt = False,
+    yes: YesOpt = False,
+) -> None:
+    """One-shot completion: stream the answer to PROMPT on stdout."""
+    from .commands import run_once
+
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise UserError("no prompt given", hint="pass a prompt argument, or '-' to read it from stdin")
+        prompt = sys.stdin.read()
+    if raw and system:
+        raise UserError("--system needs the chat template", hint="drop --raw or --system")
+    gen = GenerationConfig(max_tokens=max_tokens, stop=stop or [],
+                           sampling=_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed))
+    gen.sampling.validate()
+    opts = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch)
+    engine = _load(model, opts, yes)
+    run_once(engine, prompt, gen, raw=raw, system=system, json_out=json_out)
+
+
+@app.command()
+def perplexity(
+    file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
+    model: ModelOpt = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Window length in tokens.")] = 512,
+    json_out: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    gpu_mem: GpuMemOpt = None,
+    experts_in_gpu: SlotsOpt = None,
+    yes: YesOpt = False,
+) -> None:
+    """Perplexity of FILE in independent windows of --ctx tokens."""
+    from .evaluate import perplexity as compute
+
+    if ctx < 2:
+        raise UserError(f"--ctx must be at least 2, got {ctx}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {file} as UTF-8 text ({e})") from None
+    engine = _load(model, _runtime(device, dtype, ctx, gpu_mem, experts_in_gpu, True), yes)
+    ids = engine.tokenizer.encode(text, bos=True)
+    result = compute(engine.model, ids, ctx)
+    if json_out:
+        ui.print_json(result.as_dict())
+    else:
+        ui.out.print(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens in {result.windows} windows")
+
+
+@app.command()
+def info(
+    model: Annotated[str | None, typer.Argument(help="Model directory, config.json, or Hub repo id [default: $MIXTRAL_MODEL or the Instruct model].")] = None,
+    bits: Annotated[int | None, typer.Option("--bits", help="Expert weight bits for the plan: 4, 8 or 16 [default: the checkpoint's].")] = None,
+    gpu_mem: GpuMemOpt = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context length for the KV cache in the plan.")] = 4096,
+    json_out: JsonOpt = False,
+) -> None:
+    """Parameter counts, weight sizes and the memory plan for a GPU budget."""
+    from .commands import show_info
+
+    show_info(model, bits=bits, gpu_mem=gpu_mem, ctx=ctx, json_out=json_out)
+
+
+def main() -> None:
+    """Console entry point: user errors are one line on stderr (exit 2), failures exit 1."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        if debug:
+            raise
+        ui.error_line(e.message, e.hint)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        ui.error_line("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        ui.error_line("aborted")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        ui.error_line(f"{type(e).__name__}: {e}", hint="run with --debug for the traceback")
+        sys.exit(1)

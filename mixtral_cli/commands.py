@@ -1,0 +1,155 @@
+"""What the verbs do once their options are parsed: glue between engine, generation and ui."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from . import ui
+from .config import ModelArgs, load_config
+from .errors import UserError
+from .generate import Completion, GenerationConfig, Session
+from .runtime import Engine
+from .sizes import format_bytes, format_count, parse_size
+
+
+def prompt_ids(engine: Engine, prompt: str, *, raw: bool, system: str | None) -> list[int]:
+    """`--raw`: [BOS] + encode(prompt); otherwise the Instruct chat template for one user turn."""
+    tok = engine.tokenizer
+    if raw:
+        return tok.encode(prompt, bos=True)
+    return tok.encode_chat([{"role": "user", "content": prompt}], system=system)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated on CUDA; on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def run_once(engine: Engine, prompt: str, gen: GenerationConfig, *, raw: bool, system: str | None,
+             json_out: bool) -> None:
+    ids = prompt_ids(engine, prompt, raw=raw, system=system)
+    completion = Completion(Session(engine.model), engine.tokenizer, ids, gen, continuation=raw)
+    stats = engine.model.experts.stats
+    stats.reset()
+    if json_out:
+        text = "".join(completion)
+    else:
+        text = "".join(ui.stream(completion))
+        ui.end_stream(text)
+    if not json_out:
+        return
+    s = completion.stats
+    cache = stats.as_dict()
+    ui.print_json({
+        "text": text,
+        "prompt_token_ids": ids,
+        "token_ids": completion.token_ids,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        "prefill_tokens_per_s": s.prefill_tokens_per_s,
+        "decode_tokens_per_s": s.decode_tokens_per_s,
+        "expert_cache": {k: cache[k] for k in ("slots_per_layer", "hits", "misses", "prefetch_hits", "bytes_to_device")},
+        "peak_device_memory_bytes": peak_memory_bytes(engine.device),
+    })
+
+
+def _info_config(model: str | None) -> tuple[ModelArgs, dict, Path | None]:
+    """A config from a config.json path, a model directory, or a cached repo id."""
+    if model and Path(model).is_file():
+        path = Path(model)
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {path} as JSON ({e})") from None
+        tmp_args, raw = _args_from(cfg, path)
+        return tmp_args, raw, None
+    from .hub import resolve_model
+
+    directory = resolve_model(model)
+    args, raw = load_config(directory)
+    return args, raw, directory
+
+
+def _args_from(cfg: dict, path: Path) -> tuple[ModelArgs, dict]:
+    from .config import check_mixtral
+
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a JSON object")
+    check_mixtral(cfg, path)
+    try:
+        return ModelArgs.from_dict(cfg), cfg
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: int, json_out: bool) -> None:
+    from quant.formats import spec_for_bits
+
+    from .checkpoint import parse_quantization
+    from .plan import expert_bytes, plan_memory, require_fit
+
+    args, raw, directory = _info_config(model)
+    stored = parse_quantization(raw, (directory or Path(".")) / "config.json")
+    if bits is None:
+        spec = stored
+    elif bits == 16:
+        spec = None
+    elif bits in (4, 8):
+        spec = stored if stored is not None and stored.bits == bits else spec_for_bits(bits)
+    else:
+        raise UserError(f"--bits must be 4, 8 or 16, got {bits}")
+    if ctx < 1:
+        raise UserError(f"--ctx must be positive, got {ctx}")
+    dense = 2 * (args.params_total - args.params_experts)
+    experts = args.num_hidden_layers * args.num_local_experts * expert_bytes(args, spec)
+    budget = parse_size(gpu_mem) if gpu_mem else 24 * 2**30
+    plan = plan_memory(args, spec, ctx, budget)
+    if gpu_mem:
+        require_fit(plan, args.num_experts_per_tok, ctx)
+    fmt = f"{spec.name} ({spec.bits}-bit, group {spec.group_size})" if spec else "bfloat16"
+    result = {
+        "params_total": args.params_total,
+        "params_active": args.params_active,
+        "params_experts": args.params_experts,
+        "expert_format": spec.name if spec else "bfloat16",
+        "bits": spec.bits if spec else 16,
+        "bytes_weights": {"total": dense + experts, "experts": experts, "other": dense},
+        "bytes_weights_by_dtype": {"bfloat16": 2 * args.params_total,
+                                   "int8": dense + args.num_hidden_layers * args.num_local_experts * expert_bytes(args, spec_for_bits(8)),
+                                   "nf4": dense + args.num_hidden_layers * args.num_local_experts * expert_bytes(args, spec_for_bits(4))},
+        "plan": plan.as_dict() | {"ctx": ctx},
+    }
+    if directory is not None and stored is not None:
+        result["checkpoint_bytes"] = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    if json_out:
+        ui.print_json(result)
+        return
+    rows = [
+        ("parameters", f"{format_count(args.params_total)} total, {format_count(args.params_active)} active per token"),
+        ("layers", f"{args.num_hidden_layers} x {args.num_local_experts} experts, top-{args.num_experts_per_tok}"),
+        ("expert format", fmt),
+        ("weights", f"{format_bytes(dense + experts)} ({format_bytes(experts)} experts, {format_bytes(dense)} other)"),
+        ("one expert", format_bytes(plan.expert_bytes)),
+    ]
+    if "checkpoint_bytes" in result:
+        rows.append(("checkpoint on disk", format_bytes(result["checkpoint_bytes"])))
+    ui.key_value_table("model", rows)
+    p = plan
+    ui.key_value_table(f"GPU plan for {format_bytes(budget)}, {ctx}-token context", [
+        ("resident", f"{format_bytes(p.resident)} (embeddings {format_bytes(p.embeddings)}, attention {format_bytes(p.attention)}, "
+                     f"KV cache {format_bytes(p.kv_cache)}, workspace {format_bytes(p.workspace)}, "
+                     f"CUDA context {format_bytes(p.cuda_context)}, slack {format_bytes(p.allocator_slack)})"),
+        ("expert slots", f"{p.slots_per_layer} per layer ({p.experts_on_device} of {p.experts_total} experts on the GPU)"
+                         if p.fits else f"do not fit: the minimum budget is {format_bytes(p.minimum_budget)}"),
+        ("offloaded", "yes: the rest stay in CPU RAM" if p.offloaded else "no: every expert fits"),
+        ("total", format_bytes(p.total)),
+    ])

@@ -1,0 +1,122 @@
+"""Model hyper-parameters read from a Hub `config.json` (HF key names)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 0  # 0: derived as hidden_size // num_attention_heads
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    vocab_size: int = 32000
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = None
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError("num_experts_per_tok must be between 1 and num_local_experts")
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelArgs:
+        """Build from a Hub config dict, accepting the spellings of old and new transformers."""
+        cfg = dict(cfg)
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if "rope_theta" not in cfg and isinstance(rope, dict) and "rope_theta" in rope:
+            cfg["rope_theta"] = rope["rope_theta"]
+        if "torch_dtype" not in cfg and "dtype" in cfg:
+            cfg["torch_dtype"] = cfg["dtype"]
+        if cfg.get("head_dim") is None:
+            cfg.pop("head_dim", None)
+        names = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in cfg.items() if k in names})
+        if args.torch_dtype not in _DTYPES:
+            object.__setattr__(args, "torch_dtype", "bfloat16")
+        return args
+
+    @property
+    def ffn_params(self) -> int:
+        """Parameters of one expert (w1, w3: D->I, w2: I->D)."""
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def attention_params(self) -> int:
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        return self.hidden_size * (2 * q + 2 * kv)
+
+    @property
+    def layer_shared_params(self) -> int:
+        """Per layer, everything but the experts: attention, router gate, two norms."""
+        return self.attention_params + self.num_local_experts * self.hidden_size + 2 * self.hidden_size
+
+    @property
+    def embedding_params(self) -> int:
+        heads = 1 if self.tie_word_embeddings else 2
+        return heads * self.vocab_size * self.hidden_size + self.hidden_size  # + final norm
+
+    @property
+    def params_total(self) -> int:
+        per_layer = self.layer_shared_params + self.num_local_experts * self.ffn_params
+        return self.embedding_params + self.num_hidden_layers * per_layer
+
+    @property
+    def params_active(self) -> int:
+        per_layer = self.layer_shared_params + self.num_experts_per_tok * self.ffn_params
+        return self.embedding_params + self.num_hidden_layers * per_layer
+
+    @property
+    def params_experts(self) -> int:
+        return self.num_hidden_layers * self.num_local_experts * self.ffn_params
+
+
+def check_mixtral(cfg: dict[str, Any], path: Path) -> None:
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type")
+    if model_type != "mixtral" and "MixtralForCausalLM" not in archs:
+        found = model_type or (archs[0] if archs else "unknown")
+        raise UserError(
+            f"{path} describes a '{found}' model, not Mixtral",
+            hint="point -m at a Mixtral checkpoint (model_type 'mixtral')",
+        )
+
+
+def load_config(model_dir: Path) -> tuple[ModelArgs, dict[str, Any]]:
+    """Read and validate `config.json`; returns the parsed args and the raw dict."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"no config.json in {model_dir}", hint="pass a Mixtral checkpoint directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a JSON object")
+    check_mixtral(cfg, path)
+    try:
+        return ModelArgs.from_dict(cfg), cfg
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from e

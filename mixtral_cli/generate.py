@@ -1,0 +1,244 @@
+"""Sampling, prefill and the decode loop, in pipeline order.
+
+`Session` owns what the KV cache holds (the token ids at positions 0..n) so a follow-up prompt that
+shares a prefix with the cached one (the next chat turn) only prefills the new tokens.
+`Completion` drives generation for one prompt and yields text; the caller decides how to render it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+from .model import Mixtral
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    """Sampler settings; defaults follow llama.cpp. temperature 0 means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95  # 1: off
+    min_p: float = 0.05  # 0: off
+    repeat_penalty: float = 1.0  # 1: off
+    repeat_last_n: int = 64
+    seed: int | None = None  # None: a fresh random seed
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise UserError(f"min-p must be in [0, 1), got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise UserError(f"repeat-penalty must be > 0, got {self.repeat_penalty}")
+
+
+Sampler = Callable[[torch.Tensor, Sequence[int]], int]
+
+
+def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: float) -> torch.Tensor:
+    """llama.cpp's rule: a recently seen token's logit is divided by `penalty` if positive, else multiplied."""
+    if penalty == 1.0 or not recent:
+        return logits
+    ids = torch.tensor(sorted(set(recent)), device=logits.device)
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside top-k, outside the top-p nucleus, and below min-p x max prob.
+
+    logits [V] fp32. The nucleus keeps the smallest set of most likely tokens whose probability
+    reaches top_p (always at least one token).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+        drop = before >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def make_sampler(cfg: SamplingConfig) -> Sampler:
+    """Penalties, then top-k, top-p, min-p, then temperature (llama.cpp's order). Seeded and reproducible."""
+    cfg.validate()
+    gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(7), "little"))
+
+    def sample(logits: torch.Tensor, history: Sequence[int]) -> int:
+        logits = apply_repeat_penalty(logits.float(), history[-cfg.repeat_last_n:] if cfg.repeat_last_n else [],
+                                      cfg.repeat_penalty)
+        if cfg.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = filter_logits(logits, cfg.top_k, cfg.top_p, cfg.min_p)
+        probs = torch.softmax(logits / cfg.temperature, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    return sample
+
+
+class Session:
+    """The model plus the token ids its KV cache currently holds."""
+
+    def __init__(self, model: Mixtral) -> None:
+        self.model = model
+        self.cached: list[int] = []
+        self.device = model.model.embed_tokens.weight.device
+
+    def reset(self) -> None:
+        self.cached = []
+
+    def _forward(self, ids: Sequence[int], pos: int) -> torch.Tensor:
+        logits = self.model(torch.tensor(ids, device=self.device), pos, last_only=True)[0]
+        # Only after the forward pass completes does the cache hold these positions (Ctrl-C safe).
+        self.cached = self.cached[:pos] + list(ids)
+        return logits
+
+    def prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor, int]:
+        """Logits [V] after `ids`, reusing the cached common prefix. Returns (logits, tokens computed)."""
+        common = 0
+        for a, b in zip(self.cached, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # recompute at least the last token to get its logits
+        return self._forward(ids[common:], common), len(ids) - common
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._forward([token], len(self.cached))
+
+
+@dataclass
+class GenerationConfig:
+    max_tokens: int = 512
+    stop: list[str] = field(default_factory=list)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the cache)
+    prefill_s: float = 0.0
+    completion_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first completion token comes out of prefill; the rest each cost one decode step.
+        steps = max(self.completion_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def check_fits(prompt_len: int, ctx: int) -> None:
+    if prompt_len >= ctx:
+        raise UserError(
+            f"the prompt is {prompt_len} tokens but the context holds {ctx}",
+            hint="shorten the prompt or raise -c/--ctx-size",
+        )
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that could start a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class Completion:
+    """Generate from `prompt_ids`, yielding text as it becomes final.
+
+    Stops at EOS, at a stop string (which is not emitted), at `max_tokens`, or when the context is
+    full. After iteration: `token_ids`, `text`, `finish_reason` ("stop" or "length"), `stats`.
+    """
+
+    def __init__(self, session: Session, tokenizer: Tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig,
+                 *, continuation: bool = False) -> None:
+        """`continuation`: the text continues the prompt (raw completion), so a leading space of the
+        first generated piece is kept; a chat reply starts fresh and drops it."""
+        check_fits(len(prompt_ids), session.model.max_len)
+        if cfg.max_tokens < 0:
+            raise UserError(f"max-tokens must be >= 0, got {cfg.max_tokens}")
+        self.session, self.tokenizer, self.cfg = session, tokenizer, cfg
+        self.prompt_ids = list(prompt_ids)
+        self.continuation = continuation
+        self.sampler = make_sampler(cfg.sampling)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason = "length"
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+
+    def tokens(self) -> Iterator[int]:
+        """The raw token stream (EOS included when produced)."""
+        budget = min(self.cfg.max_tokens, self.session.model.max_len - len(self.prompt_ids))
+        if budget <= 0:
+            return
+        t0 = time.perf_counter()
+        logits, self.stats.prefill_tokens = self.session.prefill(self.prompt_ids)
+        self.stats.prefill_s = time.perf_counter() - t0
+        history = list(self.prompt_ids)
+        t0 = time.perf_counter()
+        while True:
+            token = self.sampler(logits, history)
+            history.append(token)
+            self.token_ids.append(token)
+            self.stats.completion_tokens += 1
+            self.stats.decode_s = time.perf_counter() - t0
+            yield token
+            if token == self.tokenizer.eos_id:
+                self.finish_reason = "stop"
+                return
+            if len(self.token_ids) >= budget:
+                return
+            logits = self.session.step(token)
+
+    def __iter__(self) -> Iterator[str]:
+        stops = [s for s in self.cfg.stop if s]
+        decoder = StreamDecoder(self.tokenizer, self.prompt_ids if self.continuation else None)
+        pending = ""
+        for token in self.tokens():
+            if token == self.tokenizer.eos_id:
+                break
+            pending += decoder.push(token)
+            hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                yield from self._emit(pending[:hit])
+                self.finish_reason = "stop"
+                return
+            keep = _holdback(pending, stops)
+            ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+            yield from self._emit(ready)
+        pending += decoder.flush()
+        yield from self._emit(pending)
+
+    def _emit(self, text: str) -> Iterator[str]:
+        if text:
+            self.text += text
+            yield text

@@ -1,0 +1,125 @@
+"""Device and dtype policy, and loading a checkpoint into a ready-to-run model.
+
+The model is built on the `meta` device and every weight is assigned straight from the
+memory-mapped safetensors in its final dtype and device, so the full-precision model is never
+materialised when a quantized one is loaded, and no tensor is held twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import EXPERT_PROJS, Checkpoint, shared_shapes
+from .config import ModelArgs
+from .errors import UserError
+from .experts import ResidentExperts, make_expert
+from .model import Mixtral
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available", hint="use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{name}'", hint="use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Compute dtype of the unquantized parts. `auto`: bfloat16 (CPU matmuls in bf16 are ~2-5x faster
+    than fp32 on AVX512-BF16 parts; GPUs without bf16 get float16)."""
+    if name == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}'", hint="use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+@dataclass
+class RuntimeOptions:
+    device: str = "auto"
+    dtype: str = "auto"
+    ctx_size: int | None = None  # None: min(model context, 4096)
+    experts_in_gpu: int | None = None
+    prefetch: bool = True
+    gpu_mem: int | None = None
+
+
+@dataclass
+class Engine:
+    """A loaded model with its tokenizer, ready for generation."""
+
+    model: Mixtral
+    tokenizer: Tokenizer
+    checkpoint: Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.model.args
+
+
+DEFAULT_CTX = 4096
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def load_engine(
+    model_dir: Path, opts: RuntimeOptions, on_progress: Callable[[int, int], None] | None = None
+) -> Engine:
+    """Load tokenizer and weights from `model_dir`; `on_progress(done, total)` counts layers."""
+    ckpt = Checkpoint(model_dir)
+    tok_path = Path(model_dir) / "tokenizer.model"
+    if not tok_path.is_file():
+        raise UserError(f"no tokenizer.model in {model_dir}", hint="re-run `mixtral download` for this model")
+    tokenizer = Tokenizer.from_file(tok_path)
+    device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, device)
+    args = ckpt.args
+    total = args.num_hidden_layers + 1
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype)
+
+    experts = []
+    for L in range(args.num_hidden_layers):
+        layer = []
+        for e in range(args.num_local_experts):
+            w = [ckpt.expert_weight(L, e, p) for p in EXPERT_PROJS]
+            w = [place(t) if isinstance(t, torch.Tensor) else t.to(device) for t in w]
+            layer.append(make_expert(*w))
+        experts.append(layer)
+        if on_progress:
+            on_progress(L + 1, total)
+    provider = ResidentExperts(experts)
+
+    with torch.device("meta"):
+        model = Mixtral(args, provider)
+    for name in shared_shapes(args):
+        _assign(model, name, place(ckpt.tensor(name)))
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    ctx = opts.ctx_size or min(args.max_position_embeddings, DEFAULT_CTX)
+    if ctx < 2:
+        raise UserError(f"context size {ctx} is too small", hint="pass -c/--ctx-size of at least 2")
+    model.setup_cache(ctx)
+    if on_progress:
+        on_progress(total, total)
+    return Engine(model, tokenizer, ckpt, device, dtype)

@@ -1,0 +1,49 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+V1_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
+
+
+@pytest.fixture(scope="session")
+def v1_tokenizer_path() -> Path:
+    """The real Mistral v1 ``tokenizer.model`` shipped inside the mistral-common package."""
+    from importlib.resources import files
+
+    path = Path(str(files("mistral_common") / "data" / "tokenizer.model.v1"))
+    assert path.is_file(), f"mistral-common does not ship {path}"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == V1_TOKENIZER_SHA256, f"unexpected v1 tokenizer sha256 {digest}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny random Mixtral in the Hub layout: 3 shards + index, real v1 tokenizer."""
+    from tiny import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral")
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_ckpt):
+    """The numerical oracle: transformers' MixtralForCausalLM on the same weights, in fp32."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def engine_fp32(tiny_ckpt):
+    from mixtral_cli.runtime import RuntimeOptions, load_engine
+
+    return load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=256))
