@@ -89,6 +89,24 @@ def _load(model: str | None, opts, yes: bool = False):
 
 
 @app.command()
+def download(
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id.")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit [default: main].")] = None,
+    local_dir: Annotated[Path | None, typer.Option("--local-dir", help="Put the files here instead of the Hugging Face cache.")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Hugging Face token [default: $HF_TOKEN or the saved login].")] = None,
+) -> None:
+    """Fetch the safetensors weights, config and tokenizer (never the .pt pickles); resumable, verified."""
+    from .hub import download as fetch
+
+    with ui.DownloadProgress() as progress:
+        path = fetch(repo_id, revision=revision, local_dir=local_dir, token=token, progress=progress)
+    ui.out.print(str(path))
+
+
+app.command("pull", help="Alias of download.")(download)
+
+
+@app.command()
 def run(
     prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' or omitted with piped input reads stdin.")] = None,
     model: ModelOpt = None,
@@ -183,7 +201,7 @@ def main() -> None:
         if debug:
             raise
         ui.error_line(e.message, e.hint)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         if debug:
             raise

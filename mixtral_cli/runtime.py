@@ -17,8 +17,9 @@ from torch import nn
 from .checkpoint import EXPERT_PROJS, Checkpoint, shared_shapes
 from .config import ModelArgs
 from .errors import UserError
-from .experts import ResidentExperts, make_expert
+from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
 from .model import Mixtral
+from .plan import plan_memory, require_fit
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,6 +81,21 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
+def expert_slots(opts: RuntimeOptions, args: ModelArgs, ckpt: Checkpoint, device: torch.device,
+                 dtype: torch.dtype, ctx: int) -> int:
+    """Expert slots per layer: `--experts-in-gpu`, else the planner's answer on CUDA, else all of them."""
+    E, top_k = args.num_local_experts, args.num_experts_per_tok
+    if opts.experts_in_gpu is not None:
+        if not top_k <= opts.experts_in_gpu <= E:
+            raise UserError(f"--experts-in-gpu must be between {top_k} and {E}, got {opts.experts_in_gpu}")
+        return opts.experts_in_gpu
+    if device.type != "cuda":
+        return E
+    budget = opts.gpu_mem or torch.cuda.mem_get_info(device)[0]
+    plan = plan_memory(args, ckpt.quant, ctx, budget, dense_bytes=dtype.itemsize)
+    return require_fit(plan, top_k, ctx).slots_per_layer
+
+
 def load_engine(
     model_dir: Path, opts: RuntimeOptions, on_progress: Callable[[int, int], None] | None = None
 ) -> Engine:
@@ -97,17 +113,33 @@ def load_engine(
     def place(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype)
 
-    experts = []
-    for L in range(args.num_hidden_layers):
-        layer = []
-        for e in range(args.num_local_experts):
-            w = [ckpt.expert_weight(L, e, p) for p in EXPERT_PROJS]
-            w = [place(t) if isinstance(t, torch.Tensor) else t.to(device) for t in w]
-            layer.append(make_expert(*w))
-        experts.append(layer)
-        if on_progress:
-            on_progress(L + 1, total)
-    provider = ResidentExperts(experts)
+    ctx = opts.ctx_size or min(args.max_position_embeddings, DEFAULT_CTX)
+    if ctx > args.max_position_embeddings:
+        raise UserError(f"context size {ctx} exceeds the model's {args.max_position_embeddings} positions",
+                        hint=f"pass -c/--ctx-size of at most {args.max_position_embeddings}")
+    slots = expert_slots(opts, args, ckpt, device, dtype, ctx)
+
+    def expert_weights(L: int, e: int, target: torch.device) -> list:
+        ws = [ckpt.expert_weight(L, e, p) for p in EXPERT_PROJS]
+        return [w.to(device=target, dtype=dtype) if isinstance(w, torch.Tensor) else w.to(target) for w in ws]
+
+    if slots == args.num_local_experts:
+        experts = []
+        for L in range(args.num_hidden_layers):
+            experts.append([make_expert(*expert_weights(L, e, device)) for e in range(args.num_local_experts)])
+            if on_progress:
+                on_progress(L + 1, total)
+        provider = ResidentExperts(experts)
+    else:
+        cpu = torch.device("cpu")
+        store = ExpertStore(ExpertLayout(expert_weights(0, 0, cpu)), args.num_hidden_layers, args.num_local_experts,
+                            pin=device.type == "cuda")
+        for L in range(args.num_hidden_layers):
+            for e in range(args.num_local_experts):
+                store.put(L, e, expert_weights(L, e, cpu))
+            if on_progress:
+                on_progress(L + 1, total)
+        provider = ExpertCache(store, slots, device, prefetch=opts.prefetch)
 
     with torch.device("meta"):
         model = Mixtral(args, provider)
@@ -116,9 +148,6 @@ def load_engine(
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
-    ctx = opts.ctx_size or min(args.max_position_embeddings, DEFAULT_CTX)
-    if ctx < 2:
-        raise UserError(f"context size {ctx} is too small", hint="pass -c/--ctx-size of at least 2")
     model.setup_cache(ctx)
     if on_progress:
         on_progress(total, total)

@@ -1,0 +1,58 @@
+"""``QuantLinear``: an ``nn.Linear`` (no bias) whose weight is a ``QuantizedTensor``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .formats import QuantizedTensor, QuantSpec, quantize
+from .kernels import Prepared, matmul, prepare
+
+
+class QuantLinear(nn.Module):
+    """Holds the stored parts as buffers (so ``.to(device)`` moves them and ``state_dict`` holds
+    ``<name>.qweight``, ``<name>.scales``, ...); the device-specific prepared form is cached on
+    the module, rebuilt after a move, and never saved."""
+
+    def __init__(self, qt: QuantizedTensor) -> None:
+        super().__init__()
+        self.spec: QuantSpec = qt.spec
+        self.out_features, self.in_features = qt.shape
+        for name, t in qt.parts.items():
+            self.register_buffer(name, t)
+        self._part_names = tuple(qt.parts)
+        self._prepared: Prepared | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
+        if linear.bias is not None:
+            raise ValueError("QuantLinear has no bias")
+        return cls(quantize(linear.weight, spec))
+
+    @property
+    def qt(self) -> QuantizedTensor:
+        parts = {name: getattr(self, name) for name in self._part_names}
+        return QuantizedTensor(self.spec, (self.out_features, self.in_features), parts)
+
+    def prepared(self) -> Prepared:
+        qt = self.qt
+        if self._prepared is None or self._prepared.device != qt.device:
+            self._prepared = prepare(qt)
+        return self._prepared
+
+    def invalidate_prepared(self) -> None:
+        """Drop the prepared form: the stored parts were overwritten in place (an offload slot refill)."""
+        self._prepared = None
+
+    def _apply(self, fn, recurse=True):  # any move or cast invalidates the prepared form
+        self._prepared = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x, self.qt, self.prepared())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.spec.name}, group_size={self.spec.group_size}"
+        )
