@@ -6,8 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quant import QuantizedTensor, QuantLinear, dequantize, prepare, quantize, reference_matmul, spec_for_bits
-from quant import kernels
+from quant import (
+    QuantizedTensor,
+    QuantLinear,
+    dequantize,
+    kernels,
+    prepare,
+    quantize,
+    reference_matmul,
+    spec_for_bits,
+)
 from quant.formats import DYNAMIC_CODE, NF4_CODE, nf4_absmax
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
