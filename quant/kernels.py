@@ -27,6 +27,7 @@ on the standard (non-repacked) layout gives wrong results on CPU.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,9 @@ _BNB_CPU_BLOCK_N = 32  # rows per tile of bitsandbytes' CPU 4-bit layout
 
 @functools.cache
 def _bnb():
+    # bitsandbytes logs a warning at import when the optional `kernels` package is absent; its
+    # built-in CPU kernel is used then, so keep the user's terminal clean.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes
         import bitsandbytes.functional

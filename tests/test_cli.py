@@ -18,7 +18,7 @@ REAL_CONFIG = Path(__file__).parent / "data" / "mixtral-8x7b-instruct-v0.1.confi
 
 
 def mixtral(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "mixtral_cli", *args], input=stdin, capture_output=True,
                           text=True, env=full_env, timeout=300)
 
@@ -190,3 +190,25 @@ def test_version_and_help():
     for flag in ("--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--seed", "--ctx-size",
                  "--stop", "--device", "--dtype", "--raw", "--json"):
         assert flag in helptext
+
+
+# -- download, then run by repo id from the cache ----------------------------------------------
+def test_download_then_run_by_repo_id(tmp_path, tiny_ckpt):
+    from hub_server import FakeHub
+
+    files = {p.name: p.read_bytes() for p in tiny_ckpt.iterdir() if p.is_file()}
+    files["consolidated.00.pt"] = b"pickle that must never be fetched"
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE": "0"}
+    with FakeHub() as server:
+        sha = server.add_repo("acme/tiny-mixtral", files)
+        env["HF_ENDPOINT"] = server.url
+        proc = mixtral("pull", "acme/tiny-mixtral", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert not server.requests_for("consolidated.00.pt")
+    snapshot = Path(proc.stdout.strip())
+    assert snapshot.name == sha and (snapshot / "tokenizer.model").is_file()
+    env["HF_HUB_OFFLINE"] = "1"
+    run = mixtral("run", "hi", "-m", "acme/tiny-mixtral", "--temp", "0", "-n", "4", "--device", "cpu", env=env)
+    assert run.returncode == 0, run.stderr
+    missing = mixtral("run", "hi", "-m", "acme/other-model", env=env)
+    assert_user_error(missing, "mixtral download acme/other-model")
