@@ -161,6 +161,11 @@ def check_fits(prompt_len: int, ctx: int) -> None:
         )
 
 
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+
+
 def _holdback(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that could start a stop string."""
     best = 0
@@ -211,11 +216,10 @@ class Completion:
             self.token_ids.append(token)
             self.stats.completion_tokens += 1
             self.stats.decode_s = time.perf_counter() - t0
-            yield token
             if token == self.tokenizer.eos_id:
                 self.finish_reason = "stop"
-                return
-            if len(self.token_ids) >= budget:
+            yield token
+            if token == self.tokenizer.eos_id or len(self.token_ids) >= budget:
                 return
             logits = self.session.step(token)
 
@@ -227,7 +231,7 @@ class Completion:
             if token == self.tokenizer.eos_id:
                 break
             pending += decoder.push(token)
-            hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+            hit = _first_stop(pending, stops)
             if hit >= 0:
                 yield from self._emit(pending[:hit])
                 self.finish_reason = "stop"
@@ -236,6 +240,9 @@ class Completion:
             ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
             yield from self._emit(ready)
         pending += decoder.flush()
+        hit = _first_stop(pending, stops)
+        if hit >= 0:
+            pending, self.finish_reason = pending[:hit], "stop"
         yield from self._emit(pending)
 
     def _emit(self, text: str) -> Iterator[str]:
