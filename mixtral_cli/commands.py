@@ -150,6 +150,7 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
                      f"CUDA context {format_bytes(p.cuda_context)}, slack {format_bytes(p.allocator_slack)})"),
         ("expert slots", f"{p.slots_per_layer} per layer ({p.experts_on_device} of {p.experts_total} experts on the GPU)"
                          if p.fits else f"do not fit: the minimum budget is {format_bytes(p.minimum_budget)}"),
+    ] + ([
         ("offloaded", "yes: the rest stay in CPU RAM" if p.offloaded else "no: every expert fits"),
         ("total", format_bytes(p.total)),
-    ])
+    ] if p.fits else []))
