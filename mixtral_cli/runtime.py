@@ -104,7 +104,15 @@ def load_engine(
     tok_path = Path(model_dir) / "tokenizer.model"
     if not tok_path.is_file():
         raise UserError(f"no tokenizer.model in {model_dir}", hint="re-run `mixtral download` for this model")
-    tokenizer = Tokenizer.from_file(tok_path)
+    return build_engine(ckpt, Tokenizer.from_file(tok_path), opts, on_progress)
+
+
+def build_engine(
+    ckpt: Checkpoint, tokenizer: Tokenizer, opts: RuntimeOptions,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Engine:
+    """Place the weights of `ckpt` (anything with Checkpoint's `args`, `quant`, `tensor(name)` and
+    `expert_weight(layer, expert, proj)`) on the device chosen by `opts`."""
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
     args = ckpt.args
