@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from quant.formats import FORMAT_VERSION, QuantizedTensor, QuantSpec
+from quant.formats import FORMAT_VERSION, QuantizedTensor, QuantSpec, spec_for_bits
 
 from .config import ModelArgs, load_config
 from .errors import UserError
@@ -60,8 +60,16 @@ def shared_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The modules a quantized checkpoint of this format version may quantize (config "modules").
+QUANTIZED_MODULES = tuple(f"model.layers.*.block_sparse_moe.experts.*.{p}" for p in EXPERT_PROJS)
+
+
 def parse_quantization(cfg: dict[str, Any], path: Path) -> QuantSpec | None:
-    """The `"quantization"` object of a quantized checkpoint's config.json, validated."""
+    """The `"quantization"` object of a quantized checkpoint's config.json, validated.
+
+    Required keys: `format`, `bits`, `group_size`, `format_version`; `modules`, when present, must
+    list exactly the expert projections (`QUANTIZED_MODULES`), the only ones this version reads.
+    """
     q = cfg.get("quantization")
     if q is None:
         return None
@@ -75,6 +83,21 @@ def parse_quantization(cfg: dict[str, Any], path: Path) -> QuantSpec | None:
             f"{path}: quantized format version {version} is not supported (this build reads version {FORMAT_VERSION})",
             hint="re-run `mixtral quantize` on the original checkpoint with this version",
         )
+    try:
+        known = spec_for_bits(spec.bits, spec.group_size)
+    except ValueError as e:
+        raise UserError(f"{path}: unsupported quantization ({e})") from None
+    if known.name != spec.name:
+        raise UserError(f"{path}: unsupported quantization format {spec.name!r} with {spec.bits} bits",
+                        hint=f"{spec.bits}-bit checkpoints use format {known.name!r}")
+    modules = q.get("modules")
+    if modules is not None and (not isinstance(modules, list) or sorted(modules) != sorted(QUANTIZED_MODULES)):
+        raise UserError(f"{path}: quantized modules {modules} are not supported",
+                        hint="this version reads checkpoints whose expert w1/w2/w3 only are quantized")
+    D, I = cfg.get("hidden_size"), cfg.get("intermediate_size")
+    for in_f in (D, I):
+        if isinstance(in_f, int) and in_f > 0 and in_f % spec.group_size:
+            raise UserError(f"{path}: quantization group size {spec.group_size} does not divide {in_f}")
     return spec
 
 

@@ -91,6 +91,21 @@ def _args_from(cfg: dict, path: Path) -> tuple[ModelArgs, dict]:
         raise UserError(f"{path}: {e}") from None
 
 
+def _fits(spec, args: ModelArgs) -> bool:
+    """Whether the format's group size divides both expert input widths."""
+    return args.hidden_size % spec.group_size == 0 and args.intermediate_size % spec.group_size == 0
+
+
+def _default_spec(bits: int, args: ModelArgs):
+    from quant.formats import spec_for_bits
+
+    spec = spec_for_bits(bits)
+    if not _fits(spec, args):
+        raise UserError(f"the default {bits}-bit group size {spec.group_size} does not divide this model's widths "
+                        f"({args.hidden_size}, {args.intermediate_size})")
+    return spec
+
+
 def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: int, json_out: bool) -> None:
     from quant.formats import spec_for_bits
 
@@ -104,13 +119,14 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
     elif bits == 16:
         spec = None
     elif bits in (4, 8):
-        spec = stored if stored is not None and stored.bits == bits else spec_for_bits(bits)
+        spec = stored if stored is not None and stored.bits == bits else _default_spec(bits, args)
     else:
         raise UserError(f"--bits must be 4, 8 or 16, got {bits}")
     if ctx < 1:
         raise UserError(f"--ctx must be positive, got {ctx}")
     dense = 2 * (args.params_total - args.params_experts)
-    experts = args.num_hidden_layers * args.num_local_experts * expert_bytes(args, spec)
+    n_experts = args.num_hidden_layers * args.num_local_experts
+    experts = n_experts * expert_bytes(args, spec)
     budget = parse_size(gpu_mem) if gpu_mem else 24 * 2**30
     plan = plan_memory(args, spec, ctx, budget)
     if gpu_mem:
@@ -123,9 +139,8 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
         "expert_format": spec.name if spec else "bfloat16",
         "bits": spec.bits if spec else 16,
         "bytes_weights": {"total": dense + experts, "experts": experts, "other": dense},
-        "bytes_weights_by_dtype": {"bfloat16": 2 * args.params_total,
-                                   "int8": dense + args.num_hidden_layers * args.num_local_experts * expert_bytes(args, spec_for_bits(8)),
-                                   "nf4": dense + args.num_hidden_layers * args.num_local_experts * expert_bytes(args, spec_for_bits(4))},
+        "bytes_weights_by_format": {"bfloat16": 2 * args.params_total} | {
+            s.name: dense + n_experts * expert_bytes(args, s) for s in map(spec_for_bits, (8, 4)) if _fits(s, args)},
         "plan": plan.as_dict() | {"ctx": ctx},
     }
     if directory is not None and stored is not None:

@@ -137,7 +137,10 @@ def prepare(qt: QuantizedTensor) -> Prepared:
         if qt.spec.name == "int8" and int8pack_available():
             gs = qt.spec.group_size
             # [G, O, gs]: each block's columns contiguous, as the int8 kernel wants them
-            prep.tensors["groups"] = qt.parts["qweight"].view(out_f, -1, gs).transpose(0, 1).contiguous()
+            # A fresh (allocator-aligned) copy: the int8 kernel crashes on weights that are not
+            # 64-byte aligned, and with one group the transpose would return the stored tensor itself.
+            prep.tensors["groups"] = qt.parts["qweight"].view(out_f, -1, gs).transpose(0, 1).clone(
+                memory_format=torch.contiguous_format)
             prep.tensors["group_scales"] = qt.parts["scales"].T.contiguous()
     elif dev.type == "cuda" and qt.spec.name == "nf4" and _bnb() is not None:
         prep.quant_state = _cuda_quant_state(qt)

@@ -235,3 +235,22 @@ def test_quant_linear_forward_move_and_state_dict():
 def test_matmul_rejects_wrong_input_width(expert_qts):
     with pytest.raises(ValueError, match="features"):
         kernels.matmul(torch.randn(1, 100), expert_qts[8])
+
+
+def test_int8_single_group_on_unaligned_storage():
+    """One scale block per row and a qweight that does not start on a 64-byte boundary (as when it
+    is a view into a memory-mapped file): the int8 kernel must still get an aligned copy."""
+    from quant.kernels import int8pack_available, matmul
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    qt = quantize(w, spec_for_bits(8, 128))
+    backing = torch.empty(qt.parts["qweight"].numel() + 8, dtype=torch.int8)
+    unaligned = backing[8:].view(64, 128)
+    unaligned.copy_(qt.parts["qweight"])
+    assert unaligned.data_ptr() % 64 != 0
+    qt = QuantizedTensor(qt.spec, qt.shape, {**qt.parts, "qweight": unaligned})
+    x = torch.randn(3, 128)
+    prepared = prepare(qt)
+    if int8pack_available():
+        assert prepared.tensors["groups"].data_ptr() % 64 == 0
+    torch.testing.assert_close(matmul(x, qt, prepared), reference_matmul(x, qt), rtol=1e-4, atol=1e-4)
