@@ -192,6 +192,97 @@ def info(
     show_info(model, bits=bits, gpu_mem=gpu_mem, ctx=ctx, json_out=json_out)
 
 
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Hub-layout model directory or cached Hub repo id.")],
+    bits: Annotated[int, typer.Option("--bits", help="Expert weight bits: 4 (nf4) or 8 (int8).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory [default: <MODEL>-q<bits> beside a local model; ./<repo name>-q<bits> for a cached repo].")] = None,
+    group_size: Annotated[int | None, typer.Option("--group-size", help="Weights per scale [default: 64 for 4-bit, 128 for 8-bit].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing quantized checkpoint at --out.")] = False,
+    shard_size: Annotated[str | None, typer.Option("--shard-size", help="Approximate size of each output shard, e.g. 5GB [default: 5GB].")] = None,
+) -> None:
+    """Write a copy of MODEL with its experts quantized; prints the output directory."""
+    from .quantize import quantize_cli
+    from .sizes import parse_size
+
+    path = quantize_cli(model, bits, out, group_size, force, parse_size(shard_size) if shard_size else None,
+                        ui.QuantizeProgress)
+    sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    temperature: TempOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatOpt = 1.0,
+    seed: SeedOpt = None,
+    ctx_size: CtxOpt = None,
+    stop: StopOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    gpu_mem: GpuMemOpt = None,
+    experts_in_gpu: SlotsOpt = None,
+    no_prefetch: NoPrefetchOpt = False,
+    yes: YesOpt = False,
+) -> None:
+    """Multi-turn chat in the terminal (/help inside lists the commands); reads lines from a pipe too."""
+    from .chat import chat_loop
+
+    if max_tokens < 1:
+        raise UserError(f"-n/--max-tokens must be at least 1, got {max_tokens}")
+    gen = GenerationConfig(max_tokens=max_tokens, stop=stop or [],
+                           sampling=_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed))
+    gen.sampling.validate()
+    engine = _load(model, _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch), yes)
+    chat_loop(engine, gen, system=system)
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="Synthetic random weights instead of a checkpoint: tiny, mini or 8x7b.")] = None,
+    bits: Annotated[int | None, typer.Option("--bits", help="Expert weight bits: 4, 8 or 16 [default: 16 for presets, the checkpoint's for -m].")] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length (random token ids).")] = 512,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", help="Tokens decoded and timed (greedy, EOS ignored).")] = 128,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="Also run this engine on the same weights: transformers.")] = None,
+    sweep_slots: Annotated[bool, typer.Option("--sweep-slots", help="Decode with every expert-slot count from top-k to all experts.")] = False,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="Where --sweep-slots writes its CSV [default: ./bench-slots.csv].")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Repeat the measurement (interleaved with the baseline); medians are reported.")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch [default: one per core].")] = None,
+    json_out: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    gpu_mem: GpuMemOpt = None,
+    experts_in_gpu: SlotsOpt = None,
+    no_prefetch: NoPrefetchOpt = False,
+    yes: YesOpt = False,
+) -> None:
+    """Prefill and decode speed, memory, expert-cache hit rate, and the bandwidth bound they imply."""
+    from .bench import BenchOptions, run_bench
+
+    if model is not None and preset is not None:
+        raise UserError("pass either -m MODEL or --preset, not both")
+    model_dir = None
+    if preset is None:
+        from .hub import resolve_model
+
+        model_dir = resolve_model(model, download_missing=yes)
+    opts = BenchOptions(preset=preset, model_dir=model_dir, bits=bits, prompt_tokens=prompt_tokens,
+                        gen_tokens=gen_tokens, baseline=baseline, sweep_slots=sweep_slots, csv_path=csv_path,
+                        rounds=rounds, threads=threads, runtime=_runtime(device, dtype, None, gpu_mem, experts_in_gpu, no_prefetch))
+    result = run_bench(opts, log=ui.bench_progress)
+    if json_out:
+        ui.print_json(result)
+    else:
+        ui.bench_report(result)
+
+
 def main() -> None:
     """Console entry point: user errors are one line on stderr (exit 2), failures exit 1."""
     debug = "--debug" in sys.argv[1:]

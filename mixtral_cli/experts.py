@@ -90,6 +90,9 @@ class ResidentExperts:
     def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
         pass
 
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
 
 # -- packing one expert into one flat buffer ---------------------------------------------------
 @dataclass(frozen=True)
@@ -252,6 +255,12 @@ class ExpertCache:
             return CudaTransfer(slots_per_layer, device) if device.type == "cuda" else SyncTransfer()
 
         self.layers = [_LayerSlots(slots_per_layer, store.layout, device, transfer()) for _ in range(store.n_layers)]
+
+    def reset_stats(self) -> None:
+        """Zero the counters; experts prefetched before now no longer count as prefetch hits."""
+        self.stats.reset()
+        for slots in self.layers:
+            slots.prefetched.clear()
 
     def resident(self, layer: int) -> list[int]:
         """Expert ids on the device for `layer`, least recently used first."""

@@ -143,6 +143,10 @@ class ExpertProvider(Protocol):
         """Hint: these experts of `layer` will probably be needed soon."""
         ...
 
+    def reset_stats(self) -> None:
+        """Zero the use counters (`stats`)."""
+        ...
+
 
 def route(gate: nn.Linear, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Router: fp32 softmax over E logits, top-k, renormalised. Returns weights [T, A] fp32, ids [T, A]."""

@@ -156,3 +156,144 @@ class DownloadProgress:
 
     def end(self) -> None:
         self._progress.refresh()
+
+
+class QuantizeProgress:
+    """Renders `quantize.quantize_checkpoint` progress on stderr: one bar over the source bytes with
+    tensors done, tensors/s, MB/s and ETA. Implements `quantize.QuantizeProgressSink`; use as a context
+    manager around the call. Shows nothing when stderr is not a terminal.
+    """
+
+    def __init__(self, console: Console | None = None, description: str = "quantizing") -> None:
+        from rich.progress import ProgressColumn, TimeRemainingColumn
+        from rich.text import Text
+
+        class _Rates(ProgressColumn):
+            def render(self, task: Any) -> Text:
+                elapsed = task.elapsed or 0.0
+                if elapsed <= 0:
+                    return Text("", style="progress.data.speed")
+                tps = task.fields.get("tensors", 0) / elapsed
+                mbps = task.completed / elapsed / 1e6
+                return Text(f"{tps:.1f} tensors/s {mbps:.1f} MB/s", style="progress.data.speed")
+
+        self.console = console or err
+        self._progress = Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(),
+            TextColumn("{task.fields[tensors]}/{task.fields[ntensors]} tensors"), _Rates(),
+            TimeRemainingColumn(), TimeElapsedColumn(), console=self.console, transient=False,
+            disable=not self.console.is_terminal,
+        )
+        self._description = description
+        self._task: Any = None
+        self._tensors = 0
+
+    def __enter__(self) -> QuantizeProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+    def begin(self, tensors: int, total_bytes: int) -> None:
+        self._task = self._progress.add_task(self._description, total=total_bytes, tensors=0, ntensors=tensors)
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self._tensors += 1
+        if self._task is not None:
+            self._progress.update(self._task, advance=nbytes, tensors=self._tensors)
+
+    def end(self) -> None:
+        self._progress.refresh()
+
+
+# -- chat screen ---------------------------------------------------------------------------------
+def chat_info(message: str) -> None:
+    """A dim line for people during a chat (confirmations, hints): stderr, so pipes carry only replies."""
+    err.print(f"[stats]{_escape(message)}[/]")
+
+
+def chat_table(title: str, rows: Iterable[tuple[str, str]]) -> None:
+    """A two-column table on stderr (/help, /stats, /set)."""
+    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    table.add_column(style="key", no_wrap=True)
+    table.add_column()
+    for k, v in rows:
+        table.add_row(_escape(k), _escape(v))
+    err.print(table)
+
+
+# -- bench -------------------------------------------------------------------------------------
+def _rate(x: float | None, unit: str = "") -> str:
+    return "-" if x is None else f"{x:,.1f}{unit}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _gb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e9:.2f} GB"
+
+
+def bench_report(r: dict) -> None:
+    """The `mixtral bench` result as tables on stdout (the same numbers as `--json`)."""
+    from .sizes import format_bytes
+
+    cache, bw, bound, base = r["expert_cache"], r["bandwidth"], r["bound"], r["baseline"]
+    title = (f"{r['model']} · {r['expert_format']} experts · {r['device']} {r['dtype']} · {r['threads']} threads · "
+             f"{r['slots_per_layer']} expert slots/layer{'' if r['prefetch'] else ' · no prefetch'}")
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric", style="key", no_wrap=True)
+    table.add_column("mixtral", justify="right")
+    if base:
+        table.add_column(f"transformers {base['version']} ({base['dtype']})", justify="right")
+        table.add_column("ratio", justify="right")
+    rows = [
+        (f"prefill ({r['prompt_tokens']} tokens)", _rate(r["prefill_tokens_per_s"], " tok/s"),
+         base and _rate(base["prefill_tokens_per_s"], " tok/s"), base and f"{base['prefill_ratio']:.2f}x"),
+        ("time to first token", f"{r['time_to_first_token_s'] * 1e3:,.0f} ms",
+         base and f"{base['time_to_first_token_s'] * 1e3:,.0f} ms", None),
+        (f"decode ({r['gen_tokens']} tokens)", _rate(r["decode_tokens_per_s"], " tok/s"),
+         base and _rate(base["decode_tokens_per_s"], " tok/s"), base and f"{base['decode_ratio']:.2f}x"),
+    ]
+    for name, ours, theirs, ratio in rows:
+        table.add_row(name, ours, *((theirs or "", ratio or "") if base else ()))
+    out.print(table)
+    rows2 = [
+        ("decode bound", f"{_rate(bound['decode_tokens_per_s'], ' tok/s')} (achieved {bound['achieved_fraction']:.0%}): "
+                         f"{format_bytes(bound['weight_bytes_per_token'])} read per token"
+                         + (f" + {bound['misses_per_token']:.2f} expert copies of {format_bytes(bound['expert_bytes'])}"
+                            if bound["misses_per_token"] else "")),
+        ("memory read bandwidth", f"{_gb(bw['memory_read_bytes_per_s'])}/s"),
+        ("expert copy bandwidth", f"{_gb(bw['host_to_device_bytes_per_s'])}/s ({bw['host_to_device_method']})"),
+        ("expert cache (decode)", f"hit rate {_pct(cache['hit_rate'])}, {cache['misses']} misses, "
+                                  f"prefetch accuracy {_pct(cache['prefetch_accuracy'])}, "
+                                  f"{format_bytes(cache['bytes_to_device'])} copied, {cache['stall_s'] * 1e3:.0f} ms stalled"),
+        ("peak RAM (RSS)", format_bytes(r["peak_rss_bytes"])),
+        ("peak GPU memory", "-" if r["peak_gpu_bytes"] is None else format_bytes(r["peak_gpu_bytes"])),
+        ("load", f"{r['load_s']:.1f} s"),
+    ]
+    if base:
+        probes = ", ".join(f"{k} {v:.1f} tok/s" for k, v in base["probe_decode_tokens_per_s"].items())
+        rows2.append(("baseline", f"{base['weights']}; dtype probe: {probes}"))
+    key_value_table("", rows2)
+    if r.get("note"):
+        notice(r["note"])
+    if r.get("sweep"):
+        sweep = Table(title="decode speed per expert slots per layer", title_justify="left")
+        for col in ("slots", "tok/s", "bound tok/s", "hit rate", "misses/token", "prefetch accuracy", "copied"):
+            sweep.add_column(col, justify="right")
+        for row in r["sweep"]:
+            sweep.add_row(str(row["slots_per_layer"]), _rate(row["decode_tokens_per_s"]),
+                          _rate(row["bound_tokens_per_s"]), _pct(row["hit_rate"]), f"{row['misses_per_token']:.2f}",
+                          _pct(row["prefetch_accuracy"]), format_bytes(row["bytes_to_device"]))
+        out.print(sweep)
+        files = [r["sweep_csv"]] + ([r["sweep_png"]] if r.get("sweep_png") else [])
+        err.print(f"[stats]wrote {', '.join(files)}[/]")
+
+
+def bench_progress(message: str) -> None:
+    """A progress line of `mixtral bench` on stderr (terminals only: pipes and logs stay clean)."""
+    if err.is_terminal:
+        err.print(f"[stats]{_escape(message)}…[/]")

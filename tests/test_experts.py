@@ -13,7 +13,7 @@ CPU = torch.device("cpu")
 
 
 def greedy(engine, prompt: list[int], n: int = 16):
-    engine.model.experts.stats.reset()
+    engine.model.experts.reset_stats()
     cfg = GenerationConfig(max_tokens=n, sampling=SamplingConfig(temperature=0))
     completion = Completion(Session(engine.model), engine.tokenizer, prompt, cfg)
     return list(completion.tokens()), engine.model.experts.stats
@@ -138,3 +138,11 @@ def test_disabled_prefetch_moves_nothing():
     cache = tiny_cache(slots=3, prefetch=False)
     cache.prefetch(0, [1, 2])
     assert cache.resident(0) == [] and cache.stats.bytes_to_device == 0
+
+
+def test_reset_forgets_earlier_prefetches():
+    cache = tiny_cache(slots=3)
+    cache.prefetch(0, [1])
+    cache.reset_stats()
+    use(cache, 0, [1])
+    assert cache.stats.prefetch_hits == 0 and cache.stats.prefetches == 0 and cache.stats.hits == 1
