@@ -21,7 +21,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from quant.formats import QuantizedTensor, QuantSpec, dequantize, quantize, spec
 from .checkpoint import EXPERT_PROJS, Checkpoint, expert_shape, shared_shapes
 from .config import ModelArgs
 from .errors import UserError
-from .experts import ExpertCache, ExpertStore
+from .experts import CacheStats, ExpertCache, ExpertStore
 from .generate import Session
 from .plan import expert_bytes
 from .runtime import Engine, RuntimeOptions, build_engine
@@ -239,35 +239,12 @@ class RunTimes:
         return self.gen_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
-@dataclass
-class CacheDelta:
-    hits: int = 0
-    misses: int = 0
-    prefetch_hits: int = 0
-    prefetches: int = 0
-    bytes_to_device: int = 0
-    stall_s: float = 0.0
-
-    @property
-    def hit_rate(self) -> float | None:
-        uses = self.hits + self.misses
-        return self.hits / uses if uses else None
-
-    @property
-    def prefetch_accuracy(self) -> float | None:
-        return self.prefetch_hits / self.prefetches if self.prefetches else None
-
-    def as_dict(self) -> dict:
-        return asdict(self) | {"hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
-
-
-def _snapshot(stats) -> CacheDelta:
-    return CacheDelta(stats.hits, stats.misses, stats.prefetch_hits, stats.prefetches, stats.bytes_to_device,
-                      stats.stall_s)
+def _snapshot(stats: CacheStats) -> CacheStats:
+    return replace(stats)
 
 
 def measure_ours(engine: Engine, prompt: list[int], gen_tokens: int, warmup: int = WARMUP_TOKENS
-                 ) -> tuple[RunTimes, CacheDelta, CacheDelta]:
+                 ) -> tuple[RunTimes, CacheStats, CacheStats]:
     """Prefill `prompt`, decode `warmup` untimed tokens, then time `gen_tokens` greedy steps (EOS
     ignored). Returns the times and the expert-cache counters of the prefill and of the timed decode."""
     model, dev = engine.model, engine.device

@@ -61,10 +61,13 @@ def _root(
     _state["debug"] = debug
 
 
-def _sampling(temperature: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
-              seed: int | None) -> SamplingConfig:
-    return SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                          repeat_penalty=repeat_penalty, seed=seed)
+def _generation(max_tokens: int, stop: list[str] | None, temperature: float, top_p: float, top_k: int,
+                min_p: float, repeat_penalty: float, seed: int | None) -> GenerationConfig:
+    """The generation options of `run` and `chat`, validated before any weight is loaded."""
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repeat_penalty=repeat_penalty, seed=seed)
+    sampling.validate()
+    return GenerationConfig(max_tokens=max_tokens, stop=stop or [], sampling=sampling)
 
 
 def _runtime(device: str, dtype: str, ctx_size: int | None, gpu_mem: str | None, experts_in_gpu: int | None,
@@ -138,9 +141,7 @@ def run(
         prompt = sys.stdin.read()
     if raw and system:
         raise UserError("--system needs the chat template", hint="drop --raw or --system")
-    gen = GenerationConfig(max_tokens=max_tokens, stop=stop or [],
-                           sampling=_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed))
-    gen.sampling.validate()
+    gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     opts = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch)
     engine = _load(model, opts, yes)
     run_once(engine, prompt, gen, raw=raw, system=system, json_out=json_out)
@@ -236,9 +237,7 @@ def chat(
 
     if max_tokens < 1:
         raise UserError(f"-n/--max-tokens must be at least 1, got {max_tokens}")
-    gen = GenerationConfig(max_tokens=max_tokens, stop=stop or [],
-                           sampling=_sampling(temperature, top_p, top_k, min_p, repeat_penalty, seed))
-    gen.sampling.validate()
+    gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     engine = _load(model, _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch), yes)
     chat_loop(engine, gen, system=system)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import ui
-from .config import ModelArgs, load_config
+from .config import ModelArgs, args_from_config, load_config
 from .errors import UserError
 from .generate import Completion, GenerationConfig, Session
 from .runtime import Engine
@@ -70,25 +70,12 @@ def _info_config(model: str | None) -> tuple[ModelArgs, dict, Path | None]:
             cfg = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {path} as JSON ({e})") from None
-        tmp_args, raw = _args_from(cfg, path)
-        return tmp_args, raw, None
+        return args_from_config(cfg, path), cfg, None
     from .hub import resolve_model
 
     directory = resolve_model(model)
     args, raw = load_config(directory)
     return args, raw, directory
-
-
-def _args_from(cfg: dict, path: Path) -> tuple[ModelArgs, dict]:
-    from .config import check_mixtral
-
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path} is not a JSON object")
-    check_mixtral(cfg, path)
-    try:
-        return ModelArgs.from_dict(cfg), cfg
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: {e}") from None
 
 
 def _fits(spec, args: ModelArgs) -> bool:

@@ -113,10 +113,15 @@ def load_config(model_dir: Path) -> tuple[ModelArgs, dict[str, Any]]:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from e
+    return args_from_config(cfg, path), cfg
+
+
+def args_from_config(cfg: Any, path: Path) -> ModelArgs:
+    """Validate a parsed config (a Mixtral JSON object) and build its ModelArgs."""
     if not isinstance(cfg, dict):
         raise UserError(f"{path} is not a JSON object")
     check_mixtral(cfg, path)
     try:
-        return ModelArgs.from_dict(cfg), cfg
+        return ModelArgs.from_dict(cfg)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: {e}") from e
+        raise UserError(f"{path}: {e}") from None

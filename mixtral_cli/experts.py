@@ -66,7 +66,7 @@ class CacheStats:
         return self.prefetch_hits / self.prefetches if self.prefetches else None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
 
     def reset(self) -> None:
         self.hits = self.misses = self.prefetch_hits = self.prefetches = self.bytes_to_device = 0

@@ -32,8 +32,8 @@ TOP_FIELDS = {
     "peak_rss_bytes", "peak_gpu_bytes", "expert_cache", "prefill_expert_cache", "bandwidth", "bound", "baseline",
     "sweep",
 }
-CACHE_FIELDS = {"hits", "misses", "prefetch_hits", "prefetches", "bytes_to_device", "stall_s", "hit_rate",
-                "prefetch_accuracy"}
+CACHE_FIELDS = {"slots_per_layer", "hits", "misses", "prefetch_hits", "prefetches", "bytes_to_device", "stall_s",
+                "hit_rate", "prefetch_accuracy"}
 
 
 def mixtral(*args: str) -> subprocess.CompletedProcess:
