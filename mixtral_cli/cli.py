@@ -21,7 +21,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": False}
+INTERRUPTED = 130  # exit code after Ctrl-C, as shells report SIGINT
 
 GEN = "Generation"
 RT = "Runtime"
@@ -58,7 +58,7 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    _state["debug"] = debug
+    """`--debug` is read by `main`, which decides how errors are shown."""
 
 
 def _generation(max_tokens: int, stop: list[str] | None, temperature: float, top_p: float, top_k: int,
@@ -286,7 +286,7 @@ def main() -> None:
     """Console entry point: user errors are one line on stderr (exit 2), failures exit 1."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except UserError as e:
         if debug:
             raise
@@ -296,12 +296,12 @@ def main() -> None:
         if debug:
             raise
         ui.error_line("interrupted")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
         ui.error_line("aborted")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, no traceback
         import click
 
@@ -312,3 +312,8 @@ def main() -> None:
             raise
         ui.error_line(f"{type(e).__name__}: {e}", hint="run with --debug for the traceback")
         sys.exit(1)
+    # Typer turns Ctrl-C inside a command into the return value 130 (and an explicit Exit into its code).
+    if code == INTERRUPTED:
+        ui.error_line("interrupted")
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -42,8 +42,12 @@ def run_once(engine: Engine, prompt: str, gen: GenerationConfig, *, raw: bool, s
     if json_out:
         text = "".join(completion)
     else:
-        text = "".join(ui.stream(completion))
-        ui.end_stream(text)
+        shown: list[str] = []
+        try:
+            shown.extend(ui.stream(completion))
+        finally:  # Ctrl-C included: leave the terminal on a fresh line
+            ui.end_stream("".join(shown))
+        text = "".join(shown)
     if not json_out:
         return
     s = completion.stats

@@ -212,3 +212,22 @@ def test_download_then_run_by_repo_id(tmp_path, tiny_ckpt):
     assert run.returncode == 0, run.stderr
     missing = mixtral("run", "hi", "-m", "acme/other-model", env=env)
     assert_user_error(missing, "mixtral download acme/other-model")
+
+
+def test_ctrl_c_mid_generation_is_one_line(tiny_ckpt):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "mixtral_cli", "run", "Tell me a long story", "-m", str(tiny_ckpt),
+                             "-n", "100000", "-c", "1024", "--temp", "1", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    os.set_blocking(proc.stdout.fileno(), False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (proc.stdout.read(1) or ""):
+        time.sleep(0.05)  # wait until text streams
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.strip() == "error: interrupted"
+    assert out.endswith("\n")
