@@ -397,3 +397,23 @@ def test_wider_model_info_shows_format_and_size(tmp_path):
     assert data["checkpoint_bytes"] == sum(p.stat().st_size for p in out.glob("*.safetensors"))
     text = mixtral("info", str(out))
     assert text.returncode == 0 and "int8 (8-bit, group 128)" in text.stdout
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_offloaded_quantized_experts_match_resident(quantized, bits):
+    """Quantized experts packed into the host store and copied into slots (prepared forms rebuilt
+    on every refill) give the same greedy tokens as the all-resident quantized model."""
+    from mixtral_cli.experts import ExpertCache
+    from mixtral_cli.generate import Completion, GenerationConfig, SamplingConfig, Session
+    from mixtral_cli.runtime import RuntimeOptions, load_engine
+
+    def greedy(slots: int | None) -> tuple[list[int], object]:
+        eng = load_engine(quantized[bits], RuntimeOptions(device="cpu", dtype="bfloat16", ctx_size=64,
+                                                          experts_in_gpu=slots))
+        cfg = GenerationConfig(max_tokens=12, sampling=SamplingConfig(temperature=0))
+        return list(Completion(Session(eng.model), eng.tokenizer, [1, 415, 5565, 302, 4843], cfg).tokens()), eng
+
+    resident, _ = greedy(None)
+    offloaded, eng = greedy(2)
+    assert isinstance(eng.model.experts, ExpertCache) and eng.model.experts.stats.misses > 0
+    assert offloaded == resident
