@@ -34,7 +34,7 @@ from .errors import UserError
 from .experts import CacheStats, ExpertCache, ExpertStore
 from .generate import Session
 from .plan import expert_bytes
-from .runtime import Engine, RuntimeOptions, build_engine
+from .runtime import Engine, RuntimeOptions, apply_threads, build_engine
 
 SYNTHETIC_NOTE = ("synthetic random weights: routing (and so expert-cache hit rates and prefetch accuracy) is not "
                   "representative of real text; speeds at a given hit rate are")
@@ -370,7 +370,6 @@ class BenchOptions:
     sweep_slots: bool = False
     csv_path: Path | None = None
     rounds: int = 1
-    threads: int | None = None  # None: torch's default (one per core)
     seed: int = 0
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
@@ -434,10 +433,7 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> d
     from .runtime import pick_device, pick_dtype
 
     _validate(o)
-    if o.threads is not None:
-        if o.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {o.threads}")
-        torch.set_num_threads(o.threads)
+    apply_threads(o.runtime.threads)
     ckpt = open_checkpoint(o)
     args = ckpt.args
     device = pick_device(o.runtime.device)

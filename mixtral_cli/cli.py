@@ -43,6 +43,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", r
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype of unquantized parts: auto, float32, bfloat16, float16.", rich_help_panel=RT)]
 GpuMemOpt = Annotated[str | None, typer.Option("--gpu-mem", help="GPU memory budget for this process, e.g. 24GiB [default: free memory].", rich_help_panel=RT)]
 SlotsOpt = Annotated[int | None, typer.Option("--experts-in-gpu", help="Expert slots per layer (overrides the planner; CPU too).", rich_help_panel=RT)]
+ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads for torch [default: one per core]; fewer can be faster on a busy machine.", rich_help_panel=RT)]
 NoPrefetchOpt = Annotated[bool, typer.Option("--no-prefetch", help="Turn off speculative expert prefetch.", rich_help_panel=RT)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
@@ -71,7 +72,7 @@ def _generation(max_tokens: int, stop: list[str] | None, temperature: float, top
 
 
 def _runtime(device: str, dtype: str, ctx_size: int | None, gpu_mem: str | None, experts_in_gpu: int | None,
-             no_prefetch: bool):
+             no_prefetch: bool, threads: int | None = None):
     from .runtime import RuntimeOptions
     from .sizes import parse_size
 
@@ -79,7 +80,7 @@ def _runtime(device: str, dtype: str, ctx_size: int | None, gpu_mem: str | None,
         raise UserError(f"-c/--ctx-size must be at least 2, got {ctx_size}")
     return RuntimeOptions(device=device, dtype=dtype, ctx_size=ctx_size,
                           gpu_mem=parse_size(gpu_mem) if gpu_mem else None,
-                          experts_in_gpu=experts_in_gpu, prefetch=not no_prefetch)
+                          experts_in_gpu=experts_in_gpu, prefetch=not no_prefetch, threads=threads)
 
 
 def _load(model: str | None, opts, yes: bool = False):
@@ -130,6 +131,7 @@ def run(
     gpu_mem: GpuMemOpt = None,
     experts_in_gpu: SlotsOpt = None,
     no_prefetch: NoPrefetchOpt = False,
+    threads: ThreadsOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """One-shot completion: stream the answer to PROMPT on stdout."""
@@ -142,7 +144,7 @@ def run(
     if raw and system:
         raise UserError("--system needs the chat template", hint="drop --raw or --system")
     gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    opts = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch)
+    opts = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads)
     engine = _load(model, opts, yes)
     run_once(engine, prompt, gen, raw=raw, system=system, json_out=json_out)
 
@@ -157,6 +159,7 @@ def perplexity(
     dtype: DtypeOpt = "auto",
     gpu_mem: GpuMemOpt = None,
     experts_in_gpu: SlotsOpt = None,
+    threads: ThreadsOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Perplexity of FILE in independent windows of --ctx tokens."""
@@ -170,7 +173,7 @@ def perplexity(
         raise UserError(f"{file} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {file} as UTF-8 text ({e})") from None
-    engine = _load(model, _runtime(device, dtype, ctx, gpu_mem, experts_in_gpu, True), yes)
+    engine = _load(model, _runtime(device, dtype, ctx, gpu_mem, experts_in_gpu, True, threads), yes)
     ids = engine.tokenizer.encode(text, bos=True)
     result = compute(engine.model, ids, ctx)
     if json_out:
@@ -230,6 +233,7 @@ def chat(
     gpu_mem: GpuMemOpt = None,
     experts_in_gpu: SlotsOpt = None,
     no_prefetch: NoPrefetchOpt = False,
+    threads: ThreadsOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Multi-turn chat in the terminal (/help inside lists the commands); reads lines from a pipe too."""
@@ -238,7 +242,7 @@ def chat(
     if max_tokens < 1:
         raise UserError(f"-n/--max-tokens must be at least 1, got {max_tokens}")
     gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    engine = _load(model, _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch), yes)
+    engine = _load(model, _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads), yes)
     chat_loop(engine, gen, system=system)
 
 
@@ -253,7 +257,7 @@ def bench(
     sweep_slots: Annotated[bool, typer.Option("--sweep-slots", help="Decode with every expert-slot count from top-k to all experts.")] = False,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="Where --sweep-slots writes its CSV [default: ./bench-slots.csv].")] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Repeat the measurement (interleaved with the baseline); medians are reported.")] = 1,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch [default: one per core].")] = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -274,7 +278,7 @@ def bench(
         model_dir = resolve_model(model, download_missing=yes)
     opts = BenchOptions(preset=preset, model_dir=model_dir, bits=bits, prompt_tokens=prompt_tokens,
                         gen_tokens=gen_tokens, baseline=baseline, sweep_slots=sweep_slots, csv_path=csv_path,
-                        rounds=rounds, threads=threads, runtime=_runtime(device, dtype, None, gpu_mem, experts_in_gpu, no_prefetch))
+                        rounds=rounds, runtime=_runtime(device, dtype, None, gpu_mem, experts_in_gpu, no_prefetch, threads))
     result = run_bench(opts, log=ui.bench_progress)
     if json_out:
         ui.print_json(result)

@@ -82,7 +82,7 @@ def test_run_reads_stdin_and_pipes_plain_text(tiny_ckpt):
     proc = mixtral("run", "-", "-m", str(tiny_ckpt), "--temp", "0", "-n", "8", "--device", "cpu", stdin="Hello there")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.endswith("\n") and "\x1b" not in proc.stdout and "\x1b" not in proc.stderr
-    same = mixtral("run", "Hello there", "-m", str(tiny_ckpt), "--temp", "0", "-n", "8", "--device", "cpu")
+    same = mixtral("run", "Hello there", "-m", str(tiny_ckpt), "--temp", "0", "-n", "8", "--device", "cpu", "-t", "1")
     assert same.stdout == proc.stdout
 
 
@@ -176,6 +176,7 @@ def test_pickle_only_directory_is_refused(tmp_path, tiny_ckpt):
 def test_bad_options_are_user_errors(tiny_ckpt):
     assert_user_error(mixtral("run", "hi", "-m", str(tiny_ckpt), "--top-p", "0"), "top-p")
     assert_user_error(mixtral("run", "hi", "-m", str(tiny_ckpt), "--dtype", "int3"), "dtype")
+    assert_user_error(mixtral("run", "hi", "-m", str(tiny_ckpt), "-t", "0"), "threads")
     assert_user_error(mixtral("info", str(REAL_CONFIG), "--gpu-mem", "lots"), "size")
 
 
