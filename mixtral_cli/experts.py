@@ -22,9 +22,9 @@ from torch import nn
 from quant.formats import QuantizedTensor
 from quant.linear import QuantLinear
 
+from .checkpoint import EXPERT_PROJS
 from .model import Expert, ExpertFn
 
-PROJS = ("w1", "w2", "w3")
 ALIGN = 64  # bytes; every tensor in a packed expert starts at a multiple of this
 
 
@@ -112,7 +112,7 @@ class ExpertLayout:
         self.entries: list[_Entry] = []
         self.quant: dict[str, tuple] = {}  # proj -> (spec, shape) for quantized projections
         offset = 0
-        for proj, w in zip(PROJS, sample, strict=True):
+        for proj, w in zip(EXPERT_PROJS, sample, strict=True):
             if isinstance(w, QuantizedTensor):
                 self.quant[proj] = (w.spec, w.shape)
                 parts = w.parts.items()
@@ -126,7 +126,7 @@ class ExpertLayout:
 
     def pack(self, weights: Sequence[torch.Tensor | QuantizedTensor], out: torch.Tensor) -> None:
         """Copy the expert's tensors into `out` [nbytes] uint8."""
-        by_proj = dict(zip(PROJS, weights, strict=True))
+        by_proj = dict(zip(EXPERT_PROJS, weights, strict=True))
         for e in self.entries:
             w = by_proj[e.proj]
             t = w.parts[e.part] if isinstance(w, QuantizedTensor) else w
@@ -136,11 +136,11 @@ class ExpertLayout:
 
     def unpack(self, buf: torch.Tensor) -> list[torch.Tensor | QuantizedTensor]:
         """Views into `buf` shaped as the expert's w1, w2, w3 (no copy)."""
-        parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PROJS}
+        parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in EXPERT_PROJS}
         for e in self.entries:
             parts[e.proj][e.part] = buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape)
         out = []
-        for proj in PROJS:
+        for proj in EXPERT_PROJS:
             if proj in self.quant:
                 spec, shape = self.quant[proj]
                 out.append(QuantizedTensor(spec, shape, parts[proj]))
