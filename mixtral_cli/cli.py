@@ -99,8 +99,8 @@ def download(
     local_dir: Annotated[Path | None, typer.Option("--local-dir", help="Put the files here instead of the Hugging Face cache.")] = None,
     token: Annotated[str | None, typer.Option("--token", help="Hugging Face token [default: $HF_TOKEN or the saved login].")] = None,
 ) -> None:
-    """Fetch the safetensors weights, config and tokenizer (never the .pt pickles); resumable, verified."""
-    from .hub import download as fetch
+    """Fetch the safetensors weights, config and tokenizer (never the .pt pickles), sha256-verified; a rerun keeps completed files."""
+    from .download import download as fetch
 
     with ui.DownloadProgress() as progress:
         path = fetch(repo_id, revision=revision, local_dir=local_dir, token=token, progress=progress)

@@ -92,8 +92,8 @@ def key_value_table(title: str, rows: Iterable[tuple[str, str]]) -> None:
 
 
 class DownloadProgress:
-    """Renders `hub.download` progress on stderr: one bar per file in flight plus the total, with
-    throughput and ETA. Implements `hub.ProgressSink`; use as a context manager around the call.
+    """Renders `download.download` progress on stderr: one bar per file in flight plus the total, with
+    throughput and ETA. Implements `download.ProgressSink`; use as a context manager around the call.
     """
 
     def __init__(self, console: Console | None = None) -> None:
@@ -117,24 +117,22 @@ class DownloadProgress:
     def __exit__(self, *exc: Any) -> None:
         self._progress.stop()
 
-    def begin(self, files: Any, total_bytes: int, done_bytes: int) -> None:
+    def begin(self, files: Any, total_bytes: int) -> None:
         self._count = len(files)
         if not self._count:
             self.console.print("[stats]all files already downloaded[/]")
             return
-        self._total = self._progress.add_task(
-            f"total (0/{self._count} files)", total=total_bytes, completed=done_bytes
-        )
+        self._total = self._progress.add_task(f"total (0/{self._count} files)", total=total_bytes)
 
-    def file_begin(self, name: str, size: int, offset: int) -> None:
+    def file_begin(self, name: str, size: int) -> None:
         task = self._files.get(name)
         if task is None:
-            self._files[name] = self._progress.add_task(_escape(name), total=size, completed=offset)
+            self._files[name] = self._progress.add_task(_escape(name), total=size)
         else:  # fetched again: roll the total back by what this file had counted
             before = self._progress.tasks[[t.id for t in self._progress.tasks].index(task)].completed
             if self._total is not None:
-                self._progress.update(self._total, advance=offset - before)
-            self._progress.update(task, completed=offset)
+                self._progress.update(self._total, advance=-before)
+            self._progress.update(task, completed=0)
 
     def advance(self, name: str, nbytes: int) -> None:
         task = self._files.get(name)

@@ -14,6 +14,7 @@ import pytest
 from hub_server import FakeHub
 from huggingface_hub import constants as hf_constants
 
+from mixtral_cli import download as dl
 from mixtral_cli import hub
 from mixtral_cli.errors import UserError
 
@@ -51,11 +52,11 @@ class Recorder:
         self.bytes: collections.Counter[str] = collections.Counter()
         self.interrupt = interrupt
 
-    def begin(self, files, total_bytes, done_bytes):
-        self.events.append(("begin", [n for n, _ in files], total_bytes, done_bytes))
+    def begin(self, files, total_bytes):
+        self.events.append(("begin", [n for n, _ in files], total_bytes))
 
-    def file_begin(self, name, size, offset):
-        self.events.append(("file_begin", name, size, offset))
+    def file_begin(self, name, size):
+        self.events.append(("file_begin", name, size))
 
     def advance(self, name, nbytes):
         self.bytes[name] += nbytes
@@ -126,7 +127,7 @@ def test_full_download_into_cache(fake_hub, hf_env):
     sha = fake_hub.add_repo(REPO, files)
     rec = Recorder()
 
-    path = hub.download(REPO, progress=rec)
+    path = dl.download(REPO, progress=rec)
 
     assert path == snapshot_dir(hf_env, sha)
     assert_files(path, files)
@@ -142,7 +143,7 @@ def test_full_download_into_cache(fake_hub, hf_env):
     # one progress session covering every wanted file
     (begin,) = rec.of("begin")
     assert sorted(begin[1]) == WANTED
-    assert begin[2] == sum(len(files[n]) for n in WANTED) and begin[3] == 0
+    assert begin[2] == sum(len(files[n]) for n in WANTED)
     assert sorted(e[1] for e in rec.of("file_end")) == WANTED
     assert sum(rec.bytes.values()) == begin[2]
     assert rec.events[-1] == ("end",)
@@ -153,12 +154,13 @@ def test_full_download_into_cache(fake_hub, hf_env):
 def test_second_download_fetches_nothing(fake_hub, hf_env):
     files = make_files()
     fake_hub.add_repo(REPO, files)
-    first = hub.download(REPO)
+    first = dl.download(REPO)
     n = len(fake_hub.requests)
     rec = Recorder()
-    assert hub.download(REPO, progress=rec) == first
+    assert dl.download(REPO, progress=rec) == first
     new = fake_hub.requests[n:]
-    assert [r.path.split("?")[0] for r in new] == [f"/api/models/{REPO}"]
+    # the revision and the file list: no file is asked for, not even with HEAD
+    assert new and all(r.path.startswith(f"/api/models/{REPO}") for r in new), [r.path for r in new]
     assert rec.of("begin")[0][1] == []
 
 
@@ -170,7 +172,7 @@ def test_cache_is_the_one_huggingface_hub_reads_and_writes(fake_hub, hf_env):
     assert Path(own).read_bytes() == files[SHARDS[1]]
     n_before = len(fake_hub.requests_for(SHARDS[1], "GET"))
 
-    path = hub.download(REPO)
+    path = dl.download(REPO)
 
     assert len(fake_hub.requests_for(SHARDS[1], "GET")) == n_before
     assert_files(path, files)
@@ -186,13 +188,13 @@ def test_local_dir(fake_hub, hf_env, tmp_path):
     fake_hub.add_repo(REPO, files)
     out = tmp_path / "weights"
 
-    assert hub.download(REPO, local_dir=out) == out.resolve()
+    assert dl.download(REPO, local_dir=out) == out.resolve()
 
     assert_files(out, files)
     assert not any(p.is_symlink() for p in out.iterdir())
     assert not (hf_env / "models--acme--tiny-mixtral").exists()
     n = len(fake_hub.requests)
-    hub.download(REPO, local_dir=out)
+    dl.download(REPO, local_dir=out)
     assert all("/api/models/" in r.path for r in fake_hub.requests[n:])
     # huggingface_hub's own local-dir metadata is written, so it does not fetch them again either
     huggingface_hub.hf_hub_download(REPO, SHARDS[0], local_dir=out, endpoint=fake_hub.url)
@@ -209,7 +211,7 @@ def test_branch_is_pinned_to_its_commit(fake_hub, hf_env):
     dev_sha = fake_hub.add_commit(REPO, dev_files, ref="dev")
     assert main_sha != dev_sha
 
-    path = hub.download(REPO, revision="dev")
+    path = dl.download(REPO, revision="dev")
 
     assert path == snapshot_dir(hf_env, dev_sha)
     assert_files(path, dev_files)
@@ -217,14 +219,14 @@ def test_branch_is_pinned_to_its_commit(fake_hub, hf_env):
     file_requests = [r for r in fake_hub.requests if r.server == "hub" and "/resolve/" in r.path]
     assert file_requests and all(f"/resolve/{dev_sha}/" in r.path for r in file_requests)
     # a commit sha works as a revision too, and writes no ref
-    assert hub.download(REPO, revision=main_sha) == snapshot_dir(hf_env, main_sha)
+    assert dl.download(REPO, revision=main_sha) == snapshot_dir(hf_env, main_sha)
     assert not (path.parent.parent / "refs" / main_sha).exists()
 
 
 def test_missing_revision(fake_hub):
     fake_hub.add_repo(REPO, make_files())
     with pytest.raises(UserError) as err:
-        hub.download(REPO, revision="v9")
+        dl.download(REPO, revision="v9")
     assert "revision 'v9' does not exist" in err.value.message
     assert "--revision" in err.value.hint
     assert err.value.exit_code == 2
@@ -232,7 +234,7 @@ def test_missing_revision(fake_hub):
 
 def test_missing_repo(fake_hub):
     with pytest.raises(UserError) as err:
-        hub.download("acme/nope")
+        dl.download("acme/nope")
     assert "acme/nope" in err.value.message and "not found" in err.value.message
     assert "HF_TOKEN" in err.value.hint
 
@@ -240,7 +242,7 @@ def test_missing_repo(fake_hub):
 def test_repo_without_safetensors(fake_hub):
     fake_hub.add_repo(REPO, {"config.json": b"{}", "consolidated.00.pt": b"x" * 100})
     with pytest.raises(UserError, match="no safetensors"):
-        hub.download(REPO)
+        dl.download(REPO)
     assert not fake_hub.requests_for("consolidated.00.pt")
 
 
@@ -251,7 +253,7 @@ def test_repo_without_safetensors(fake_hub):
 def test_gated_repo_explains_licence_and_token(fake_hub, hf_env, token):
     fake_hub.add_repo(REPO, make_files(), gated=True, granted_tokens=("hf_granted",))
     with pytest.raises(UserError) as err:
-        hub.download(REPO, token=token)
+        dl.download(REPO, token=token)
     assert "gated" in err.value.message
     hint = err.value.hint
     assert "accept the licence" in hint and f"{fake_hub.url}/{REPO}" in hint
@@ -265,7 +267,7 @@ def test_gated_repo_explains_licence_and_token(fake_hub, hf_env, token):
 def test_gated_repo_with_granted_token(fake_hub, hf_env, monkeypatch):
     files = make_files()
     fake_hub.add_repo(REPO, files, gated=True, granted_tokens=("hf_granted",))
-    assert_files(hub.download(REPO, token="hf_granted"), files)
+    assert_files(dl.download(REPO, token="hf_granted"), files)
     # the token is not sent to the CDN the Hub redirects to
     cdn = [r for r in fake_hub.requests if r.server == "cdn"]
     assert cdn and not any("authorization" in r.headers for r in cdn)
@@ -277,71 +279,68 @@ def test_token_from_environment(fake_hub, hf_env, monkeypatch):
     files = make_files()
     fake_hub.add_repo(REPO, files, gated=True, granted_tokens=("hf_env_token",))
     monkeypatch.setenv("HF_TOKEN", "hf_env_token")
-    assert_files(hub.download(REPO), files)
+    assert_files(dl.download(REPO), files)
 
 
 # ---- interruption and resume -------------------------------------------------------------------
 
 
-def test_interrupted_download_resumes_with_range_request(fake_hub, hf_env):
+def test_interrupted_download_keeps_completed_files(fake_hub, hf_env):
     files = make_files()
     sha = fake_hub.add_repo(REPO, files)
     target = SHARDS[1]
 
     with pytest.raises(KeyboardInterrupt):
-        hub.download(REPO, progress=Recorder(interrupt=(target, 20_000)))
+        dl.download(REPO, progress=Recorder(interrupt=(target, 20_000)))
 
-    partial = list(hf_env.rglob("*.incomplete"))
-    assert len(partial) == 1
-    kept = partial[0].stat().st_size
-    assert 20_000 <= kept < SHARD_SIZE
-    assert partial[0].read_bytes() == files[target][:kept]
-    first_gets = len(fake_hub.requests_for(target, "GET"))
+    # the files before the interrupted one are in place; no partial file is left behind
+    snap = snapshot_dir(hf_env, sha)
+    done = [n for n in WANTED if (snap / n).exists()]
+    assert SHARDS[0] in done and target not in done and SHARDS[2] not in done
+    assert not [p for p in hf_env.rglob("*") if ".incomplete" in p.name]
+    gets_before = {n: len(fake_hub.requests_for(n, "GET")) for n in WANTED}
 
     rec = Recorder()
-    path = hub.download(REPO, progress=rec)
+    path = dl.download(REPO, progress=rec)
 
+    assert path == snap
     assert_files(path, files)
-    assert path == snapshot_dir(hf_env, sha)
-    cdn_gets = [r for r in fake_hub.requests_for(target, "GET") if r.server == "cdn"][first_gets - 1 :]
-    assert cdn_gets[-1].range == f"bytes={kept}-"
-    assert all(r.range for r in cdn_gets[1:])
-    # progress knew about the bytes already on disk and counted only the rest
-    begin = rec.of("begin")[0]
-    assert begin[3] == kept
-    assert ("file_begin", target, SHARD_SIZE, kept) in rec.events
-    assert rec.bytes[target] == SHARD_SIZE - kept
-    assert not list(hf_env.rglob("*.incomplete"))
-
-
-def test_resume_when_the_server_ignores_range(fake_hub, hf_env):
-    files = make_files()
-    fake_hub.add_repo(REPO, files)
-    target = SHARDS[0]
-    with pytest.raises(KeyboardInterrupt):
-        hub.download(REPO, progress=Recorder(interrupt=(target, 8_192)))
-    fake_hub.ignore_range = True
-    rec = Recorder()
-
-    path = hub.download(REPO, progress=rec)
-
-    assert (path / target).read_bytes() == files[target]
-    last = [r for r in fake_hub.requests_for(target, "GET") if r.server == "cdn"][-1]
-    assert last.range and last.status == 200  # asked to resume, got the whole file, started over
-    assert rec.bytes[target] == SHARD_SIZE - rec.of("begin")[0][3]
+    fetched_again = {n for n in WANTED if len(fake_hub.requests_for(n, "GET")) > gets_before[n]}
+    assert fetched_again == {target, SHARDS[2]}
+    assert rec.of("begin")[0][1:] == ([target, SHARDS[2]], 2 * SHARD_SIZE)
+    assert rec.bytes == {target: SHARD_SIZE, SHARDS[2]: SHARD_SIZE}
 
 
 def test_connection_cut_mid_file_is_resumed(fake_hub, hf_env):
     files = make_files()
     fake_hub.add_repo(REPO, files)
     fake_hub.cut_after(SHARDS[2], 12_288)
+    rec = Recorder()
 
-    path = hub.download(REPO)
+    path = dl.download(REPO, progress=rec)
 
     assert (path / SHARDS[2]).read_bytes() == files[SHARDS[2]]
-    ranges = [r.range for r in fake_hub.requests_for(SHARDS[2], "GET") if r.server == "cdn"]
-    assert ranges[0] is None
-    assert ranges[-1] is not None and ranges[-1].startswith("bytes=") and ranges[-1] != "bytes=0-"
+    gets = [r for r in fake_hub.requests_for(SHARDS[2], "GET") if r.server == "cdn"]
+    assert len(gets) == 2 and gets[0].range is None
+    # the second request asks for the rest only, from where the cut stopped
+    start = int(gets[1].range.removeprefix("bytes=").removesuffix("-"))
+    assert 0 < start <= 12_288 and gets[1].status == 206
+    assert rec.bytes[SHARDS[2]] == SHARD_SIZE
+
+
+def test_resume_when_the_server_ignores_range(fake_hub, hf_env):
+    files = make_files()
+    fake_hub.add_repo(REPO, files)
+    fake_hub.cut_after(SHARDS[0], 12_288)
+    fake_hub.ignore_range = True
+    rec = Recorder()
+
+    path = dl.download(REPO, progress=rec)
+
+    assert (path / SHARDS[0]).read_bytes() == files[SHARDS[0]]
+    last = [r for r in fake_hub.requests_for(SHARDS[0], "GET") if r.server == "cdn"][-1]
+    assert last.range and last.status == 200  # asked to resume, got the whole file, started over
+    assert rec.bytes[SHARDS[0]] == SHARD_SIZE  # the bytes counted before the restart were taken back
 
 
 def test_network_failure_is_one_line_runtime_error(fake_hub, monkeypatch):
@@ -349,11 +348,11 @@ def test_network_failure_is_one_line_runtime_error(fake_hub, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    with pytest.raises(hub.DownloadError) as err:
-        hub.download(REPO)
+    with pytest.raises(dl.DownloadError) as err:
+        dl.download(REPO)
     assert err.value.exit_code == 1
     assert "network error" in err.value.message and "\n" not in str(err.value)
-    assert "resumes" in err.value.hint
+    assert "completed files are kept" in err.value.hint
 
 
 # ---- integrity ---------------------------------------------------------------------------------
@@ -365,7 +364,7 @@ def test_corrupted_transfer_is_fetched_again_once(fake_hub, hf_env):
     fake_hub.corrupt_file(SHARDS[0], times=1)
     rec = Recorder()
 
-    path = hub.download(REPO, progress=rec)
+    path = dl.download(REPO, progress=rec)
 
     assert (path / SHARDS[0]).read_bytes() == files[SHARDS[0]]
     cdn_gets = [r for r in fake_hub.requests_for(SHARDS[0], "GET") if r.server == "cdn"]
@@ -373,9 +372,10 @@ def test_corrupted_transfer_is_fetched_again_once(fake_hub, hf_env):
     notes = [e[1] for e in rec.of("note")]
     assert len(notes) == 1 and SHARDS[0] in notes[0] and "mismatch" in notes[0]
     assert [e for e in rec.of("file_begin") if e[1] == SHARDS[0]] == [
-        ("file_begin", SHARDS[0], SHARD_SIZE, 0),
-        ("file_begin", SHARDS[0], SHARD_SIZE, 0),
+        ("file_begin", SHARDS[0], SHARD_SIZE),
+        ("file_begin", SHARDS[0], SHARD_SIZE),
     ]
+    assert rec.bytes[SHARDS[0]] == 2 * SHARD_SIZE
 
 
 def test_persistently_corrupted_transfer_fails_clearly(fake_hub, hf_env):
@@ -383,8 +383,8 @@ def test_persistently_corrupted_transfer_fails_clearly(fake_hub, hf_env):
     sha = fake_hub.add_repo(REPO, files)
     fake_hub.corrupt_file(SHARDS[0], times=-1)
 
-    with pytest.raises(hub.DownloadError) as err:
-        hub.download(REPO)
+    with pytest.raises(dl.DownloadError) as err:
+        dl.download(REPO)
 
     assert SHARDS[0] in err.value.message and "corrupted" in err.value.message
     assert "sha256" in err.value.message
@@ -397,8 +397,8 @@ def test_corrupted_regular_file_is_detected(fake_hub, hf_env):
     files = make_files()
     fake_hub.add_repo(REPO, files)
     fake_hub.corrupt_file("config.json", times=-1)
-    with pytest.raises(hub.DownloadError, match="config.json"):
-        hub.download(REPO)
+    with pytest.raises(dl.DownloadError, match="config.json"):
+        dl.download(REPO)
 
 
 # ---- disk space --------------------------------------------------------------------------------
@@ -414,24 +414,26 @@ def test_insufficient_disk_is_refused_before_downloading(fake_hub, hf_env, monke
         seen.append(Path(path))
         return usage(10**6, 10**6 - 1000, 1000)
 
-    monkeypatch.setattr(hub.shutil, "disk_usage", tiny_disk)
+    monkeypatch.setattr(dl.shutil, "disk_usage", tiny_disk)
     with pytest.raises(UserError) as err:
-        hub.download(REPO)
+        dl.download(REPO)
 
-    needed = sum(len(files[n]) for n in WANTED)
+    # 3 shards of 48,000 + tokenizer 5,000 + index 388 + config 36 + generation config 38 = 149,462 bytes
+    assert sum(len(files[n]) for n in WANTED) == 149_462
     assert "not enough disk space" in err.value.message
-    assert hub._fmt_bytes(needed) in err.value.message and "1.0 KB" in err.value.message
+    assert "needs 145.96 KiB more, only 1000 B free" in err.value.message
     assert seen and hf_env.is_relative_to(seen[0])  # the cache, or its nearest existing parent
-    assert not [r for r in fake_hub.requests if "/resolve/" in r.path or r.server == "cdn"]
+    # asked for sizes only (HEAD), never for a file's content
+    assert not [r for r in fake_hub.requests if r.method == "GET" and ("/resolve/" in r.path or r.server == "cdn")]
 
 
 def test_disk_check_counts_only_what_is_left(fake_hub, hf_env, monkeypatch):
     files = make_files()
     fake_hub.add_repo(REPO, files)
-    hub.download(REPO)  # everything is there now
+    dl.download(REPO)  # everything is there now
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: usage(1, 1, 0))
-    hub.download(REPO)  # nothing left to fetch: no refusal
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: usage(1, 1, 0))
+    dl.download(REPO)  # nothing left to fetch: no refusal
 
 
 # ---- offline -----------------------------------------------------------------------------------
@@ -440,16 +442,16 @@ def test_disk_check_counts_only_what_is_left(fake_hub, hf_env, monkeypatch):
 def test_offline_uses_only_the_cache(fake_hub, hf_env, monkeypatch):
     files = make_files()
     fake_hub.add_repo(REPO, files)
-    path = hub.download(REPO)
+    path = dl.download(REPO)
     n = len(fake_hub.requests)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    assert hub.download(REPO) == path
+    assert dl.download(REPO) == path
     assert hub.resolve_model(REPO) == path
     assert len(fake_hub.requests) == n
 
     with pytest.raises(UserError) as err:
-        hub.download("acme/other")
+        dl.download("acme/other")
     assert "HF_HUB_OFFLINE" in err.value.message
     assert len(fake_hub.requests) == n
 
@@ -471,7 +473,7 @@ def test_resolve_local_directory(tmp_path):
 def test_resolve_cached_repo_id(fake_hub, hf_env, monkeypatch):
     files = make_files()
     fake_hub.add_repo(REPO, files)
-    path = hub.download(REPO)
+    path = dl.download(REPO)
     n = len(fake_hub.requests)
     assert hub.resolve_model(REPO) == path
     monkeypatch.setenv("MIXTRAL_MODEL", REPO)
@@ -498,7 +500,7 @@ def test_resolve_partly_downloaded_repo(fake_hub, hf_env):
     files = make_files()
     sha = fake_hub.add_repo(REPO, files)
     with pytest.raises(KeyboardInterrupt):
-        hub.download(REPO, progress=Recorder(interrupt=(SHARDS[2], 1)))
+        dl.download(REPO, progress=Recorder(interrupt=(SHARDS[2], 1)))
     assert snapshot_dir(hf_env, sha).is_dir()
     with pytest.raises(UserError, match="only partly downloaded"):
         hub.resolve_model(REPO)
@@ -529,14 +531,16 @@ def test_download_progress_renderer():
 
     console = Console(file=open(os.devnull, "w"), force_terminal=True, width=100)
     with DownloadProgress(console) as p:
-        p.begin([("a", 10), ("b", 5)], 15, 3)
-        p.file_begin("a", 10, 3)
+        p.begin([("a", 10), ("b", 5)], 15)
+        p.file_begin("a", 10)
+        p.advance("a", 7)
+        p.advance("a", -4)  # a resume the server refused: counted again from the start
         p.advance("a", 7)
         p.file_end("a")
-        p.file_begin("b", 5, 0)
+        p.file_begin("b", 5)
         p.advance("b", 2)
         p.note("b: checksum mismatch; fetching it again")
-        p.file_begin("b", 5, 0)
+        p.file_begin("b", 5)
         p.advance("b", 5)
         p.file_end("b")
         p.end()
