@@ -47,3 +47,17 @@ def engine_fp32(tiny_ckpt):
     from mixtral_cli.runtime import RuntimeOptions, load_engine
 
     return load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=256))
+
+
+_EXERCISED: set[str] = set()
+
+
+@pytest.fixture
+def exercised() -> set[str]:
+    """Tests add the names of the fast paths (and instruction sets) they actually ran."""
+    return _EXERCISED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _EXERCISED:
+        terminalreporter.write_line(f"kernel paths exercised on this machine: {', '.join(sorted(_EXERCISED))}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,6 +15,7 @@ from quant import (
     QuantLinear,
     dequantize,
     kernels,
+    native,
     prepare,
     quantize,
     reference_matmul,
@@ -159,18 +164,18 @@ def test_bad_bits_and_group_sizes_rejected():
         QuantizedTensor.expected_parts(spec_for_bits(8, 128), (8, 200))
 
 
-def test_bnb_cpu_repack_matches_bitsandbytes():
-    import copy
+# relative Frobenius / relative max error allowed, per path kind and input dtype
+TOL = {
+    ("exact", torch.float32): (2e-5, 5e-5),
+    ("exact", torch.bfloat16): (1e-2, 2e-2),
+    # the native kernels quantize activations to int8 and (nf4) the code book to code x 127
+    ("native", torch.float32): (2e-2, 6e-2),
+    ("native", torch.bfloat16): (2.5e-2, 8e-2),
+}
 
-    qt = quantize(torch.randn(64, 256, generator=torch.Generator().manual_seed(3)), spec_for_bits(4))
-    state = kernels._cuda_quant_state(qt)
-    want_w, want_state = bnbf._convert_weight_packed_for_cpu(qt.parts["qweight"].clone(), copy.deepcopy(state))
-    got_w, got_absmax = kernels.pack_nf4_for_bnb_cpu(qt)
-    assert torch.equal(got_w, want_w) and torch.equal(got_absmax, want_state.absmax)
 
-
-# relative Frobenius / relative max error allowed for a path computing in this dtype
-TOL = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (1e-2, 2e-2)}
+def _tol(path, dtype):
+    return TOL[("native" if path.startswith("native") else "exact", dtype)]
 
 
 @pytest.fixture(scope="module")
@@ -180,40 +185,109 @@ def expert_qts():
     return {bits: quantize(w, spec_for_bits(bits)) for bits in (4, 8)}
 
 
+def _cpu_has_avx2() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx2" in flags and " fma" in flags
+
+
+def test_native_kernels_build_where_a_compiler_exists():
+    """CI (CI=true) and any machine with a C compiler must get the native kernels, with every ISA the
+    CPU offers: a silent fallback would hide a 100x slowdown."""
+    if os.environ.get("CI") or shutil.which("cc") or shutil.which("gcc"):
+        assert native.available()
+        if _cpu_has_avx2() and os.environ.get("ATEN_CPU_CAPABILITY", "").lower() != "default":
+            assert "avx2" in native.isas()
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 7, 64])
-def test_every_path_matches_reference(expert_qts, bits, dtype, tokens):
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_every_path_matches_reference(expert_qts, bits, dtype, tokens, exercised):
     qt = expert_qts[bits]
     prep = prepare(qt)
     x = torch.randn(tokens, qt.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
-    ref = reference_matmul(x, qt).float()
+    ref = reference_matmul(x.float(), qt)
     paths = kernels.available_paths(x, qt, prep)
-    if bits == 4 and kernels.bnb_cpu_nf4_available():
-        assert "bnb_cpu_nf4" in paths
-    if bits == 8 and kernels.int8pack_available():
-        assert "int8_groups" in paths
+    if native.available():
+        assert paths[0] == ("native_nf4" if bits == 4 else "native_int8")
     for path in paths:
-        y = kernels.matmul(x, qt, prep, path=path)
-        assert y.dtype == dtype and y.shape == (tokens, qt.shape[0])
-        # bitsandbytes' CPU kernel computes in bfloat16 whatever the input
-        rel_fro, rel_max = TOL[torch.bfloat16 if path == "bnb_cpu_nf4" else dtype]
-        y = y.float()
-        assert (y - ref).norm() <= rel_fro * ref.norm(), path
-        assert (y - ref).abs().max() <= rel_max * ref.abs().max(), path
-    # the automatic choice computes in the input's dtype
+        for isa in native.isas() if path.startswith("native") else [None]:
+            y = kernels.matmul(x, qt, prep, path=path, isa=isa)
+            assert y.dtype == dtype and y.shape == (tokens, qt.shape[0])
+            rel_fro, rel_max = _tol(path, dtype)
+            y = y.float()
+            assert (y - ref).norm() <= rel_fro * ref.norm(), (path, isa)
+            assert (y - ref).abs().max() <= rel_max * ref.abs().max(), (path, isa)
+            exercised.add(f"{path}[{isa}]" if isa else path)
+    # the automatic choice: native kernels for few tokens, exact dequantize + GEMM for many
     chosen = kernels.select_path(x, qt, prep)
-    if dtype == torch.float32:
-        assert chosen != "bnb_cpu_nf4"
+    if native.available():
+        assert chosen == (paths[0] if tokens <= kernels.NATIVE_MAX_TOKENS else "dequant")
     y = kernels.matmul(x.view(1, tokens, -1), qt, prep).float().view(tokens, -1)
-    rel_fro, _ = TOL[dtype]
-    assert (y - ref).norm() <= rel_fro * ref.norm()
+    assert (y - ref).norm() <= _tol(chosen, dtype)[0] * ref.norm()
+
+
+def test_native_isas_agree_bit_for_bit_on_integer_sums(expert_qts):
+    """Scalar and SIMD variants do the same integer arithmetic; only float summation order differs."""
+    isas = native.isas()
+    if len(isas) < 2:
+        pytest.skip(f"one instruction set here: {isas}")
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(9))
+    for bits in (4, 8):
+        ys = [kernels.matmul(x, expert_qts[bits], path=f"native_{'nf4' if bits == 4 else 'int8'}", isa=i) for i in isas]
+        for y in ys[1:]:
+            torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-6)
+
+
+def test_aten_cpu_capability_default_forces_scalar(monkeypatch):
+    if not native.available():
+        pytest.skip("native kernels not built")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert native.isas() == ["scalar"] and native.best_isa() == "scalar"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert native.isas() == (["scalar", "avx2"] if _cpu_has_avx2() else ["scalar"])
+
+
+def test_native_nf4_dequantize_is_exact(expert_qts):
+    """The native dequantize equals the torch one bit for bit (same float32 arithmetic), and both equal
+    the float64 definition up to float32 rounding."""
+    qt = expert_qts[4]
+    want = dequantize(qt)
+    torch.testing.assert_close(want, kernels._plain_weight(qt).float(), rtol=1e-6, atol=1e-9)
+    for isa in native.isas():
+        assert torch.equal(kernels.dequantize_fast(qt, torch.float32, isa), want), isa
+
+
+def test_build_cache_is_keyed_by_source_and_survives_a_killed_build(tmp_path, monkeypatch):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("MIXTRAL_KERNEL_CACHE", str(tmp_path))
+    first = native.build()
+    assert first.is_file() and first.parent.parent == tmp_path
+    stamp = first.stat().st_mtime_ns
+    # a build killed half-way leaves only its uniquely named temporary file: no lock, no effect
+    (first.parent / ".build-killed.so").write_bytes(b"partial")
+    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    # another source gets another key
+    src = tmp_path / "mxkernels.c"
+    src.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", src)
+    other = native.build()
+    assert other != first and other.is_file()
+
+
+def test_no_compiler_is_a_clear_build_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXTRAL_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(native.NativeBuildError, match="no C compiler"):
+        native.build()
 
 
 def test_quant_linear_forward_move_and_state_dict():
     lin = torch.nn.Linear(256, 96, bias=False)
     for bits in (4, 8):
-        ql = QuantLinear.from_linear(lin, spec_for_bits(bits))
+        ql = QuantLinear(quantize(lin.weight, spec_for_bits(bits)))
         assert (ql.in_features, ql.out_features) == (256, 96)
         x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
         y = ql(x)
@@ -228,8 +302,6 @@ def test_quant_linear_forward_move_and_state_dict():
         ql.to("meta")
         assert ql.qweight.device.type == "meta"
         assert ql._prepared is None
-    with pytest.raises(ValueError):
-        QuantLinear.from_linear(torch.nn.Linear(64, 32), spec_for_bits(8, 32))
 
 
 def test_matmul_rejects_wrong_input_width(expert_qts):
@@ -237,20 +309,23 @@ def test_matmul_rejects_wrong_input_width(expert_qts):
         kernels.matmul(torch.randn(1, 100), expert_qts[8])
 
 
-def test_int8_single_group_on_unaligned_storage():
-    """One scale block per row and a qweight that does not start on a 64-byte boundary (as when it
-    is a view into a memory-mapped file): the int8 kernel must still get an aligned copy."""
-    from quant.kernels import int8pack_available, matmul
-
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_kernels_read_unaligned_storage(bits):
+    """Weights viewed straight out of a memory-mapped file need not be aligned."""
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
-    qt = quantize(w, spec_for_bits(8, 128))
-    backing = torch.empty(qt.parts["qweight"].numel() + 8, dtype=torch.int8)
-    unaligned = backing[8:].view(64, 128)
-    unaligned.copy_(qt.parts["qweight"])
-    assert unaligned.data_ptr() % 64 != 0
-    qt = QuantizedTensor(qt.spec, qt.shape, {**qt.parts, "qweight": unaligned})
+    qt = quantize(w, spec_for_bits(bits, 64 if bits == 4 else 128))
+    parts = {}
+    for name, t in qt.parts.items():
+        shift = 3 if t.element_size() == 1 else t.element_size()  # off any SIMD alignment
+        backing = torch.empty(t.numel() * t.element_size() + shift, dtype=torch.uint8)
+        view = backing[shift:].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        parts[name] = view
+    assert parts["qweight"].data_ptr() % 4 != 0
+    qt = QuantizedTensor(qt.spec, qt.shape, parts)
     x = torch.randn(3, 128)
-    prepared = prepare(qt)
-    if int8pack_available():
-        assert prepared.tensors["groups"].data_ptr() % 64 == 0
-    torch.testing.assert_close(matmul(x, qt, prepared), reference_matmul(x, qt), rtol=1e-4, atol=1e-4)
+    ref = reference_matmul(x, qt)
+    for path in kernels.available_paths(x, qt, prepare(qt)):
+        for isa in native.isas() if path.startswith("native") else [None]:
+            y = kernels.matmul(x, qt, path=path, isa=isa)
+            assert (y - ref).norm() <= _tol(path, torch.float32)[0] * ref.norm(), (path, isa)

@@ -1,0 +1,389 @@
+/* Quantized expert matmuls for x86-64 CPUs, reading the stored formats directly.
+ *
+ * y[t, o] = sum_i x[t, i] * W[o, i] for a weight W stored as
+ *   nf4:  qweight [O*I/2] uint8 (two codes per byte, first element in the high nibble),
+ *         block absmax double-quantized: absmax[b] = dyn[scales[b]] * sabs[b / 256] + offset
+ *   int8: qweight [O, I] int8, scales [O, I/gs] float32.
+ *
+ * Technique (as llama.cpp's q4_0 / IQ4_NL dot products): the activations are quantized to int8
+ * in blocks of 32 with one float scale each; nf4 codes are mapped to int8 levels through a
+ * 16-entry byte shuffle; products are summed in int32 with maddubs/madd and scaled in float.
+ * The nf4 activation blocks follow the nibble order: within every 64 elements, the 32 even
+ * elements (high nibbles) form one block and the 32 odd ones (low nibbles) the next.
+ *
+ * Every kernel has a portable scalar variant and an AVX2+FMA variant compiled with per-function
+ * target attributes (no -march flags), chosen at run time by the caller. Work is split over a
+ * small pthread pool in chunks of rows taken from an atomic counter, so a descheduled thread
+ * delays only the chunk it holds. Callers release the GIL (ctypes does).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QBLOCK 32      /* activation elements per int8 scale (int8 weights) */
+#define NF4_QBLOCK 64  /* activation elements per int8 scale (nf4 weights: one nibble-ordered group) */
+#define ROWS_CHUNK 16  /* output rows per unit of work */
+#define TOK_TILE 4     /* tokens sharing one weight decode */
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
+enum { FMT_NF4 = 0, FMT_INT8 = 1, FMT_NF4_DEQUANT = 2 };
+
+int mx_cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* ---- activation quantization -------------------------------------------------------------- */
+
+/* Quantize T rows of n floats into int8 blocks of `bs` elements with one scale each (q [T, n],
+ * d [T, n/bs]). With `deinterleave64`, each 64-element group is stored as its 32 even elements
+ * then its 32 odd ones (the nf4 nibble order). */
+static void quantize_act(const float *x, int T, int n, int bs, int deinterleave64, int8_t *q, float *d) {
+    float tmp[64];
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (size_t)t * n;
+        int8_t *qr = q + (size_t)t * n;
+        float *dr = d + (size_t)t * (n / bs);
+        for (int b = 0; b < n / bs; b++) {
+            const float *src = xr + (size_t)b * bs;
+            if (deinterleave64) {
+                for (int k = 0; k < 32; k++) {
+                    tmp[k] = src[2 * k];
+                    tmp[32 + k] = src[2 * k + 1];
+                }
+                src = tmp;
+            }
+            float amax = 0.f;
+            for (int k = 0; k < bs; k++) amax = fmaxf(amax, fabsf(src[k]));
+            float inv = amax > 0.f ? 127.f / amax : 0.f;
+            dr[b] = amax / 127.f;
+            for (int k = 0; k < bs; k++) qr[(size_t)b * bs + k] = (int8_t)lrintf(src[k] * inv);
+        }
+    }
+}
+
+/* ---- job description ---------------------------------------------------------------------- */
+
+typedef struct {
+    int fmt, isa;
+    int T, O, I, gs;
+    const uint8_t *qweight;    /* nf4 packed codes, or int8 weights */
+    const uint8_t *scales;     /* nf4: absmax code indices; int8: float32 [O, I/gs] */
+    const float *sabs;         /* nf4: second-level absmax [blocks/256] */
+    float offset;              /* nf4: absmax offset */
+    const float *dyn;          /* nf4: 256-entry dynamic code table */
+    const int8_t *levels;      /* nf4: 16 int8 levels (code * 127) */
+    const float *codes;        /* nf4: 16 float codes (dequantize) */
+    const int8_t *xq;          /* [T, I] quantized activations */
+    const float *xd;           /* [T, I/32] activation scales */
+    float *y;                  /* [T, O] float32, or the dequantized [O, I] float32 */
+} job_t;
+
+static inline float nf4_absmax(const job_t *j, size_t b) {
+    return j->dyn[j->scales[b]] * j->sabs[b / 256] + j->offset;
+}
+
+/* ---- scalar kernels (portable reference of the same arithmetic) ---------------------------- */
+
+static void nf4_rows_scalar(const job_t *j, int r0, int r1) {
+    const int I = j->I, nch = I / 64, cpb = j->gs / 64;
+    for (int r = r0; r < r1; r++) {
+        for (int t = 0; t < j->T; t++) {
+            const int8_t *xq = j->xq + (size_t)t * I;
+            const float *xd = j->xd + (size_t)t * (I / NF4_QBLOCK);
+            float acc = 0.f, am = 0.f;
+            for (int c = 0; c < nch; c++) {
+                if (c % cpb == 0) am = nf4_absmax(j, ((size_t)r * I) / j->gs + c / cpb);
+                const uint8_t *q = j->qweight + ((size_t)r * I + (size_t)c * 64) / 2;
+                int32_t se = 0, so = 0;
+                for (int k = 0; k < 32; k++) {
+                    se += (int32_t)j->levels[q[k] >> 4] * xq[c * 64 + k];
+                    so += (int32_t)j->levels[q[k] & 15] * xq[c * 64 + 32 + k];
+                }
+                acc += (float)(se + so) * (xd[c] * am);
+            }
+            j->y[(size_t)t * j->O + r] = acc * (1.f / 127.f);
+        }
+    }
+}
+
+static void int8_rows_scalar(const job_t *j, int r0, int r1) {
+    const int I = j->I, G = I / j->gs, bpg = j->gs / QBLOCK;
+    const float *scales = (const float *)j->scales;
+    for (int r = r0; r < r1; r++) {
+        const int8_t *w = (const int8_t *)j->qweight + (size_t)r * I;
+        for (int t = 0; t < j->T; t++) {
+            const int8_t *xq = j->xq + (size_t)t * I;
+            const float *xd = j->xd + (size_t)t * (I / QBLOCK);
+            float acc = 0.f;
+            for (int g = 0; g < G; g++) {
+                const float s = scales[(size_t)r * G + g];
+                for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+                    int32_t sum = 0;
+                    for (int k = 0; k < QBLOCK; k++) sum += (int32_t)w[b * QBLOCK + k] * xq[b * QBLOCK + k];
+                    acc += (float)sum * (xd[b] * s);
+                }
+            }
+            j->y[(size_t)t * j->O + r] = acc;
+        }
+    }
+}
+
+static void nf4_dequant_rows_scalar(const job_t *j, int r0, int r1) {
+    const int I = j->I;
+    for (int r = r0; r < r1; r++) {
+        float *out = j->y + (size_t)r * I;
+        const uint8_t *q = j->qweight + (size_t)r * I / 2;
+        float am = 0.f;
+        for (int i = 0; i < I; i += 2) {
+            if (i % j->gs == 0) am = nf4_absmax(j, ((size_t)r * I + i) / j->gs);
+            out[i] = j->codes[q[i / 2] >> 4] * am;
+            out[i + 1] = j->codes[q[i / 2] & 15] * am;
+        }
+    }
+}
+
+/* ---- AVX2 kernels -------------------------------------------------------------------------- */
+
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* int32x8 lane sums of w . x for 32 int8 pairs (|x| unsigned times w carrying x's sign: no saturation
+ * since |x|, |w| <= 127). */
+__attribute__((target("avx2,fma"))) static inline __m256i dot32(__m256i w, __m256i x) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
+}
+
+__attribute__((target("avx2,fma"))) static void nf4_rows_avx2(const job_t *j, int r0, int r1) {
+    const int I = j->I, nch = I / 64, cpb = j->gs / 64;
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *qrow = j->qweight + (size_t)r * I / 2;
+        const size_t b0 = ((size_t)r * I) / j->gs;
+        for (int t0 = 0; t0 < j->T; t0 += TOK_TILE) {
+            const int nt = j->T - t0 < TOK_TILE ? j->T - t0 : TOK_TILE;
+            __m256 acc[TOK_TILE];
+            for (int t = 0; t < TOK_TILE; t++) acc[t] = _mm256_setzero_ps();
+            float am = 0.f;
+            for (int c = 0; c < nch; c++) {
+                if (c % cpb == 0) am = nf4_absmax(j, b0 + c / cpb);
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(qrow + (size_t)c * 32));
+                const __m256i wh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(q, 4), low4));
+                const __m256i wl = _mm256_shuffle_epi8(table, _mm256_and_si256(q, low4));
+                for (int t = 0; t < nt; t++) {
+                    const int8_t *xq = j->xq + (size_t)(t0 + t) * I + (size_t)c * 64;
+                    const float xd = j->xd[(size_t)(t0 + t) * nch + c];
+                    const __m256i p = _mm256_add_epi32(dot32(wh, _mm256_loadu_si256((const __m256i *)xq)),
+                                                       dot32(wl, _mm256_loadu_si256((const __m256i *)(xq + 32))));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd * am), acc[t]);
+                }
+            }
+            for (int t = 0; t < nt; t++) j->y[(size_t)(t0 + t) * j->O + r] = hsum256(acc[t]) * (1.f / 127.f);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void int8_rows_avx2(const job_t *j, int r0, int r1) {
+    const int I = j->I, G = I / j->gs, bpg = j->gs / QBLOCK, nb = I / QBLOCK;
+    const float *scales = (const float *)j->scales;
+    for (int r = r0; r < r1; r++) {
+        const int8_t *wrow = (const int8_t *)j->qweight + (size_t)r * I;
+        for (int t0 = 0; t0 < j->T; t0 += TOK_TILE) {
+            const int nt = j->T - t0 < TOK_TILE ? j->T - t0 : TOK_TILE;
+            __m256 acc[TOK_TILE];
+            for (int t = 0; t < TOK_TILE; t++) acc[t] = _mm256_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                const float s = scales[(size_t)r * G + g];
+                for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(wrow + (size_t)b * QBLOCK));
+                    for (int t = 0; t < nt; t++) {
+                        const int8_t *xq = j->xq + (size_t)(t0 + t) * I + (size_t)b * QBLOCK;
+                        const __m256i p = dot32(w, _mm256_loadu_si256((const __m256i *)xq));
+                        const float dx = j->xd[(size_t)(t0 + t) * nb + b];
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dx * s), acc[t]);
+                    }
+                }
+            }
+            for (int t = 0; t < nt; t++) j->y[(size_t)(t0 + t) * j->O + r] = hsum256(acc[t]);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void nf4_dequant_rows_avx2(const job_t *j, int r0, int r1) {
+    const int I = j->I;
+    const __m256 codes_lo = _mm256_loadu_ps(j->codes), codes_hi = _mm256_loadu_ps(j->codes + 8);
+    const __m256i seven = _mm256_set1_epi32(7), low4 = _mm256_set1_epi32(15);
+    const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+    for (int r = r0; r < r1; r++) {
+        float *out = j->y + (size_t)r * I;
+        const uint8_t *q = j->qweight + (size_t)r * I / 2;
+        for (int i = 0; i < I; i += 8) {
+            const __m256 am = _mm256_set1_ps(nf4_absmax(j, ((size_t)r * I + i) / j->gs));
+            int32_t four;
+            memcpy(&four, q + i / 2, 4);
+            /* 4 bytes -> 8 codes in element order: high nibble, low nibble, ... */
+            const __m256i b = _mm256_permutevar8x32_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi32_si128(four)), dup);
+            const __m256i e = _mm256_and_si256(_mm256_srlv_epi32(b, shifts), low4);
+            const __m256 lo = _mm256_permutevar8x32_ps(codes_lo, e), hi = _mm256_permutevar8x32_ps(codes_hi, e);
+            const __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(e, seven));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_blendv_ps(lo, hi, mask), am));
+        }
+    }
+}
+
+/* ---- thread pool --------------------------------------------------------------------------- */
+
+typedef void (*rows_fn)(const job_t *, int, int);
+
+static rows_fn pick(const job_t *j) {
+    if (j->fmt == FMT_NF4) return j->isa == ISA_AVX2 ? nf4_rows_avx2 : nf4_rows_scalar;
+    if (j->fmt == FMT_INT8) return j->isa == ISA_AVX2 ? int8_rows_avx2 : int8_rows_scalar;
+    return j->isa == ISA_AVX2 ? nf4_dequant_rows_avx2 : nf4_dequant_rows_scalar;
+}
+
+#define MAX_THREADS 256
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    int n_workers;                 /* threads besides the caller */
+    const job_t *job;              /* valid while its chunks are not all done */
+    int n_chunks;
+    _Atomic uint64_t next;         /* generation << 32 | next chunk */
+    _Atomic int done;              /* chunks finished in the current generation */
+    _Atomic uint32_t generation;
+    pthread_mutex_t call_mu;       /* one job at a time */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, 0, 0, 0, PTHREAD_MUTEX_INITIALIZER};
+
+/* Take and run chunks of generation `gen` until none are left. */
+static void work(uint32_t gen) {
+    for (;;) {
+        uint64_t v = atomic_load(&pool.next);
+        if ((uint32_t)(v >> 32) != gen || (int)(uint32_t)v >= pool.n_chunks) return;
+        if (!atomic_compare_exchange_weak(&pool.next, &v, v + 1)) continue;
+        const job_t *j = pool.job;
+        const int c = (int)(uint32_t)v;
+        const int r0 = c * ROWS_CHUNK, r1 = r0 + ROWS_CHUNK < j->O ? r0 + ROWS_CHUNK : j->O;
+        pick(j)(j, r0, r1);
+        atomic_fetch_add(&pool.done, 1);
+    }
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    uint32_t seen = 0;
+    for (;;) {
+        /* a short spin catches back-to-back calls; then sleep, so an idle pool costs nothing */
+        uint32_t gen = seen;
+        for (int spin = 0; spin < 4000 && gen == seen; spin++) {
+            _mm_pause();
+            gen = atomic_load(&pool.generation);
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool.mu);
+            while ((gen = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = gen;
+        work(gen);
+    }
+    return NULL;
+}
+
+/* Total threads, the caller included. Workers are started on demand and never stopped. */
+int mx_set_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    pthread_mutex_lock(&pool.call_mu);
+    while (pool.n_workers < n - 1) {
+        pthread_t th;
+        if (pthread_create(&th, NULL, worker, NULL) != 0) break;
+        pthread_detach(th);
+        pool.n_workers++;
+    }
+    pthread_mutex_unlock(&pool.call_mu);
+    return pool.n_workers + 1;
+}
+
+static int active_threads = 1;
+
+int mx_use_threads(int n) {
+    int have = mx_set_threads(n);
+    active_threads = n < have ? (n < 1 ? 1 : n) : have;
+    return active_threads;
+}
+
+static void run_job(const job_t *j) {
+    const int n_chunks = (j->O + ROWS_CHUNK - 1) / ROWS_CHUNK;
+    if (active_threads <= 1 || n_chunks == 1) {
+        pick(j)(j, 0, j->O);
+        return;
+    }
+    pthread_mutex_lock(&pool.call_mu);
+    pool.job = j;
+    pool.n_chunks = n_chunks;
+    atomic_store(&pool.done, 0);
+    const uint32_t gen = atomic_load(&pool.generation) + 1;
+    atomic_store(&pool.next, (uint64_t)gen << 32);
+    pthread_mutex_lock(&pool.mu);
+    atomic_store(&pool.generation, gen);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    work(gen);
+    while (atomic_load(&pool.done) < n_chunks) sched_yield();  /* only chunks still in other hands */
+    pthread_mutex_unlock(&pool.call_mu);
+}
+
+/* ---- entry points ------------------------------------------------------------------------- */
+
+/* y [T, O] = x [T, I] @ W.T for nf4 W (gs a multiple of 64, I a multiple of 64). Returns 0 on success. */
+int mx_nf4_matmul(int isa, const float *x, int T, int O, int I, int gs, const uint8_t *qweight,
+                  const uint8_t *scales, const float *sabs, float offset, const float *dyn,
+                  const int8_t *levels, float *y) {
+    if (gs % 64 || I % 64 || T < 1) return -1;
+    int8_t *xq = malloc((size_t)T * I);
+    float *xd = malloc((size_t)T * (I / NF4_QBLOCK) * sizeof(float));
+    if (!xq || !xd) { free(xq); free(xd); return -2; }
+    quantize_act(x, T, I, NF4_QBLOCK, 1, xq, xd);
+    job_t j = {FMT_NF4, isa, T, O, I, gs, qweight, scales, sabs, offset, dyn, levels, NULL, xq, xd, y};
+    run_job(&j);
+    free(xq);
+    free(xd);
+    return 0;
+}
+
+/* y [T, O] = x [T, I] @ W.T for block-wise int8 W (gs a multiple of 32). */
+int mx_int8_matmul(int isa, const float *x, int T, int O, int I, int gs, const int8_t *qweight,
+                   const float *scales, float *y) {
+    if (gs % QBLOCK || I % gs || T < 1) return -1;
+    int8_t *xq = malloc((size_t)T * I);
+    float *xd = malloc((size_t)T * (I / QBLOCK) * sizeof(float));
+    if (!xq || !xd) { free(xq); free(xd); return -2; }
+    quantize_act(x, T, I, QBLOCK, 0, xq, xd);
+    job_t j = {FMT_INT8, isa, T, O, I, gs, (const uint8_t *)qweight, (const uint8_t *)scales, NULL, 0.f, NULL, NULL,
+               NULL, xq, xd, y};
+    run_job(&j);
+    free(xq);
+    free(xd);
+    return 0;
+}
+
+/* out [O, I] float32 = the exact dequantized nf4 weight (I even, gs even). */
+int mx_nf4_dequant(int isa, int O, int I, int gs, const uint8_t *qweight, const uint8_t *scales,
+                   const float *sabs, float offset, const float *dyn, const float *codes, float *out) {
+    if (gs % 8 || I % 8) isa = ISA_SCALAR;
+    job_t j = {FMT_NF4_DEQUANT, isa, 1, O, I, gs, qweight, scales, sabs, offset, dyn, NULL, codes, NULL, NULL, out};
+    run_job(&j);
+    return 0;
+}
