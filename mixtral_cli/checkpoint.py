@@ -23,6 +23,11 @@ from .errors import UserError
 INDEX_NAME = "model.safetensors.index.json"
 EXPERT_PROJS = ("w1", "w2", "w3")
 _FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+# safetensors header dtype names (read here, written by quantize.py)
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "I8": torch.int8,
+    "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool,
+}
 
 
 def layer_prefix(layer: int) -> str:
@@ -208,21 +213,12 @@ class Checkpoint:
         sd = {f"{prefix}.{p}": self.tensor(f"{prefix}.{p}") for p in parts}
         return QuantizedTensor.from_state_dict(self.quant, expert_shape(self.args, proj), sd, prefix)
 
-    def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
-
     def close(self) -> None:
         self._handles.clear()
 
 
-_SAFETENSORS_DTYPES = {
-    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "I8": torch.int8,
-    "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool,
-}
-
-
 def _dtype(name: str, f: Path) -> torch.dtype:
-    dtype = _SAFETENSORS_DTYPES.get(name)
+    dtype = SAFETENSORS_DTYPES.get(name)
     if dtype is None:
         raise UserError(f"{f.name}: unsupported tensor dtype {name}")
     return dtype

@@ -40,6 +40,7 @@ from .checkpoint import (
     EXPERT_PROJS,
     INDEX_NAME,
     QUANTIZED_MODULES,
+    SAFETENSORS_DTYPES,
     Checkpoint,
     expert_prefix,
     expert_shape,
@@ -51,10 +52,7 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 _ALIGN = 64
 COPIED_FILES = ("tokenizer.model", "generation_config.json")  # tokenizer.model is required
 
-_ST_DTYPES = {
-    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint8: "U8", torch.int8: "I8",
-    torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64", torch.bool: "BOOL",
-}
+_ST_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class QuantizeProgressSink(Protocol):
@@ -304,7 +302,6 @@ def _write_files(ckpt: Checkpoint, tmp: Path, spec: QuantSpec, shards: list[Shar
                 for out_name, tensor in _convert(ckpt, unit, spec):
                     writer.write(out_name, tensor)
                     weight_map[out_name] = name
-                tensor = None
                 ckpt.close()  # unmap the source pages of this tensor before the next one
                 progress.advance(unit.source, unit.source_bytes)
             writer.finish()

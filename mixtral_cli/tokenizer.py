@@ -163,14 +163,16 @@ class Tokenizer:
                 return i, text
         raise UserError("tokenizer has no plain text pieces", hint="re-download tokenizer.model")
 
-    def _decode_continuation(self, ids: list[int]) -> str:
+    # ------------------------------------------------------------------ streaming (StreamDecoder)
+
+    def decode_continuation(self, ids: list[int]) -> str:
         """Decode ``ids`` as if preceded by text (leading space of the first piece kept)."""
         text = self._sp.decode([self._anchor_id, *ids])
         if not text.startswith(self._anchor_text):  # cannot happen for a plain piece; be safe
             raise RuntimeError("tokenizer anchor piece did not decode as expected")
         return text[len(self._anchor_text) :]
 
-    def _incomplete_utf8_tail(self, ids: list[int]) -> bool:
+    def ends_mid_character(self, ids: list[int]) -> bool:
         """True if ``ids`` ends with byte-fallback pieces that stop in the middle of a UTF-8 character."""
         tail: list[int] = []
         for token_id in reversed(ids):
@@ -211,7 +213,7 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one id; return the text that is now final (possibly empty)."""
         self._pending.append(int(token_id))
-        if self._tok._incomplete_utf8_tail(self._pending):
+        if self._tok.ends_mid_character(self._pending):
             return ""
         return self._drain()
 
@@ -223,7 +225,7 @@ class StreamDecoder:
         ids = self._pending
         self._pending = []
         if self._started:
-            return self._tok._decode_continuation(ids)
+            return self._tok.decode_continuation(ids)
         if any(not self._tok.is_control(i) for i in ids):
             self._started = True
         return self._tok.decode(ids)
