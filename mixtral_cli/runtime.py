@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quant import native
+from quant.linear import use_dense_linears
+
 from .checkpoint import EXPERT_PROJS, Checkpoint, shared_shapes
 from .config import ModelArgs
 from .errors import UserError
@@ -55,6 +58,7 @@ def apply_threads(threads: int | None) -> None:
     if threads < 1:
         raise UserError(f"-t/--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
+    native.set_threads(threads)
 
 
 @dataclass
@@ -168,6 +172,7 @@ def build_engine(
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
+    use_dense_linears(model, skip=("gate",))  # the router stays on torch's kernel, as in the reference
     model.setup_cache(ctx)
     if on_progress:
         on_progress(total, total)

@@ -194,6 +194,25 @@ def select_path(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared) -> str
     return "dequant"
 
 
+def dense_path(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """``native_dense`` (the native GEMV, float32 accumulation) for few tokens on the CPU, else ``torch``."""
+    tokens = x.numel() // x.shape[-1] if x.numel() else 0
+    if (weight.device.type == "cpu" and 0 < tokens <= NATIVE_MAX_TOKENS and weight.dtype in native.DENSE_WEIGHT_TYPES
+            and weight.is_contiguous() and native.available()):
+        return "native_dense"
+    return "torch"
+
+
+@torch.no_grad()
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor, *, path: str | None = None, isa: str | None = None
+                 ) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a dense ``weight [out, in]``, in ``x.dtype``, on the faster path here."""
+    if (path or dense_path(x, weight)) == "torch":
+        return F.linear(x, weight)
+    y = native.dense_matmul(x.reshape(-1, x.shape[-1]), weight, isa)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
 @torch.no_grad()
 def matmul(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared | None = None, *, path: str | None = None,
            isa: str | None = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ keyed by the hash of the source and the flags. A build writes a uniquely named t
 renames it into place, so concurrent or killed builds never leave a lock or a half-written library.
 No ``-march`` flag is used: the SIMD variants are compiled per function and picked at run time.
 
-Instruction sets: ``avx2`` (AVX2 + FMA) where the CPU has it, else ``scalar``. The environment
+Instruction sets: ``avx2`` (AVX2 + FMA + F16C) where the CPU has it, else ``scalar``. The environment
 variable ``ATEN_CPU_CAPABILITY`` (the one that steers torch's own kernels) caps the choice the same
 way: ``default`` forces ``scalar``, ``avx2`` or higher allows ``avx2``.
 
@@ -91,8 +91,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.mx_nf4_matmul.argtypes = [i, p, i, i, i, i, p, p, p, f, p, p, p]
     lib.mx_int8_matmul.argtypes = [i, p, i, i, i, i, p, p, p]
     lib.mx_nf4_dequant.argtypes = [i, i, i, i, p, p, p, f, p, p, p]
+    lib.mx_dense_matmul.argtypes = [i, p, i, i, i, i, p, p]
     lib.mx_use_threads.argtypes = [i]
-    for fn in (lib.mx_nf4_matmul, lib.mx_int8_matmul, lib.mx_nf4_dequant, lib.mx_use_threads, lib.mx_cpu_has_avx2):
+    for fn in (lib.mx_nf4_matmul, lib.mx_int8_matmul, lib.mx_nf4_dequant, lib.mx_dense_matmul, lib.mx_use_threads,
+               lib.mx_cpu_has_avx2):
         fn.restype = ctypes.c_int
     lib.mx_use_threads(torch.get_num_threads())
     return lib
@@ -181,3 +183,17 @@ def nf4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, scales_absmax: t
                                float(offset), _ptr(dyn_code), _ptr(codes), _ptr(out))
     _check(rc, "nf4 dequantize")
     return out
+
+
+DENSE_WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """``x [T, I] @ weight.T -> [T, O]`` float32 for a contiguous float32/bfloat16/float16 ``weight [O, I]``."""
+    O, I = weight.shape
+    xf = _as_f32_rows(x)
+    y = torch.empty(xf.shape[0], O, dtype=torch.float32)
+    rc = _lib().mx_dense_matmul(_isa_id(isa), _ptr(xf), xf.shape[0], O, I, DENSE_WEIGHT_TYPES[weight.dtype],
+                                _ptr(weight), _ptr(y))
+    _check(rc, "dense matmul")
+    return y

@@ -1,9 +1,10 @@
 /* Quantized expert matmuls for x86-64 CPUs, reading the stored formats directly.
  *
  * y[t, o] = sum_i x[t, i] * W[o, i] for a weight W stored as
- *   nf4:  qweight [O*I/2] uint8 (two codes per byte, first element in the high nibble),
- *         block absmax double-quantized: absmax[b] = dyn[scales[b]] * sabs[b / 256] + offset
- *   int8: qweight [O, I] int8, scales [O, I/gs] float32.
+ *   nf4:   qweight [O*I/2] uint8 (two codes per byte, first element in the high nibble),
+ *          block absmax double-quantized: absmax[b] = dyn[scales[b]] * sabs[b / 256] + offset
+ *   int8:  qweight [O, I] int8, scales [O, I/gs] float32
+ *   dense: W [O, I] float32, bfloat16 or float16 (computed in float32: a GEMV for few tokens).
  *
  * Technique (as llama.cpp's q4_0 / IQ4_NL dot products): the activations are quantized to int8
  * in blocks of 32 with one float scale each; nf4 codes are mapped to int8 levels through a
@@ -31,11 +32,12 @@
 #define TOK_TILE 4     /* tokens sharing one weight decode */
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
-enum { FMT_NF4 = 0, FMT_INT8 = 1, FMT_NF4_DEQUANT = 2 };
+enum { FMT_NF4 = 0, FMT_INT8 = 1, FMT_NF4_DEQUANT = 2, FMT_DENSE = 3 };
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
 int mx_cpu_has_avx2(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
 /* ---- activation quantization -------------------------------------------------------------- */
@@ -81,6 +83,8 @@ typedef struct {
     const float *codes;        /* nf4: 16 float codes (dequantize) */
     const int8_t *xq;          /* [T, I] quantized activations */
     const float *xd;           /* [T, I/32] activation scales */
+    const float *xf;           /* dense: [T, I] float32 activations */
+    int wtype;                 /* dense: W_F32, W_BF16 or W_F16 */
     float *y;                  /* [T, O] float32, or the dequantized [O, I] float32 */
 } job_t;
 
@@ -146,6 +150,46 @@ static void nf4_dequant_rows_scalar(const job_t *j, int r0, int r1) {
             out[i + 1] = j->codes[q[i / 2] & 15] * am;
         }
     }
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023;
+    uint32_t u;
+    if (exp == 31) {
+        u = sign | 0x7F800000u | (man << 13);
+    } else if (exp == 0) {
+        float f = ldexpf((float)man, -24);
+        return sign ? -f : f;
+    } else {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float dense_w(const job_t *j, size_t i) {
+    if (j->wtype == W_F32) return ((const float *)j->qweight)[i];
+    const uint16_t h = ((const uint16_t *)j->qweight)[i];
+    return j->wtype == W_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+static void dense_rows_scalar(const job_t *j, int r0, int r1) {
+    const int I = j->I;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < j->T; t++) {
+            const float *x = j->xf + (size_t)t * I;
+            float acc = 0.f;
+            for (int i = 0; i < I; i++) acc += dense_w(j, (size_t)r * I + i) * x[i];
+            j->y[(size_t)t * j->O + r] = acc;
+        }
 }
 
 /* ---- AVX2 kernels -------------------------------------------------------------------------- */
@@ -242,6 +286,57 @@ __attribute__((target("avx2,fma"))) static void nf4_dequant_rows_avx2(const job_
     }
 }
 
+/* 8 weights of row-major W at element i, as float32 */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 load_w8(const job_t *j, size_t i) {
+    if (j->wtype == W_F32) return _mm256_loadu_ps((const float *)j->qweight + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)j->qweight + i));
+    if (j->wtype == W_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* One token: four independent accumulators hide the FMA latency. */
+__attribute__((target("avx2,fma,f16c"))) static float dense_dot1_avx2(const job_t *j, size_t base, const float *x) {
+    const int I = j->I, main32 = I & ~31;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int i = 0;
+    for (; i < main32; i += 32) {
+        a0 = _mm256_fmadd_ps(load_w8(j, base + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(load_w8(j, base + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(load_w8(j, base + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(load_w8(j, base + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= I; i += 8) a0 = _mm256_fmadd_ps(load_w8(j, base + i), _mm256_loadu_ps(x + i), a0);
+    float sum = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < I; i++) sum += dense_w(j, base + i) * x[i];
+    return sum;
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void dense_rows_avx2(const job_t *j, int r0, int r1) {
+    const int I = j->I, main = I & ~7;
+    for (int r = r0; r < r1; r++) {
+        const size_t base = (size_t)r * I;
+        if (j->T == 1) {
+            j->y[r] = dense_dot1_avx2(j, base, j->xf);
+            continue;
+        }
+        for (int t0 = 0; t0 < j->T; t0 += TOK_TILE) {
+            const int nt = j->T - t0 < TOK_TILE ? j->T - t0 : TOK_TILE;
+            __m256 acc[TOK_TILE];
+            for (int t = 0; t < TOK_TILE; t++) acc[t] = _mm256_setzero_ps();
+            for (int i = 0; i < main; i += 8) {
+                const __m256 w = load_w8(j, base + i);
+                for (int t = 0; t < nt; t++)
+                    acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(j->xf + (size_t)(t0 + t) * I + i), acc[t]);
+            }
+            for (int t = 0; t < nt; t++) {
+                float sum = hsum256(acc[t]);
+                for (int i = main; i < I; i++) sum += dense_w(j, base + i) * j->xf[(size_t)(t0 + t) * I + i];
+                j->y[(size_t)(t0 + t) * j->O + r] = sum;
+            }
+        }
+    }
+}
+
 /* ---- thread pool --------------------------------------------------------------------------- */
 
 typedef void (*rows_fn)(const job_t *, int, int);
@@ -249,6 +344,7 @@ typedef void (*rows_fn)(const job_t *, int, int);
 static rows_fn pick(const job_t *j) {
     if (j->fmt == FMT_NF4) return j->isa == ISA_AVX2 ? nf4_rows_avx2 : nf4_rows_scalar;
     if (j->fmt == FMT_INT8) return j->isa == ISA_AVX2 ? int8_rows_avx2 : int8_rows_scalar;
+    if (j->fmt == FMT_DENSE) return j->isa == ISA_AVX2 ? dense_rows_avx2 : dense_rows_scalar;
     return j->isa == ISA_AVX2 ? nf4_dequant_rows_avx2 : nf4_dequant_rows_scalar;
 }
 
@@ -356,7 +452,8 @@ int mx_nf4_matmul(int isa, const float *x, int T, int O, int I, int gs, const ui
     float *xd = malloc((size_t)T * (I / NF4_QBLOCK) * sizeof(float));
     if (!xq || !xd) { free(xq); free(xd); return -2; }
     quantize_act(x, T, I, NF4_QBLOCK, 1, xq, xd);
-    job_t j = {FMT_NF4, isa, T, O, I, gs, qweight, scales, sabs, offset, dyn, levels, NULL, xq, xd, y};
+    job_t j = {.fmt = FMT_NF4, .isa = isa, .T = T, .O = O, .I = I, .gs = gs, .qweight = qweight, .scales = scales,
+               .sabs = sabs, .offset = offset, .dyn = dyn, .levels = levels, .xq = xq, .xd = xd, .y = y};
     run_job(&j);
     free(xq);
     free(xd);
@@ -371,8 +468,8 @@ int mx_int8_matmul(int isa, const float *x, int T, int O, int I, int gs, const i
     float *xd = malloc((size_t)T * (I / QBLOCK) * sizeof(float));
     if (!xq || !xd) { free(xq); free(xd); return -2; }
     quantize_act(x, T, I, QBLOCK, 0, xq, xd);
-    job_t j = {FMT_INT8, isa, T, O, I, gs, (const uint8_t *)qweight, (const uint8_t *)scales, NULL, 0.f, NULL, NULL,
-               NULL, xq, xd, y};
+    job_t j = {.fmt = FMT_INT8, .isa = isa, .T = T, .O = O, .I = I, .gs = gs, .qweight = (const uint8_t *)qweight,
+               .scales = (const uint8_t *)scales, .xq = xq, .xd = xd, .y = y};
     run_job(&j);
     free(xq);
     free(xd);
@@ -383,7 +480,17 @@ int mx_int8_matmul(int isa, const float *x, int T, int O, int I, int gs, const i
 int mx_nf4_dequant(int isa, int O, int I, int gs, const uint8_t *qweight, const uint8_t *scales,
                    const float *sabs, float offset, const float *dyn, const float *codes, float *out) {
     if (gs % 8 || I % 8) isa = ISA_SCALAR;
-    job_t j = {FMT_NF4_DEQUANT, isa, 1, O, I, gs, qweight, scales, sabs, offset, dyn, NULL, codes, NULL, NULL, out};
+    job_t j = {.fmt = FMT_NF4_DEQUANT, .isa = isa, .T = 1, .O = O, .I = I, .gs = gs, .qweight = qweight,
+               .scales = scales, .sabs = sabs, .offset = offset, .dyn = dyn, .codes = codes, .y = out};
+    run_job(&j);
+    return 0;
+}
+
+/* y [T, O] = x [T, I] @ W.T for a dense W [O, I] of float32, bfloat16 or float16 (wtype 0, 1, 2). */
+int mx_dense_matmul(int isa, const float *x, int T, int O, int I, int wtype, const void *w, float *y) {
+    if (T < 1 || wtype < 0 || wtype > 2) return -1;
+    job_t j = {.fmt = FMT_DENSE, .isa = isa, .T = T, .O = O, .I = I, .qweight = (const uint8_t *)w, .xf = x,
+               .wtype = wtype, .y = y};
     run_job(&j);
     return 0;
 }
