@@ -329,3 +329,35 @@ def test_native_kernels_read_unaligned_storage(bits):
         for isa in native.isas() if path.startswith("native") else [None]:
             y = kernels.matmul(x, qt, path=path, isa=isa)
             assert (y - ref).norm() <= _tol(path, torch.float32)[0] * ref.norm(), (path, isa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_dense_paths_match_float64(dtype, tokens, exercised):
+    """The native GEMV accumulates in float32 like torch's kernels: only rounding order differs."""
+    gen = torch.Generator().manual_seed(tokens)
+    w = (torch.randn(300, 520, generator=gen) * 0.05).to(dtype)  # 520: exercises the non-multiple-of-32 tail
+    x = torch.randn(tokens, 520, generator=gen).to(dtype)
+    ref = x.double() @ w.double().T
+    want = "native_dense" if native.available() and tokens <= kernels.NATIVE_MAX_TOKENS else "torch"
+    assert kernels.dense_path(x, w) == want
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for path in ["torch"] + (["native_dense"] if native.available() else []):
+        for isa in native.isas() if path == "native_dense" else [None]:
+            y = kernels.dense_matmul(x, w, path=path, isa=isa)
+            assert y.dtype == dtype and y.shape == (tokens, 300)
+            assert (y.double() - ref).norm() <= tol * ref.norm(), (path, isa)
+            exercised.add(f"{path}[{isa}]" if isa else path)
+
+
+def test_use_dense_linears_swaps_in_place_and_skips():
+    from quant.linear import DenseLinear, use_dense_linears
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(4, 4, bias=True))
+    model.gate = torch.nn.Linear(4, 2, bias=False)
+    weight = model[0].weight
+    use_dense_linears(model, skip=("gate",))
+    assert type(model[0]) is DenseLinear and model[0].weight is weight
+    assert type(model[1]) is torch.nn.Linear and type(model.gate) is torch.nn.Linear  # bias; skipped
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(model[0](x), x @ weight.T)
