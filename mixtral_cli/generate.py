@@ -16,6 +16,7 @@ import torch
 
 from .errors import UserError
 from .model import Mixtral
+from .plan import PREFILL_CHUNK
 from .tokenizer import StreamDecoder, Tokenizer
 
 
@@ -96,11 +97,26 @@ def make_sampler(cfg: SamplingConfig) -> Sampler:
     return sample
 
 
-class Session:
-    """The model plus the token ids its KV cache currently holds."""
+def chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) cut into consecutive pieces of at most `size` positions."""
+    return [(a, min(a + size, end)) for a in range(start, end, size)]
 
-    def __init__(self, model: Mixtral) -> None:
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (so that a timer read next measures it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Session:
+    """The model plus the token ids its KV cache currently holds.
+
+    Prompts are computed in chunks of at most `chunk` tokens (the planner's `PREFILL_CHUNK`: its
+    workspace is sized for one chunk), each attending to everything cached before it."""
+
+    def __init__(self, model: Mixtral, chunk: int = PREFILL_CHUNK) -> None:
         self.model = model
+        self.chunk = chunk
         self.cached: list[int] = []
         self.device = model.model.embed_tokens.weight.device
 
@@ -108,9 +124,16 @@ class Session:
         self.cached = []
 
     def _forward(self, ids: Sequence[int], pos: int) -> torch.Tensor:
-        logits = self.model(torch.tensor(ids, device=self.device), pos, last_only=True)[0]
-        # Only after the forward pass completes does the cache hold these positions (Ctrl-C safe).
-        self.cached = self.cached[:pos] + list(ids)
+        """Logits [V] after ids, which go to positions pos..; the earlier chunks skip the logits."""
+        pieces = chunks(0, len(ids), self.chunk)
+        for a, b in pieces:
+            tokens = torch.tensor(ids[a:b], device=self.device)
+            if b < len(ids):
+                self.model.run_layers(tokens, pos + a)
+            else:
+                logits = self.model(tokens, pos + a, last_only=True)[0]
+            # Only after a chunk's forward pass completes does the cache hold its positions (Ctrl-C safe).
+            self.cached = self.cached[:pos + a] + list(ids[a:b])
         return logits
 
     def prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor, int]:
@@ -207,6 +230,7 @@ class Completion:
             return
         t0 = time.perf_counter()
         logits, self.stats.prefill_tokens = self.session.prefill(self.prompt_ids)
+        sync(self.session.device)  # queued GPU work is prefill time, not the first decode step's
         self.stats.prefill_s = time.perf_counter() - t0
         history = list(self.prompt_ids)
         t0 = time.perf_counter()

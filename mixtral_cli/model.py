@@ -73,10 +73,12 @@ class KVCache(nn.Module):
 def attention_mask(pos: int, n_new: int, sliding_window: int | None, device) -> torch.Tensor | None:
     """Boolean [T, S] mask (True = may attend) for queries pos..pos+T over keys 0..pos+T.
 
-    None when plain causal attention over everything cached is exact (single decode step, no window).
+    None when SDPA's own causal mask is exact: a single decode step, or a first chunk (pos 0, where
+    `is_causal`'s top-left alignment is right), and the window cuts nothing. A later prefill chunk
+    (T < S) needs the explicit mask: `is_causal` would align it top-left.
     """
     total = pos + n_new
-    if n_new == 1 and (sliding_window is None or total <= sliding_window):
+    if (n_new == 1 or pos == 0) and (sliding_window is None or total <= sliding_window):
         return None
     q_pos = torch.arange(pos, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
@@ -84,6 +86,24 @@ def attention_mask(pos: int, n_new: int, sliding_window: int | None, device) -> 
     if sliding_window is not None:
         mask &= (q_pos - k_pos) < sliding_window
     return mask
+
+
+def fused_attention_available(device: torch.device, dtype: torch.dtype, args: ModelArgs) -> bool:
+    """Whether a fused SDPA kernel (memory-efficient; flash takes no mask) serves a later prefill
+    chunk's masked grouped-query call on `device`, as torch decides it. Where none does, SDPA
+    falls back to its math path, which materialises the [H, T, S] scores (the planner reserves
+    them then). On the CPU, torch's flash kernel takes masks."""
+    if device.type != "cuda":
+        return True
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_efficient_attention
+
+        q = torch.zeros(1, args.num_attention_heads, 8, args.head_dim, device=device, dtype=dtype)
+        kv = torch.zeros(1, args.num_key_value_heads, 16, args.head_dim, device=device, dtype=dtype)
+        mask = torch.zeros(8, 16, device=device, dtype=dtype)  # SDPA passes a boolean mask on in this additive form
+        return bool(can_use_efficient_attention(SDPAParams(q, kv, kv, mask, 0.0, False, True)))
+    except Exception:  # a torch without these entry points: assume the worst
+        return False
 
 
 class Attention(nn.Module):
@@ -107,11 +127,12 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(pos, k, v)  # [K, S, Hd]
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=(T > 1 and pos == 0), enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(0, 1).reshape(T, self.n_heads * self.head_dim))  # [T, D]
+        # 4-D [1, heads, T|S, Hd]: the fused kernels (flash, memory-efficient, cuDNN; on the CPU its
+        # flash kernel) take only 4-D inputs; 3-D ones fall back to the math path, which repeats K/V
+        # to H heads and materialises the [H, T, S] scores in fp32.
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                             is_causal=mask is None and T > 1, enable_gqa=True)
+        return self.o_proj(out[0].transpose(0, 1).reshape(T, self.n_heads * self.head_dim))  # [T, D]
 
 
 class Expert(nn.Module):
@@ -134,9 +155,11 @@ class ExpertProvider(Protocol):
     prefetch_enabled: bool
 
     def run(self, layer: int, expert_ids: Sequence[int], uses: Sequence[int]) -> Iterator[tuple[int, ExpertFn]]:
-        """Yield (expert id, callable) for each requested id, in an order of the provider's choosing.
-        `uses[i]` is how many (token, choice) pairs expert_ids[i] serves in this call. An expert stays
-        usable (never evicted) until the iterator advances past it."""
+        """An iterator of (expert id, callable) for each requested id, in an order of the provider's
+        choosing. `uses[i]` is how many (token, choice) pairs expert_ids[i] serves in this call. Work
+        to bring missing experts in starts before `run` returns, so that `prefetch` hints given
+        afterwards queue behind it. An expert stays usable (never evicted) until the iterator
+        advances past it."""
         ...
 
     def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
@@ -163,38 +186,54 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
         self.provider = experts  # a plain object, not a submodule: experts are loaded and placed by it
 
-    def forward(self, x: torch.Tensor, next_gate: nn.Linear | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, next_gates: Sequence[nn.Linear] = ()) -> torch.Tensor:
+        """`next_gates`: the routers of the following layers to prefetch for (see `Mixtral.prefetch_depth`)."""
         weights, ids = route(self.gate, x, self.top_k)  # [T, A]
-        if next_gate is not None and self.provider.prefetch_enabled:
-            # Speculate: the next layer's router applied to this layer's hidden state of the newest token.
-            _, guess = route(next_gate, x[-1:], self.top_k)
-            self.provider.prefetch(self.layer + 1, guess[0].tolist())
+        guesses = []
+        if next_gates and self.provider.prefetch_enabled:
+            # Speculate: each following layer's router applied to this layer's hidden state of the newest token.
+            guesses = [route(g, x[-1:], self.top_k)[1][0] for g in next_gates]  # each [A]
         if x.shape[0] == 1:
-            return self._decode(x, weights[0], ids[0].tolist())
-        return self._prefill(x, weights, ids)
+            # One token: touch only its A selected experts (one host sync for its ids and the guesses).
+            picked = torch.cat([ids[0], *guesses]).tolist()
+            eids, guessed = picked[:self.top_k], picked[self.top_k:]
+            experts = self.provider.run(self.layer, eids, [1] * len(eids))
+            self._prefetch(guessed)
+            return self._decode(x, weights[0], eids, experts)
+        # Many tokens: group the (token, choice) pairs by expert and run each selected expert once.
+        flat_ids = ids.flatten()  # [T*A]
+        E = self.gate.out_features
+        picked = torch.cat([torch.bincount(flat_ids, minlength=E), *guesses]).tolist()
+        counts, guessed = picked[:E], picked[E:]
+        used = [e for e, c in enumerate(counts) if c]
+        experts = self.provider.run(self.layer, used, [counts[e] for e in used])
+        self._prefetch(guessed)
+        return self._prefill(x, weights, flat_ids, counts, experts)
 
-    def _decode(self, x: torch.Tensor, weights: torch.Tensor, ids: list[int]) -> torch.Tensor:
-        # One token: touch only its A selected experts.
+    def _prefetch(self, guessed: list[int]) -> None:
+        # Called after `run`: the copies this layer needs are queued first, the speculative ones behind.
+        for depth in range(len(guessed) // self.top_k):
+            self.provider.prefetch(self.layer + 1 + depth, guessed[depth * self.top_k:(depth + 1) * self.top_k])
+
+    def _decode(self, x: torch.Tensor, weights: torch.Tensor, ids: list[int],
+                experts: Iterator[tuple[int, ExpertFn]]) -> torch.Tensor:
         out = torch.zeros_like(x)
         slot_of = {eid: a for a, eid in enumerate(ids)}
-        for eid, expert in self.provider.run(self.layer, ids, [1] * len(ids)):
+        for eid, expert in experts:
             out += (expert(x) * weights[slot_of[eid]]).to(x.dtype)
         return out
 
-    def _prefill(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # Many tokens: group the (token, choice) pairs by expert and run each selected expert once.
-        T, A = ids.shape
-        flat_ids = ids.flatten()  # [T*A]
+    def _prefill(self, x: torch.Tensor, weights: torch.Tensor, flat_ids: torch.Tensor, counts: list[int],
+                 experts: Iterator[tuple[int, ExpertFn]]) -> torch.Tensor:
+        A = self.top_k
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.gate.out_features).tolist()
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
         token_of = order // A  # [T*A], token index of each sorted pair
         pair_weight = weights.flatten()[order]  # [T*A] fp32
         out = torch.zeros_like(x)
-        used = [e for e, c in enumerate(counts) if c]
-        for eid, expert in self.provider.run(self.layer, used, [counts[e] for e in used]):
+        for eid, expert in experts:
             sl = slice(starts[eid], starts[eid + 1])
             tokens = token_of[sl]
             y = expert(x[tokens]) * pair_weight[sl, None]  # [n, D]
@@ -212,10 +251,10 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, h: torch.Tensor, pos: int, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None, next_gate: nn.Linear | None,
+        mask: torch.Tensor | None, next_gates: Sequence[nn.Linear] = (),
     ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), pos, cache, rope, mask)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h), next_gate)
+        return h + self.block_sparse_moe(self.post_attention_layernorm(h), next_gates)
 
 
 class MixtralModel(nn.Module):
@@ -227,7 +266,12 @@ class MixtralModel(nn.Module):
 
 
 class Mixtral(nn.Module):
-    """Batch-1 causal LM with a static KV cache of `max_len` positions."""
+    """Batch-1 causal LM with a static KV cache of `max_len` positions.
+
+    `prefetch_depth`: how many following layers each MoE block hints to the expert provider (1: the
+    next layer only; docs/offloading.md has the measurements behind the choice)."""
+
+    prefetch_depth = 1
 
     def __init__(self, args: ModelArgs, experts: ExpertProvider) -> None:
         super().__init__()
@@ -248,8 +292,9 @@ class Mixtral(nn.Module):
         return self.caches[0].k.shape[1] if self.caches else 0
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
-        """tokens [T] at positions pos..pos+T -> fp32 logits [T, V] (or [1, V] with last_only)."""
+    def run_layers(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """tokens [T] at positions pos..pos+T through every layer (filling the KV cache) -> hidden
+        states [T, D] before the final norm."""
         T = tokens.shape[0]
         if pos + T > self.max_len:
             raise ValueError(f"positions up to {pos + T} exceed the KV cache ({self.max_len})")
@@ -258,9 +303,19 @@ class Mixtral(nn.Module):
         rope = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
         mask = attention_mask(pos, T, self.args.sliding_window, tokens.device)
         layers = self.model.layers
+        gates = [layer.block_sparse_moe.gate for layer in layers]
         for i, layer in enumerate(layers):
-            next_gate = layers[i + 1].block_sparse_moe.gate if i + 1 < len(layers) else None
-            h = layer(h, pos, self.caches[i], rope, mask, next_gate)
-        if last_only:
-            h = h[-1:]
-        return self.lm_head(self.model.norm(h)).float()  # [T, V]
+            h = layer(h, pos, self.caches[i], rope, mask, gates[i + 1:i + 1 + self.prefetch_depth])
+        return h
+
+    @torch.inference_mode()
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [N, D] from `run_layers` -> fp32 logits [N, V]."""
+        return self.lm_head(self.model.norm(h)).float()
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
+        """tokens [T] at positions pos..pos+T -> fp32 logits [T, V] (or [1, V] with last_only), in one
+        pass; `generate.Session.prefill` splits long prompts into chunks."""
+        h = self.run_layers(tokens, pos)
+        return self.head(h[-1:] if last_only else h)  # [T, V]

@@ -1,9 +1,13 @@
 """Memory planner: what stays resident on the GPU and how many expert slots per layer fit a budget.
 
 Everything but the experts is resident: embeddings, lm_head, attention, norms, routers, the KV
-cache, a prefill workspace, the CUDA context and some allocator slack. The rest of the budget is
-divided into expert slots, the same number K in every layer. K >= top-k is required (a token's
-experts must be on the device together); K = num_experts means nothing is offloaded.
+cache, the workspace of one prefill chunk, the CUDA context and some allocator slack. The rest of
+the budget is divided into expert slots, the same number K in every layer. K >= top-k is required
+(a token's experts must be on the device together); K = num_experts means nothing is offloaded.
+
+The workspace is what the forward pass allocates besides the weights and the KV cache while it
+processes one chunk of `PREFILL_CHUNK` tokens (prefill is always chunked to this size: see
+`generate.Session.prefill` and `evaluate.window_nll`); `Workspace` lists its parts.
 """
 
 from __future__ import annotations
@@ -18,22 +22,36 @@ from .errors import UserError
 MiB = 2**20
 CUDA_CONTEXT_BYTES = 512 * MiB  # CUDA context + cuBLAS workspaces, measured ~0.5 GiB with torch
 SLACK_FRACTION = 0.05  # caching-allocator fragmentation
-PREFILL_CHUNK = 512  # tokens per prefill step assumed for the workspace
+PREFILL_CHUNK = 512  # tokens per prefill forward pass, everywhere (generation, chat, perplexity, bench)
+LOGITS_ROWS = 16  # perplexity turns hidden states into logits this many positions at a time
+ALIGN = 64  # bytes; every tensor of an expert starts at a multiple of this in its store/slot buffer
 
 
-def expert_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
-    """Bytes of one expert (w1, w3: I x D; w2: D x I) in the stored format, scales included."""
+def _expert_parts(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int) -> list[int]:
+    """Bytes of every stored tensor of one expert (w1, w2, w3 and their quantization parts)."""
     D, I = args.hidden_size, args.intermediate_size
-    if spec is None:
-        return 3 * D * I * dense_bytes
-    total = 0
+    sizes = []
     for shape in ((I, D), (D, I), (I, D)):
+        if spec is None:
+            sizes.append(shape[0] * shape[1] * dense_bytes)
+            continue
         for pshape, dtype in QuantizedTensor.expected_parts(spec, shape).values():
             n = 1
             for s in pshape:
                 n *= s
-            total += n * dtype.itemsize
-    return total
+            sizes.append(n * dtype.itemsize)
+    return sizes
+
+
+def expert_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
+    """Bytes of one expert (w1, w3: I x D; w2: D x I) in the stored format, scales included."""
+    return sum(_expert_parts(args, spec, dense_bytes))
+
+
+def slot_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
+    """Bytes of one expert packed into one buffer, every tensor starting at a multiple of `ALIGN`
+    (what one host-store entry and one device slot hold; `experts.ExpertLayout` packs it)."""
+    return sum(-(-n // ALIGN) * ALIGN for n in _expert_parts(args, spec, dense_bytes))
 
 
 def kv_cache_bytes(args: ModelArgs, ctx: int, dense_bytes: int = 2) -> int:
@@ -41,17 +59,58 @@ def kv_cache_bytes(args: ModelArgs, ctx: int, dense_bytes: int = 2) -> int:
     return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * ctx * dense_bytes
 
 
-def workspace_bytes(args: ModelArgs, ctx: int, dense_bytes: int = 2) -> int:
-    """Peak activations of one prefill chunk: hidden states, expert FFN intermediates, attention
-    scores (math attention path), one dequantized expert matrix, and the last-position logits."""
-    T = min(PREFILL_CHUNK, ctx)
-    D, I = args.hidden_size, args.intermediate_size
-    hidden = 8 * T * D * dense_bytes
-    ffn = 3 * T * I * dense_bytes
-    scores = args.num_attention_heads * T * ctx * dense_bytes
-    dequant = D * I * dense_bytes
-    logits = args.vocab_size * 4
-    return hidden + ffn + scores + dequant + logits
+@dataclass
+class Workspace:
+    """Peak bytes the forward pass allocates for one prefill chunk of T tokens over a context of S
+    positions, by part (b = bytes of the compute dtype):
+
+    - `activations`: 8 x T x D x b. The residual stream, the normalised input, q/k/v and the rotary
+      temporaries, the attention output, the MoE block's input, output accumulator, gathered tokens
+      and weighted expert output (fp32 before the cast back); RMSNorm's fp32 copies count as two.
+    - `expert_intermediates`: 3 x T x I x b: w1's output (then its SiLU), w3's output and their
+      product, live together inside one expert call (an expert sees at most T tokens of a chunk).
+    - `attention`: a later chunk's [T, S] boolean mask and the additive form SDPA turns it into
+      (T x S x (1 + b)); the fused kernels (flash, memory-efficient) allocate nothing else of that
+      size. Where no fused kernel takes a masked grouped-query call (`fused_attention=False`: some
+      torch versions, some GPUs and dtypes), SDPA's math backend materialises the scores of the chunk
+      against the whole context, and that is reserved instead: fp32 scores and probabilities
+      [H, T, S], K and V expanded to H heads in fp32 [H, S, Hd] and q in fp32 [H, T, Hd], plus the mask.
+    - `dequantized_matrix`: quantized experts only: one expert matrix dequantized to the compute
+      dtype, I x D x b (int8 on CUDA for every call, nf4 when bitsandbytes takes its
+      dequantize-then-matmul path for many tokens), plus nf4's fp32 block absmax, twice.
+    - `logits`: `LOGITS_ROWS` positions of logits in the compute dtype and in fp32, and their fp32
+      log-probabilities (generation needs the last position only; perplexity scores that many rows
+      at a time).
+    """
+
+    activations: int
+    expert_intermediates: int
+    attention: int
+    dequantized_matrix: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.expert_intermediates + self.attention + self.dequantized_matrix + self.logits
+
+
+def workspace(args: ModelArgs, spec: QuantSpec | None, ctx: int, dense_bytes: int = 2,
+              fused_attention: bool = True) -> Workspace:
+    T, S = min(PREFILL_CHUNK, ctx), ctx
+    D, I, H, Hd, V = args.hidden_size, args.intermediate_size, args.num_attention_heads, args.head_dim, args.vocab_size
+    b = dense_bytes
+    dequant = 0
+    if spec is not None:
+        dequant = I * D * b
+        if spec.name == "nf4":
+            dequant += 2 * (I * D // spec.group_size) * 4
+    return Workspace(
+        activations=8 * T * D * b,
+        expert_intermediates=3 * T * I * b,
+        attention=T * S * (1 + b) + (0 if fused_attention else 2 * H * T * S * 4 + 2 * H * S * Hd * 4 + H * T * Hd * 4),
+        dequantized_matrix=dequant,
+        logits=LOGITS_ROWS * V * (b + 4 + 4),
+    )
 
 
 @dataclass
@@ -64,13 +123,16 @@ class MemoryPlan:
     workspace: int
     cuda_context: int
     allocator_slack: int
-    expert_bytes: int
+    expert_bytes: int  # one device slot (one expert, each tensor ALIGN-aligned)
     experts_total: int  # layers x experts
     slots_per_layer: int
     experts_on_device: int
     offloaded: bool
     fits: bool  # at least top-k slots per layer fit
     minimum_budget: int  # smallest budget with top-k slots per layer
+    prefill_chunk: int = PREFILL_CHUNK
+    fused_attention: bool = True
+    workspace_parts: dict | None = None
 
     @property
     def resident(self) -> int:
@@ -85,31 +147,37 @@ class MemoryPlan:
         return asdict(self) | {"resident": self.resident, "total": self.total}
 
 
-def plan_memory(args: ModelArgs, spec: QuantSpec | None, ctx: int, budget: int, dense_bytes: int = 2) -> MemoryPlan:
-    """Fit the resident parts, then as many expert slots per layer as the budget allows."""
+def plan_memory(args: ModelArgs, spec: QuantSpec | None, ctx: int, budget: int, dense_bytes: int = 2,
+                fused_attention: bool = True) -> MemoryPlan:
+    """Fit the resident parts, then as many expert slots per layer as the budget allows.
+    `fused_attention`: whether a fused SDPA kernel serves masked grouped-query attention on the
+    target GPU (`model.fused_attention_available`); without one the math path's scores are reserved."""
     D, L, E = args.hidden_size, args.num_hidden_layers, args.num_local_experts
     heads = 1 if args.tie_word_embeddings else 2
-    one_expert = expert_bytes(args, spec, dense_bytes)
+    one_slot = slot_bytes(args, spec, dense_bytes)
+    ws = workspace(args, spec, ctx, dense_bytes, fused_attention)
     plan = MemoryPlan(
         budget=budget,
         embeddings=(heads * args.vocab_size * D + D) * dense_bytes,
         attention=L * args.attention_params * dense_bytes,
         norms_and_routers=L * (2 * D + E * D) * dense_bytes,
         kv_cache=kv_cache_bytes(args, ctx, dense_bytes),
-        workspace=workspace_bytes(args, ctx, dense_bytes),
+        workspace=ws.total,
         cuda_context=CUDA_CONTEXT_BYTES,
         allocator_slack=int(budget * SLACK_FRACTION),
-        expert_bytes=one_expert,
+        expert_bytes=one_slot,
         experts_total=L * E,
         slots_per_layer=0,
         experts_on_device=0,
         offloaded=True,
         fits=False,
         minimum_budget=0,
+        fused_attention=fused_attention,
+        workspace_parts=asdict(ws),
     )
-    need = plan.resident - plan.allocator_slack + L * args.num_experts_per_tok * one_expert
+    need = plan.resident - plan.allocator_slack + L * args.num_experts_per_tok * one_slot
     plan.minimum_budget = int(need / (1 - SLACK_FRACTION)) + 1
-    k = min(E, max(budget - plan.resident, 0) // (L * one_expert))
+    k = min(E, max(budget - plan.resident, 0) // (L * one_slot))
     if k >= args.num_experts_per_tok:
         plan.slots_per_layer = int(k)
         plan.experts_on_device = int(k) * L

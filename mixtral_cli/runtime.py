@@ -21,7 +21,7 @@ from .checkpoint import EXPERT_PROJS, Checkpoint, shared_shapes
 from .config import ModelArgs
 from .errors import UserError
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
-from .model import Mixtral
+from .model import Mixtral, fused_attention_available
 from .plan import plan_memory, require_fit
 from .tokenizer import Tokenizer
 
@@ -38,11 +38,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cuda_bf16_native(capability: tuple[int, int]) -> bool:
+    """bfloat16 runs natively from compute capability 8.0 (Ampere) on. Below it torch only emulates
+    it, and `torch.cuda.is_bf16_supported()` (which counts emulation) still says True."""
+    return tuple(capability) >= (8, 0)
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """Compute dtype of the unquantized parts. `auto`: bfloat16 (CPU matmuls in bf16 are ~2-5x faster
     than fp32 on AVX512-BF16 parts; GPUs without bf16 get float16)."""
     if name == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and not cuda_bf16_native(torch.cuda.get_device_capability(device)):
             return torch.float16
         return torch.bfloat16
     if name not in DTYPES:
@@ -107,7 +113,8 @@ def expert_slots(opts: RuntimeOptions, args: ModelArgs, ckpt: Checkpoint, device
     if device.type != "cuda":
         return E
     budget = opts.gpu_mem or torch.cuda.mem_get_info(device)[0]
-    plan = plan_memory(args, ckpt.quant, ctx, budget, dense_bytes=dtype.itemsize)
+    plan = plan_memory(args, ckpt.quant, ctx, budget, dense_bytes=dtype.itemsize,
+                       fused_attention=fused_attention_available(device, dtype, args))
     return require_fit(plan, top_k, ctx).slots_per_layer
 
 

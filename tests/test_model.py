@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny import TINY_CONFIG, write_checkpoint
 
-from mixtral_cli.generate import Completion, GenerationConfig, SamplingConfig, Session
+from mixtral_cli.evaluate import perplexity, window_nll
+from mixtral_cli.generate import Completion, GenerationConfig, SamplingConfig, Session, chunks
 from mixtral_cli.model import attention_mask
 from mixtral_cli.runtime import RuntimeOptions, load_engine
 
@@ -79,10 +80,12 @@ def test_sliding_window_matches_reference(tmp_path):
     eng = load_engine(d, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64))
     steps = [eng.model(ids[:10], 0)] + [eng.model(ids[i:i + 1], i) for i in range(10, 24)]
     assert rel_err(torch.cat(steps), ref) < RTOL
-    eng.model.setup_cache(64)
-    # without the window the logits must differ: the test can tell the two apart
-    no_window = attention_mask(0, 24, None, "cpu")
-    assert not torch.equal(no_window, attention_mask(0, 24, 8, "cpu"))
+    # the window cuts: its mask is not plain causal, so the test can tell the two apart
+    assert attention_mask(0, 24, None, "cpu") is None
+    assert not torch.equal(torch.ones(24, 24, dtype=torch.bool).tril(), attention_mask(0, 24, 8, "cpu"))
+    # chunked prefill honours the window too
+    chunked = torch.cat([eng.model(ids[a:b], a) for a, b in chunks(0, 24, 5)])
+    assert rel_err(chunked, ref) < RTOL
 
 
 def test_bfloat16_is_close_to_reference(tiny_ckpt, hf_tiny):
@@ -99,3 +102,85 @@ def test_prompt_longer_than_cache_is_refused(engine_fp32):
     with pytest.raises(ValueError):
         engine_fp32.model(prompt(20), 0)
     engine_fp32.model.setup_cache(256)
+
+
+# -- chunked prefill -----------------------------------------------------------------------------
+# Chunked and one-pass prefill compute the same function; in float32 they differ only by summation
+# order (matmuls over fewer rows, attention over a masked chunk instead of a causal square), so
+# their logits agree to CHUNK_RTOL of the largest logit.
+CHUNK_RTOL = 1e-5
+
+
+def test_later_chunk_mask_is_aligned_bottom_right():
+    # queries at positions 5, 6, 7 over keys 0..7: query i sees keys 0..5+i
+    m = attention_mask(5, 3, None, "cpu")
+    assert m.shape == (3, 8)
+    assert m.tolist() == [[j <= 5 + i for j in range(8)] for i in range(3)]
+    # is_causal would align the same [3, 8] mask top-left: query 0 would see key 0 only
+    assert not torch.equal(m, torch.ones(3, 8, dtype=torch.bool).tril())
+    assert attention_mask(0, 7, None, "cpu") is None and attention_mask(9, 1, None, "cpu") is None
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 40])
+def test_chunked_prefill_matches_one_pass(engine_fp32, chunk):
+    ids = prompt(40, seed=7)
+    m = engine_fp32.model
+    m.setup_cache(256)
+    one_pass = m(ids, 0)
+    chunked = torch.cat([m(ids[a:b], a) for a, b in chunks(0, 40, chunk)])
+    assert chunked.shape == one_pass.shape
+    assert rel_err(chunked, one_pass) < CHUNK_RTOL
+    # the session's prefill (what generation, chat and bench use) ends on the same last-position logits
+    session = Session(m, chunk=chunk)
+    logits, computed = session.prefill(ids.tolist())
+    assert computed == 40 and session.cached == ids.tolist()
+    assert rel_err(logits, one_pass[-1]) < CHUNK_RTOL
+    # a follow-up turn prefills only the new tokens, chunked too, after the cached prefix
+    more = prompt(11, seed=8)
+    logits, computed = session.prefill(ids.tolist() + more.tolist())
+    assert computed == 11 and session.cached == ids.tolist() + more.tolist()
+    whole = m(torch.cat([ids, more]), 0)[-1]
+    assert rel_err(logits, whole) < CHUNK_RTOL
+
+
+def test_chunked_prefill_on_offloaded_experts_matches_one_pass(tiny_ckpt):
+    eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=2))
+    ids = prompt(30, seed=9)
+    one_pass = eng.model(ids, 0)
+    chunked = torch.cat([eng.model(ids[a:b], a) for a, b in chunks(0, 30, 8)])
+    assert rel_err(chunked, one_pass) < CHUNK_RTOL
+
+
+def test_chunked_perplexity_matches_one_pass(engine_fp32):
+    ids = prompt(45, seed=10)
+    m = engine_fp32.model
+    m.setup_cache(256)
+    logits = m(ids, 0)
+    direct = float(torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum"))
+    for chunk in (512, 16, 5):
+        nll, n = window_nll(m, ids.tolist(), chunk)
+        assert n == 44 and abs(nll - direct) <= 1e-5 * abs(direct)
+    whole = perplexity(m, ids.tolist(), ctx=20, chunk=512)
+    small = perplexity(m, ids.tolist(), ctx=20, chunk=6)
+    assert whole.windows == small.windows == 3 and whole.tokens_scored == small.tokens_scored == 42
+    assert abs(whole.perplexity - small.perplexity) <= 1e-5 * whole.perplexity
+
+
+def test_attention_gets_4d_inputs_and_a_mask_only_for_later_chunks(engine_fp32, monkeypatch):
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((q.dim(), k.dim(), tuple(q.shape), attn_mask is not None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    m = engine_fp32.model
+    m.setup_cache(256)
+    ids = prompt(12)
+    m(ids[:8], 0)  # first chunk: causal, no mask
+    m(ids[8:11], 8)  # later chunk: explicit mask
+    m(ids[11:], 11)  # decode step: neither
+    n, H, Hd = m.args.num_hidden_layers, m.args.num_attention_heads, m.args.head_dim
+    assert calls == ([(4, 4, (1, H, 8, Hd), False, True)] * n + [(4, 4, (1, H, 3, Hd), True, False)] * n
+                     + [(4, 4, (1, H, 1, Hd), False, False)] * n)
