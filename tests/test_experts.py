@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_cli.experts import ExpertCache, ExpertLayout, ExpertStore
+from mixtral_cli.experts import ExpertCache, ExpertLayout, ExpertStore, SyncTransfer
 from mixtral_cli.generate import Completion, GenerationConfig, SamplingConfig, Session
 from mixtral_cli.runtime import RuntimeOptions, load_engine
+from quant.formats import quantize, spec_for_bits
 
 CPU = torch.device("cpu")
 
@@ -146,3 +147,173 @@ def test_reset_forgets_earlier_prefetches():
     cache.reset_stats()
     use(cache, 0, [1])
     assert cache.stats.prefetch_hits == 0 and cache.stats.prefetches == 0 and cache.stats.hits == 1
+
+
+# -- the host store: one slab, exactly its bytes, pinned once -------------------------------------
+class RecordingPinner:
+    """Stands in for cudaHostRegister on the CPU: records what would be page-locked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def register(self, ptr: int, nbytes: int) -> None:
+        self.calls.append(("register", ptr, nbytes))
+
+    def unregister(self, ptr: int) -> None:
+        self.calls.append(("unregister", ptr))
+
+
+def small_layout() -> ExpertLayout:
+    # w1, w3 [4, 2] and w2 [2, 4] float32: 32 bytes each, padded to 64 -> 192 bytes per expert
+    return ExpertLayout([torch.zeros(4, 2), torch.zeros(2, 4), torch.zeros(4, 2)])
+
+
+def test_store_pins_exactly_its_bytes_in_one_slab():
+    import mmap
+
+    layout = small_layout()
+    assert layout.nbytes == 3 * 64
+    pinner = RecordingPinner()
+    # 32 layers x 8 experts x 192 bytes = 49152 bytes = exactly 12 pages of 4 KiB
+    store = ExpertStore(layout, 32, 8, pin=True, pinner=pinner, available=lambda: 10**12)
+    assert store.nbytes() == 32 * 8 * 192 == 49152
+    page = mmap.PAGESIZE
+    want = -(-49152 // page) * page  # = 49152 with 4 KiB or 16 KiB pages
+    assert len(pinner.calls) == 1
+    op, ptr, nbytes = pinner.calls[0]
+    assert op == "register" and nbytes == want == store.pinned_bytes and ptr % page == 0
+    # every expert is a view into the slab at its fixed offset: nothing else was allocated
+    for L in (0, 5, 31):
+        for e in (0, 7):
+            assert store.buffers[L][e].data_ptr() == ptr + (L * 8 + e) * 192
+            assert store.buffers[L][e].numel() == 192
+    store.put(3, 2, [torch.full((4, 2), 7.0), torch.ones(2, 4), torch.ones(4, 2)])
+    assert float(layout.unpack(store.buffers[3][2])[0][0, 0]) == 7.0
+    store.close()
+    assert pinner.calls[-1] == ("unregister", ptr) and store.pinned_bytes == 0
+    # a CPU store is the same slab, not pinned
+    cpu = ExpertStore(layout, 2, 3, pin=False, pinner=pinner)
+    assert cpu.pinned_bytes == 0 and len(pinner.calls) == 2 and cpu.slab.size >= 2 * 3 * 192
+
+
+def test_store_for_8x7b_at_4_bits_pins_21_7_gib_not_32():
+    import json
+    from pathlib import Path
+
+    from mixtral_cli.config import ModelArgs
+    from mixtral_cli.plan import slot_bytes
+
+    cfg = json.loads((Path(__file__).parent / "data" / "mixtral-8x7b-instruct-v0.1.config.json").read_text())
+    nb = slot_bytes(ModelArgs.from_dict(cfg), spec_for_bits(4))
+    # per matrix: 29,360,128 codes + 917,504 scales + 14,336 second-level absmax + 4 (-> 64) offset
+    assert nb == 3 * (29_360_128 + 917_504 + 14_336 + 64) == 90_876_096
+    total = 256 * nb
+    assert total == 23_264_280_576 and total % 4096 == 0  # 21.67 GiB, page-aligned: pinned as is
+    # the caching host allocator would have pinned a power of two per expert: 128 MiB each, 32 GiB
+    assert 256 * 2 ** (nb - 1).bit_length() == 32 * 2**30
+
+
+def test_store_refuses_to_pin_more_than_ram_allows():
+    from mixtral_cli.errors import UserError
+    from mixtral_cli.experts import HOST_HEADROOM
+
+    sample = [quantize(torch.randn(256, 128), spec_for_bits(8)), quantize(torch.randn(128, 256), spec_for_bits(8)),
+              quantize(torch.randn(256, 128), spec_for_bits(8))]
+    layout = ExpertLayout(sample)
+    need = layout.nbytes * 4 * 8
+    pinner = RecordingPinner()
+    ExpertStore(layout, 4, 8, pin=True, pinner=pinner, available=lambda: need + HOST_HEADROOM).close()
+    with pytest.raises(UserError) as err:
+        ExpertStore(layout, 4, 8, pin=True, pinner=RecordingPinner(), available=lambda: need + HOST_HEADROOM - 1)
+    msg = str(err.value)
+    assert "pinned host RAM" in msg and "available" in msg and "--bits 4" in err.value.hint
+    assert "\n" not in msg
+    # unknown RAM (no /proc/meminfo): no refusal
+    ExpertStore(layout, 4, 8, pin=True, pinner=RecordingPinner(), available=lambda: None).close()
+
+
+def test_mem_available_reads_meminfo(tmp_path):
+    from mixtral_cli.experts import mem_available
+
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal:       32768000 kB\nMemFree:         1000000 kB\nMemAvailable:   28000000 kB\n")
+    assert mem_available(f) == 28000000 * 1024
+    assert mem_available(tmp_path / "missing") is None
+
+
+# -- copy order ------------------------------------------------------------------------------------
+class RecordingTransfer(SyncTransfer):
+    """A CPU transfer that logs every copy as ("copy", layer, expert)."""
+
+    def __init__(self, store: ExpertStore, log: list) -> None:
+        super().__init__()
+        self.log = log
+        self.where = {store.buffers[L][e].data_ptr(): (L, e) for L in range(store.n_layers) for e in range(store.n_experts)}
+
+    def start(self, slot, dst, src):
+        self.log.append(("copy", *self.where[src.data_ptr()]))
+        super().start(slot, dst, src)
+
+
+def test_demand_copies_are_issued_before_speculative_ones(tiny_ckpt):
+    """Through the real model: within each MoE block, every copy of an expert the layer needs is
+    issued before the speculative copies for the next layer (a wrong guess never delays a needed
+    expert), and no speculative copy is issued while a needed expert still waits for a slot."""
+    for slots in (2, 3):
+        eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=slots))
+        cache = eng.model.experts
+        log: list = []
+        cache.transfer = RecordingTransfer(cache.store, log)
+        run, prefetch = cache.run, cache.prefetch
+
+        def logged_run(layer, ids, uses, run=run, log=log):
+            log.append(("run", layer))
+            return run(layer, ids, uses)
+
+        def logged_prefetch(layer, ids, prefetch=prefetch, log=log):
+            log.append(("prefetch", layer))
+            prefetch(layer, ids)
+
+        cache.run, cache.prefetch = logged_run, logged_prefetch
+        tokens, stats = greedy(eng, PROMPT, n=8)
+        assert stats.prefetches > 0 and stats.misses > 0
+        running, hinted, speculated = None, None, False
+        demand = speculative = 0
+        for event in log:
+            if event[0] == "run":
+                running, hinted, speculated = event[1], None, False
+            elif event[0] == "prefetch":
+                hinted = event[1]
+            elif event[1] == running:  # a copy the running block needs...
+                assert not speculated  # ...never after a speculative copy of the same block
+                demand += 1
+            else:
+                assert event[1] == hinted == running + 1  # a speculative copy, for the next layer
+                speculated = True
+                speculative += 1
+        assert demand == stats.misses and speculative == stats.prefetches
+
+
+def test_prefetch_waits_while_a_needed_expert_has_no_slot():
+    cache = tiny_cache(slots=2, n_experts=6)
+    log: list = []
+    cache.transfer = RecordingTransfer(cache.store, log)
+    it = cache.run(0, [0, 1, 2, 3], [1, 1, 1, 1])  # 2 copies start now, 2 wait for a slot
+    assert log == [("copy", 0, 0), ("copy", 0, 1)]
+    cache.prefetch(1, [4, 5])  # would queue ahead of experts 2 and 3: ignored
+    assert cache.stats.prefetches == 0 and cache.resident(1) == []
+    assert [e for e, _ in it] == [0, 1, 2, 3]
+    assert log[2:] == [("copy", 0, 2), ("copy", 0, 3)]
+    cache.prefetch(1, [4, 5])  # nothing pending: the hint is taken
+    assert cache.stats.prefetches == 2 and log[4:] == [("copy", 1, 4), ("copy", 1, 5)]
+
+
+def test_run_starts_demand_copies_before_returning():
+    cache = tiny_cache(slots=3)
+    log: list = []
+    cache.transfer = RecordingTransfer(cache.store, log)
+    it = cache.run(1, [2, 4], [1, 1])
+    assert log == [("copy", 1, 2), ("copy", 1, 4)]  # before anything is consumed
+    cache.prefetch(0, [5])
+    assert log[-1] == ("copy", 0, 5)
+    assert sorted(e for e, _ in it) == [2, 4]
