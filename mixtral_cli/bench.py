@@ -37,7 +37,7 @@ from .plan import expert_bytes
 from .runtime import Engine, RuntimeOptions, apply_threads, build_engine
 
 SYNTHETIC_NOTE = ("synthetic random weights: routing (and so expert-cache hit rates and prefetch accuracy) is not "
-                  "representative of real text; speeds at a given hit rate are")
+                  "representative of real text; the speeds measured at a given hit rate carry over")
 WARMUP_TOKENS = 4
 
 # -- presets -----------------------------------------------------------------------------------
@@ -398,6 +398,15 @@ def open_checkpoint(o: BenchOptions):
 
 
 def _available_ram() -> int | None:
+    """The kernel's estimate of memory available without swapping (MemAvailable: free pages plus the
+    reclaimable page cache); free pages alone (SC_AVPHYS_PAGES) leave the cache out."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -414,7 +423,7 @@ def _check_ram(args: ModelArgs, spec: QuantSpec | None, device: torch.device, wh
     free = _available_ram()
     if free is not None and need > 0.9 * free:
         raise UserError(f"{what} needs about {need / 2**30:.1f} GiB of RAM and {free / 2**30:.1f} GiB is available",
-                        hint="use a smaller preset or fewer --bits")
+                        hint="use a smaller preset" + (" or --bits 4" if spec is None or spec.bits > 4 else ""))
 
 
 def _median_times(runs: list[RunTimes]) -> RunTimes:
