@@ -14,8 +14,18 @@ path                    format  when
                                 Inexact: relative error ~1e-2 of the output (see tests).
 ``native_int8``         int8    CPU, the same kernel family: int8 x int8 products with the
                                 activations quantized per 32 elements. Relative error ~5e-3.
-``bnb_cuda_nf4``        nf4     CUDA: ``bitsandbytes.matmul_4bit`` on a ``QuantState`` built
-                                from the stored parts (its batch-1 gemv kernel when decoding).
+``bnb_cuda_nf4``        nf4     CUDA: ``bitsandbytes.matmul_4bit`` on a ``QuantState`` that
+                                views the stored parts. From bitsandbytes 0.50 its fused
+                                ``gemm_4bit`` kernel (every call of up to 4 tokens) reads the
+                                double-quantized absmax itself (8-bit code, second-level
+                                absmax, offset): no per-call absmax kernels. Bigger calls it may
+                                serve by dequantize + GEMM, where the absmax is expanded per
+                                call: one small kernel next to the matrix's dequantization.
+``bnb_cuda_int8``       int8    CUDA: bitsandbytes' ``dequantize_blockwise`` kernel reads this
+                                format as is (code ``code[u] = float(int8(u))``, absmax = the
+                                scales, block = the group size, a power of two >= 8): one pass
+                                from int8 to ``x.dtype`` (3 bytes moved per weight, one
+                                ``[out, in]`` transient in ``x.dtype``), then ``F.linear``.
 ``dequant``             both    everywhere else: dequantize to ``x.dtype`` (nf4 on the CPU
                                 through the native kernel, exact), then ``F.linear``. Exact.
 ======================  ======  ===========================================================
@@ -65,6 +75,51 @@ def _bnb():
     return bitsandbytes
 
 
+INT8_CODE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).float()  # code[u] = float(int8(u))
+_CODES = {"nf4": NF4_CODE, "dynamic": DYNAMIC_CODE, "int8": INT8_CODE}
+log = logging.getLogger("mixtral_cli")
+
+
+@functools.cache
+def device_code(name: str, device: torch.device) -> torch.Tensor:
+    """The code table ``name`` (nf4, dynamic, int8) on ``device``, copied there once per device: a
+    copy per call is a synchronous host-to-device transfer (a host sync)."""
+    return _CODES[name].to(device)
+
+
+@functools.cache
+def bnb_cuda_ok(device: torch.device) -> bool:
+    """Whether bitsandbytes' CUDA kernels load and compute right on ``device``, checked once per
+    device on small matrices against the reference. A broken install (its native library failed to
+    load) still imports and fails only at the first call; then one warning line is logged and the
+    plain torch paths are used."""
+    bnb = _bnb()
+    if bnb is None:
+        log.warning("bitsandbytes is not installed: quantized experts on CUDA use the slower plain torch path")
+        return False
+    try:
+        from .formats import quantize, spec_for_bits
+
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(256, 512, generator=g)
+        for bits in (4, 8):
+            qt = quantize(w, spec_for_bits(bits)).to(device)
+            prep = Prepared(qt.device, quant_state=_cuda_state(qt))
+            for rows in (1, 37):
+                x = torch.randn(rows, 512, generator=g).to(device, torch.float16)
+                got = (_bnb_cuda_nf4 if bits == 4 else _bnb_cuda_int8)(x, qt, prep).float()
+                ref = reference_matmul(x.float(), qt)
+                if not torch.allclose(got, ref, rtol=0.02, atol=0.02 * float(ref.abs().max())):
+                    raise RuntimeError(f"{bits}-bit results differ from the reference")
+        torch.cuda.synchronize(device)
+        return True
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("bitsandbytes' CUDA kernels do not work here (%s): quantized experts use the slower plain torch path",
+                    msg)
+        return False
+
+
 @dataclass
 class Prepared:
     """Device-specific state for one ``QuantizedTensor``; never written to disk."""
@@ -75,15 +130,18 @@ class Prepared:
 
 
 def _cuda_quant_state(qt: QuantizedTensor):
+    """The nf4 ``QuantState``: views of the stored parts plus the per-device code tables (so it stays
+    valid when the parts are overwritten in place, as an expert-slot refill does)."""
     from bitsandbytes.functional import QuantState
 
     dev = qt.device
     p = qt.parts
-    state2 = QuantState(absmax=p["scales_absmax"], code=DYNAMIC_CODE.to(dev), blocksize=NESTED_BLOCK, dtype=torch.float32)
+    state2 = QuantState(absmax=p["scales_absmax"], code=device_code("dynamic", dev), blocksize=NESTED_BLOCK,
+                        dtype=torch.float32)
     return QuantState(
         absmax=p["scales"],
         shape=torch.Size(qt.shape),
-        code=NF4_CODE.to(dev),
+        code=device_code("nf4", dev),
         blocksize=qt.spec.group_size,
         quant_type="nf4",
         dtype=torch.bfloat16,
@@ -92,11 +150,32 @@ def _cuda_quant_state(qt: QuantizedTensor):
     )
 
 
+def _cuda_int8_state(qt: QuantizedTensor):
+    """The int8 format as bitsandbytes' blockwise 8-bit state: the scales are the block absmax."""
+    from bitsandbytes.functional import QuantState
+
+    return QuantState(absmax=qt.parts["scales"].view(-1), code=device_code("int8", qt.device),
+                      blocksize=qt.spec.group_size, dtype=torch.float32)
+
+
+def int8_block_ok(group_size: int) -> bool:
+    """bitsandbytes' blockwise kernel gives each thread 8 consecutive values under one absmax and
+    finds the block by a shift: the block must be a power of two of at least 8."""
+    return group_size >= 8 and group_size & (group_size - 1) == 0
+
+
+def _cuda_state(qt: QuantizedTensor):
+    return _cuda_quant_state(qt) if qt.spec.name == "nf4" else _cuda_int8_state(qt)
+
+
 def prepare(qt: QuantizedTensor) -> Prepared:
-    """Build what the fast paths for ``qt``'s device need (kernel state; never a weight copy on CPU)."""
+    """Build what the fast paths for ``qt``'s device need (kernel state; never a weight copy on CPU).
+    On CUDA it holds only views of the stored parts and per-device tables, so it survives in-place
+    refills (``mixtral_cli.experts`` relies on that and builds it once per slot)."""
     prep = Prepared(qt.device)
-    if qt.device.type == "cuda" and qt.spec.name == "nf4" and _bnb() is not None:
-        prep.quant_state = _cuda_quant_state(qt)
+    if qt.device.type == "cuda" and (qt.spec.name == "nf4" or int8_block_ok(qt.spec.group_size)) \
+            and bnb_cuda_ok(qt.device):
+        prep.quant_state = _cuda_state(qt)
     return prep
 
 
@@ -162,6 +241,13 @@ def _bnb_cuda_nf4(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared, isa: st
     return bnb.matmul_4bit(x2, qt.parts["qweight"].t(), quant_state=qs)
 
 
+def _bnb_cuda_int8(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared, isa: str | None = None) -> torch.Tensor:
+    qs = prep.quant_state
+    w = torch.ops.bitsandbytes.dequantize_blockwise.default(
+        qt.parts["qweight"].view(torch.uint8), qs.absmax, qs.code, qs.blocksize, x2.dtype)  # [out, in]
+    return F.linear(x2, w)
+
+
 def _dequant(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared | None = None, isa: str | None = None) -> torch.Tensor:
     return F.linear(x2, dequantize_fast(qt, x2.dtype, isa))
 
@@ -170,6 +256,7 @@ PATHS: tuple[KernelPath, ...] = (
     KernelPath("native_nf4", "nf4", "cpu", _native_nf4_usable, NATIVE_MAX_TOKENS, _native_nf4),
     KernelPath("native_int8", "int8", "cpu", _native_int8_usable, NATIVE_MAX_TOKENS, _native_int8),
     KernelPath("bnb_cuda_nf4", "nf4", "cuda", _bnb_cuda_usable, None, _bnb_cuda_nf4),
+    KernelPath("bnb_cuda_int8", "int8", "cuda", _bnb_cuda_usable, None, _bnb_cuda_int8),
     KernelPath("dequant", None, None, lambda qt, prep: True, None, _dequant),
 )
 _BY_NAME = {p.name: p for p in PATHS}
