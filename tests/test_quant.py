@@ -361,3 +361,18 @@ def test_use_dense_linears_swaps_in_place_and_skips():
     assert type(model[1]) is torch.nn.Linear and type(model.gate) is torch.nn.Linear  # bias; skipped
     x = torch.randn(2, 8)
     torch.testing.assert_close(model[0](x), x @ weight.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (4, 256), (8, 128), (8, 32)])
+def test_native_quantize_equals_reference_bit_for_bit(dtype, bits, group_size):
+    if not native.available():
+        pytest.skip("native kernels not built")
+    gen = torch.Generator().manual_seed(bits * group_size)
+    w = torch.cat([torch.randn(64, 512, generator=gen), _student_t4((64, 512), gen)]).mul_(0.02)
+    w[3, :group_size] = 0.0  # an all-zero block
+    w = w.to(dtype)
+    fast = quantize(w, spec_for_bits(bits, group_size))
+    ref = quantize(w, spec_for_bits(bits, group_size), reference=True)
+    for name, t in ref.parts.items():
+        assert torch.equal(fast.parts[name], t), name

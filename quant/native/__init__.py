@@ -92,8 +92,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.mx_int8_matmul.argtypes = [i, p, i, i, i, i, p, p, p]
     lib.mx_nf4_dequant.argtypes = [i, i, i, i, p, p, p, f, p, p, p]
     lib.mx_dense_matmul.argtypes = [i, p, i, i, i, i, p, p]
+    lib.mx_quantize.argtypes = [i, i, i, i, i, p, p, p, p]
     lib.mx_use_threads.argtypes = [i]
-    for fn in (lib.mx_nf4_matmul, lib.mx_int8_matmul, lib.mx_nf4_dequant, lib.mx_dense_matmul, lib.mx_use_threads,
+    for fn in (lib.mx_nf4_matmul, lib.mx_int8_matmul, lib.mx_nf4_dequant, lib.mx_dense_matmul, lib.mx_quantize, lib.mx_use_threads,
                lib.mx_cpu_has_avx2):
         fn.restype = ctypes.c_int
     lib.mx_use_threads(torch.get_num_threads())
@@ -197,3 +198,23 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, isa: str | None = None) 
                                 _ptr(weight), _ptr(y))
     _check(rc, "dense matmul")
     return y
+
+
+def quantize_blocks(w: torch.Tensor, fmt: str, group_size: int, nf4_midpoints: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise quantization of a contiguous ``[O, I]`` float weight, as ``quant.formats`` defines it.
+
+    ``nf4``: (packed codes ``[O*I/2]`` uint8, block absmax ``[O*I/gs]`` float32);
+    ``int8``: (codes ``[O, I]`` int8, scales ``[O, I/gs]`` float32)."""
+    O, I = w.shape
+    w = w.contiguous()
+    if fmt == "nf4":
+        codes = torch.empty(O * I // 2, dtype=torch.uint8)
+        mids = nf4_midpoints.to(torch.float32).contiguous()
+    else:
+        codes, mids = torch.empty(O, I, dtype=torch.int8), torch.empty(0)
+    scales = torch.empty(O, I // group_size, dtype=torch.float32)
+    rc = _lib().mx_quantize(0 if fmt == "nf4" else 1, O, I, group_size, DENSE_WEIGHT_TYPES[w.dtype], _ptr(w),
+                            _ptr(mids), _ptr(codes), _ptr(scales))
+    _check(rc, f"{fmt} quantize")
+    return codes, scales.view(-1) if fmt == "nf4" else scales

@@ -32,7 +32,7 @@
 #define TOK_TILE 4     /* tokens sharing one weight decode */
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
-enum { FMT_NF4 = 0, FMT_INT8 = 1, FMT_NF4_DEQUANT = 2, FMT_DENSE = 3 };
+enum { FMT_NF4 = 0, FMT_INT8 = 1, FMT_NF4_DEQUANT = 2, FMT_DENSE = 3, FMT_QUANT_NF4 = 4, FMT_QUANT_INT8 = 5 };
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
 
 int mx_cpu_has_avx2(void) {
@@ -84,7 +84,9 @@ typedef struct {
     const int8_t *xq;          /* [T, I] quantized activations */
     const float *xd;           /* [T, I/32] activation scales */
     const float *xf;           /* dense: [T, I] float32 activations */
-    int wtype;                 /* dense: W_F32, W_BF16 or W_F16 */
+    int wtype;                 /* dense, quantize: W_F32, W_BF16 or W_F16 */
+    uint8_t *qout;             /* quantize: nf4 packed codes or int8 codes */
+    const float *mids;         /* quantize nf4: the 15 midpoints between the nf4 codes */
     float *y;                  /* [T, O] float32, or the dequantized [O, I] float32 */
 } job_t;
 
@@ -189,6 +191,53 @@ static void dense_rows_scalar(const job_t *j, int r0, int r1) {
             float acc = 0.f;
             for (int i = 0; i < I; i++) acc += dense_w(j, (size_t)r * I + i) * x[i];
             j->y[(size_t)t * j->O + r] = acc;
+        }
+}
+
+/* Quantizers, bit for bit the arithmetic of quant/formats.py (and so of bitsandbytes for nf4):
+ * nf4: v = clamp(x * (1 / max(absmax, 1e-38)), -1, 1), code = number of midpoints below v;
+ * int8: s = absmax / 127, q = round-half-even(x / max(s, 1e-30)), clamped to [-127, 127].
+ * Written as plain loops over one block that the compiler vectorizes (an AVX2 clone is picked at load
+ * time: the result is the same bit for bit on every instruction set). */
+__attribute__((target_clones("avx2", "default"))) static void quant_nf4_rows(const job_t *j, int r0, int r1) {
+    const int I = j->I, bs = j->gs;
+    float v[4096];
+    for (int r = r0; r < r1; r++)
+        for (int b0 = 0; b0 < I; b0 += bs) {
+            const size_t base = (size_t)r * I + b0;
+            float amax = 0.f;
+            for (int k = 0; k < bs; k++) {
+                v[k] = dense_w(j, base + k);
+                amax = fmaxf(amax, fabsf(v[k]));
+            }
+            j->y[base / bs] = amax;
+            const float inv = 1.0f / fmaxf(amax, 1e-38f);
+            for (int k = 0; k < bs; k += 2) {
+                uint8_t pair = 0;
+                for (int h = 0; h < 2; h++) {
+                    const float x = fminf(fmaxf(v[k + h] * inv, -1.f), 1.f);
+                    int c = 0;
+                    for (int m = 0; m < 15; m++) c += x > j->mids[m];
+                    pair = (uint8_t)(pair | (h == 0 ? c << 4 : c));
+                }
+                j->qout[(base + k) / 2] = pair;
+            }
+        }
+}
+
+__attribute__((target_clones("avx2", "default"))) static void quant_int8_rows(const job_t *j, int r0, int r1) {
+    const int I = j->I, gs = j->gs;
+    for (int r = r0; r < r1; r++)
+        for (int b0 = 0; b0 < I; b0 += gs) {
+            const size_t base = (size_t)r * I + b0;
+            float amax = 0.f;
+            for (int k = 0; k < gs; k++) amax = fmaxf(amax, fabsf(dense_w(j, base + k)));
+            const float sc = amax / 127.f, div = fmaxf(sc, 1e-30f);
+            j->y[base / gs] = sc;
+            for (int k = 0; k < gs; k++) {
+                const float q = rintf(dense_w(j, base + k) / div);
+                j->qout[base + k] = (uint8_t)(int8_t)fminf(fmaxf(q, -127.f), 127.f);
+            }
         }
 }
 
@@ -345,6 +394,8 @@ static rows_fn pick(const job_t *j) {
     if (j->fmt == FMT_NF4) return j->isa == ISA_AVX2 ? nf4_rows_avx2 : nf4_rows_scalar;
     if (j->fmt == FMT_INT8) return j->isa == ISA_AVX2 ? int8_rows_avx2 : int8_rows_scalar;
     if (j->fmt == FMT_DENSE) return j->isa == ISA_AVX2 ? dense_rows_avx2 : dense_rows_scalar;
+    if (j->fmt == FMT_QUANT_NF4) return quant_nf4_rows;
+    if (j->fmt == FMT_QUANT_INT8) return quant_int8_rows;
     return j->isa == ISA_AVX2 ? nf4_dequant_rows_avx2 : nf4_dequant_rows_scalar;
 }
 
@@ -491,6 +542,18 @@ int mx_dense_matmul(int isa, const float *x, int T, int O, int I, int wtype, con
     if (T < 1 || wtype < 0 || wtype > 2) return -1;
     job_t j = {.fmt = FMT_DENSE, .isa = isa, .T = T, .O = O, .I = I, .qweight = (const uint8_t *)w, .xf = x,
                .wtype = wtype, .y = y};
+    run_job(&j);
+    return 0;
+}
+
+/* Quantize a [O, I] weight (wtype as for mx_dense_matmul) block-wise along I.
+ * nf4 (fmt 0): codes [O*I/2] packed, high nibble first; absmax [O*I/gs]; gs <= 4096, even.
+ * int8 (fmt 1): codes [O, I] int8; scales [O*I/gs]. */
+int mx_quantize(int fmt, int O, int I, int gs, int wtype, const void *w, const float *mids, uint8_t *codes,
+                float *scales) {
+    if (gs < 2 || gs % 2 || I % gs || (fmt == 0 && gs > 4096) || wtype < 0 || wtype > 2) return -1;
+    job_t j = {.fmt = fmt == 0 ? FMT_QUANT_NF4 : FMT_QUANT_INT8, .O = O, .I = I, .gs = gs, .qweight = (const uint8_t *)w,
+               .wtype = wtype, .mids = mids, .qout = codes, .y = scales};
     run_job(&j);
     return 0;
 }
