@@ -42,11 +42,32 @@ def hf_tiny(tiny_ckpt):
     return MixtralForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
 
 
+_SHARED_FP32: dict = {}  # the engine_fp32 engine and a copy of the state tests may change
+
+
 @pytest.fixture(scope="session")
 def engine_fp32(tiny_ckpt):
+    """One fp32 engine on the tiny checkpoint (256-token context) for the whole session; what a test
+    changes in it (cache size, lm_head) is put back after that test, pass or fail."""
     from mixtral_cli.runtime import RuntimeOptions, load_engine
 
-    return load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=256))
+    engine = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=256))
+    _SHARED_FP32.update(engine=engine, lm_head=engine.model.lm_head.weight.detach().clone())
+    return engine
+
+
+@pytest.fixture(autouse=True)
+def _isolate_engine_fp32(request):
+    yield
+    if "engine_fp32" not in request.fixturenames or "engine" not in _SHARED_FP32:
+        return
+    import torch
+
+    model = _SHARED_FP32["engine"].model
+    if not torch.equal(model.lm_head.weight, _SHARED_FP32["lm_head"]):
+        with torch.no_grad():
+            model.lm_head.weight.copy_(_SHARED_FP32["lm_head"])
+    model.setup_cache(256)
 
 
 _EXERCISED: set[str] = set()

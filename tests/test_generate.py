@@ -82,8 +82,8 @@ def complete(engine, prompt, **kw) -> Completion:
 PROMPT = [1, 22557, 28725, 910, 460, 368, 28804]
 
 
+# engine_fp32 is shared: conftest puts back its cache size and lm_head after each test.
 def test_stop_string_cuts_the_text(engine_fp32):
-    engine_fp32.model.setup_cache(256)
     full = complete(engine_fp32, PROMPT, max_tokens=30)
     text = "".join(full)
     assert len(text) > 12
@@ -91,12 +91,11 @@ def test_stop_string_cuts_the_text(engine_fp32):
     cut = complete(engine_fp32, PROMPT, max_tokens=30, stop=[stop])
     got = "".join(cut)
     assert got == text[: text.index(stop)]
-    assert cut.finish_reason == "stop"
-    assert full.finish_reason in ("length", "stop")
+    assert cut.finish_reason == "stop" and len(cut.token_ids) < 30
+    assert full.finish_reason == "length" and len(full.token_ids) == 30 and 2 not in full.token_ids
 
 
 def test_max_tokens_and_context_limit(engine_fp32):
-    engine_fp32.model.setup_cache(256)
     c = complete(engine_fp32, PROMPT, max_tokens=5)
     list(c)
     assert len(c.token_ids) == 5 and c.finish_reason == "length"
@@ -106,26 +105,30 @@ def test_max_tokens_and_context_limit(engine_fp32):
     assert len(c.token_ids) <= 3 and c.finish_reason == "length"
     with pytest.raises(UserError, match="context"):
         complete(engine_fp32, list(range(3, 3 + len(PROMPT) + 3)))
-    engine_fp32.model.setup_cache(256)
 
 
 def test_eos_stops_generation(engine_fp32):
-    engine_fp32.model.setup_cache(256)
     # make EOS the most likely next token: give its lm_head row a scaled copy of the greedy token's row
     head = engine_fp32.model.lm_head.weight
-    saved = head[2].clone()
     head[2] = head[int(complete(engine_fp32, PROMPT, max_tokens=1).tokens().__next__())] * 4
-    try:
-        c = complete(engine_fp32, PROMPT, max_tokens=10)
-        text = "".join(c)
-        assert c.token_ids[-1] == 2 and c.finish_reason == "stop"
-        assert "</s>" not in text
-    finally:
-        head[2] = saved
+    c = complete(engine_fp32, PROMPT, max_tokens=10)
+    text = "".join(c)
+    assert c.token_ids[-1] == 2
+    assert c.finish_reason == "stop" and "</s>" not in text
+
+
+def test_shared_engine_state_is_put_back(engine_fp32, tiny_ckpt):
+    """The test above changed lm_head (and others shrink the cache): the next test sees the original."""
+    from mixtral_cli.checkpoint import Checkpoint
+
+    stored = Checkpoint(tiny_ckpt).tensor("lm_head.weight").float()
+    assert torch.equal(engine_fp32.model.lm_head.weight, stored)
+    c = complete(engine_fp32, PROMPT, max_tokens=10)
+    list(c)
+    assert 2 not in c.token_ids and c.finish_reason == "length"
 
 
 def test_session_reuses_the_cached_prefix(engine_fp32):
-    engine_fp32.model.setup_cache(256)
     session = Session(engine_fp32.model)
     first = Completion(session, engine_fp32.tokenizer, PROMPT, GenerationConfig(max_tokens=6, sampling=SamplingConfig(temperature=0)))
     list(first)
