@@ -31,9 +31,10 @@ from quant.formats import QuantizedTensor, QuantSpec, dequantize, quantize, spec
 from .checkpoint import EXPERT_PROJS, Checkpoint, expert_shape, shared_shapes
 from .config import ModelArgs
 from .errors import UserError
-from .experts import CacheStats, ExpertCache, ExpertStore
+from .experts import CacheStats, ExpertCache, ExpertStore, HostSlab
 from .generate import Session
-from .plan import expert_bytes
+from .model import fused_attention_available
+from .plan import expert_bytes, plan_memory
 from .runtime import Engine, RuntimeOptions, apply_threads, build_engine
 
 SYNTHETIC_NOTE = ("synthetic random weights: routing (and so expert-cache hit rates and prefetch accuracy) is not "
@@ -201,19 +202,36 @@ def memory_bandwidth(device: torch.device, nbytes: int = 512 * 2**20, reps: int 
     return nbytes / t
 
 
-def host_to_device_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> tuple[float, str]:
-    """Bandwidth of bringing one expert (`nbytes`) into a slot: a pinned host-to-device copy on CUDA;
-    on the CPU a memcpy between two host buffers (what a CPU slot refill is)."""
+def host_to_device_bandwidth(device: torch.device, nbytes: int, reps: int = 5,
+                             store: ExpertStore | None = None) -> tuple[float, str]:
+    """Bandwidth of bringing one expert (`nbytes`) into a slot: a pinned host-to-device copy on CUDA
+    (from the expert store itself when there is one, else from a page-locked buffer registered for
+    the probe and released after it: never through torch's caching host allocator, which would
+    keep a power-of-two pinned block for the rest of the run); on the CPU a memcpy between two host
+    buffers (what a CPU slot refill is)."""
+    slab = None
     if device.type == "cuda":
-        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if store is not None and store.pinned_bytes:
+            src = store.buffers[0][0]
+        else:
+            from .experts import CudaHostRegister
+
+            slab = HostSlab(nbytes, CudaHostRegister())
+            src = slab.tensor[:nbytes]
+        dst = torch.empty(src.numel(), dtype=torch.uint8, device=device)
+        nbytes = src.numel()
         method = "pinned host-to-device copy"
     else:  # at least 64 MiB so the copy is not served from the caches (a refill's source is cold)
         nbytes = max(nbytes, 64 * 2**20)
         src = torch.ones(nbytes, dtype=torch.uint8)
         dst = torch.empty(nbytes, dtype=torch.uint8)
         method = "host memcpy (CPU slots)"
-    t = _best_time(lambda: dst.copy_(src, non_blocking=True), device, reps)
+    try:
+        t = _best_time(lambda: dst.copy_(src, non_blocking=True), device, reps)
+    finally:
+        if slab is not None:
+            del src
+            slab.close()
     return nbytes / t, method
 
 
@@ -248,8 +266,7 @@ def measure_ours(engine: Engine, prompt: list[int], gen_tokens: int, warmup: int
     """Prefill `prompt`, decode `warmup` untimed tokens, then time `gen_tokens` greedy steps (EOS
     ignored). Returns the times and the expert-cache counters of the prefill and of the timed decode."""
     model, dev = engine.model, engine.device
-    stats = model.experts.stats
-    session = Session(model)
+    session = Session(model)  # chunked prefill, as in `run` and `chat`
     model.experts.reset_stats()
     _sync(dev)
     t0 = time.perf_counter()
@@ -258,7 +275,7 @@ def measure_ours(engine: Engine, prompt: list[int], gen_tokens: int, warmup: int
     prefill_s = time.perf_counter() - t0
     token = int(torch.argmax(logits))
     ttft = time.perf_counter() - t0
-    prefill_stats = _snapshot(stats)
+    prefill_stats = _snapshot(model.experts.stats)  # read now: CUDA stall times are collected on reading
     for _ in range(warmup):
         token = int(torch.argmax(session.step(token)))
     model.experts.reset_stats()
@@ -266,7 +283,7 @@ def measure_ours(engine: Engine, prompt: list[int], gen_tokens: int, warmup: int
     for _ in range(gen_tokens):
         token = int(torch.argmax(session.step(token)))
     decode_s = time.perf_counter() - t0
-    return RunTimes(prefill_s, ttft, decode_s, len(prompt), gen_tokens), prefill_stats, _snapshot(stats)
+    return RunTimes(prefill_s, ttft, decode_s, len(prompt), gen_tokens), prefill_stats, _snapshot(model.experts.stats)
 
 
 # -- transformers baseline ---------------------------------------------------------------------
@@ -332,13 +349,17 @@ def build_transformers(ckpt, args: ModelArgs, dtype: torch.dtype):
 
 @torch.inference_mode()
 def measure_transformers(model, prompt: list[int], gen_tokens: int, warmup: int = WARMUP_TOKENS) -> RunTimes:
-    """Greedy decoding with transformers' own KV cache, one forward call per token, EOS ignored."""
-    ids = torch.tensor([prompt])
+    """Greedy decoding with transformers' own KV cache, one forward call per token, EOS ignored, on
+    the device the model is on."""
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=dev)
+    _sync(dev)
     t0 = time.perf_counter()
     try:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     except TypeError:  # transformers < 4.50 spells it num_logits_to_keep
         out = model(input_ids=ids, use_cache=True, num_logits_to_keep=1)
+    _sync(dev)
     prefill_s = time.perf_counter() - t0
     token = int(torch.argmax(out.logits[0, -1]))
     ttft = time.perf_counter() - t0
@@ -346,7 +367,7 @@ def measure_transformers(model, prompt: list[int], gen_tokens: int, warmup: int 
 
     def step(tok: int) -> int:
         nonlocal past
-        o = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        o = model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=past, use_cache=True)
         past = o.past_key_values
         return int(torch.argmax(o.logits[0, -1]))
 
@@ -456,26 +477,35 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> d
     runtime = replace(o.runtime, ctx_size=ctx)
     if o.sweep_slots and runtime.experts_in_gpu is None:
         runtime.experts_in_gpu = args.num_experts_per_tok  # an expert store to sweep over
+    # the budget the planner divides (as `build_engine` computes it): it caps the slot sweep
+    gpu_budget = (runtime.gpu_mem or torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
     log("building the model")
     t0 = time.perf_counter()
     engine = build_engine(ckpt, None, runtime)  # bench feeds token ids: no tokenizer needed
     load_s = time.perf_counter() - t0
-    provider = engine.model.experts
     gen = torch.Generator().manual_seed(o.seed)
     prompt = torch.randint(3, args.vocab_size, (o.prompt_tokens,), generator=gen).tolist()
 
     one_expert = expert_bytes(args, spec, dtype.itemsize)
     log("measuring bandwidth")
     mem_bw = memory_bandwidth(device)
-    h2d_bw, h2d_method = host_to_device_bandwidth(device, one_expert)
+    store = getattr(engine.model.experts, "store", None)
+    h2d_bw, h2d_method = host_to_device_bandwidth(device, one_expert, store=store)
+    if device.type == "cuda":  # the probes' buffers count neither in the peaks nor in what stays reserved
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
     # One untimed pass each: first calls at new shapes pay one-time costs (kernel selection, allocator growth).
     log("warm-up")
     measure_ours(engine, prompt, 1, warmup)
     peak_rss = peak_rss_bytes()  # ours alone: the baseline is built after this
+    peak_gpu = peak_gpu_reserved = None
+    if device.type == "cuda":  # ours alone too
+        peak_gpu, peak_gpu_reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
     hf_model, hf_info, hf_runs = None, None, []
     if o.baseline == "transformers":
-        hf_model, hf_info = _pick_transformers(ckpt, args, prompt, log)
+        hf_model, hf_info = _pick_transformers(ckpt, args, prompt, log, device)
         measure_transformers(hf_model, prompt, 1, warmup)
     runs, prefill_stats, decode_stats = [], None, None
     for r in range(o.rounds):
@@ -488,7 +518,8 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> d
     ours = _median_times(runs)
     if hf_model is None:
         peak_rss = peak_rss_bytes()
-    peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            peak_gpu, peak_gpu_reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
 
     context = o.prompt_tokens + warmup + (o.gen_tokens - 1) / 2  # mean KV length over the timed steps
     weight_bytes = bytes_per_token(args, spec, dtype.itemsize, context)
@@ -505,8 +536,8 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> d
         "threads": torch.get_num_threads(),
         "params_total": args.params_total,
         "params_active": args.params_active,
-        "slots_per_layer": provider.stats.slots_per_layer,
-        "prefetch": bool(provider.prefetch_enabled),
+        "slots_per_layer": decode_stats.slots_per_layer,
+        "prefetch": bool(engine.model.experts.prefetch_enabled),
         "prompt_tokens": o.prompt_tokens,
         "gen_tokens": o.gen_tokens,
         "warmup_tokens": warmup,
@@ -518,6 +549,7 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> d
         "decode_ms_per_token": 1e3 * ours.decode_s / o.gen_tokens,
         "peak_rss_bytes": peak_rss,
         "peak_gpu_bytes": peak_gpu,
+        "peak_gpu_reserved_bytes": peak_gpu_reserved,
         "expert_cache": decode_stats.as_dict(),
         "prefill_expert_cache": prefill_stats.as_dict(),
         "bandwidth": {"memory_read_bytes_per_s": mem_bw, "host_to_device_bytes_per_s": h2d_bw,
@@ -544,7 +576,11 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> d
         del hf_model
         gc.collect()
     if o.sweep_slots:
-        result["sweep"] = sweep_slots(engine, prompt, o, mem_bw, h2d_bw, weight_bytes, one_expert, log)
+        k_max = args.num_local_experts
+        if gpu_budget is not None:  # no more slots than the planner allows this budget
+            k_max = min(k_max, plan_memory(args, spec, ctx, gpu_budget, dtype.itemsize,
+                                           fused_attention_available(device, dtype, args)).slots_per_layer)
+        result["sweep"] = sweep_slots(engine, prompt, o, mem_bw, h2d_bw, weight_bytes, one_expert, log, k_max)
         path = o.csv_path or Path("bench-slots.csv")
         write_sweep_csv(result["sweep"], path)
         result["sweep_csv"] = str(path)
@@ -552,47 +588,69 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> d
     return result
 
 
-def _pick_transformers(ckpt, args: ModelArgs, prompt: list[int], log) -> tuple[object, dict]:
-    """transformers in its faster dtype on this machine (bfloat16 or float32, timed briefly)."""
+def baseline_device(device: torch.device, dense_bytes: int, free_bytes: int | None) -> tuple[torch.device, str | None]:
+    """Where the transformers baseline runs: on our device when its dense weights (`dense_bytes`)
+    fit in `free_bytes` of it with 10% to spare, else on the CPU, with the reason said plainly."""
+    if device.type != "cuda":
+        return device, None
+    if free_bytes is not None and dense_bytes <= 0.9 * free_bytes:
+        return device, None
+    return torch.device("cpu"), (f"ran on the CPU, not on {device}: its dense weights ({dense_bytes / 1e9:.1f} GB) "
+                                 f"do not fit the {(free_bytes or 0) / 1e9:.1f} GB free there; the ratios compare devices")
+
+
+def _pick_transformers(ckpt, args: ModelArgs, prompt: list[int], log,
+                       device: torch.device = torch.device("cpu")) -> tuple[object, dict]:
+    """transformers on our device if it fits there (else the CPU, said plainly), in its faster dtype
+    there (bfloat16 or float32, timed briefly; on CUDA float32 only if it fits too)."""
     import transformers
 
-    _check_ram(args, None, torch.device("cpu"), "the transformers baseline (dense float32)")
+    dense = 2 * args.params_total  # bfloat16
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    where, note = baseline_device(device, dense, free)
+    _check_ram(args, None, torch.device("cpu"), "the transformers baseline (built dense on the host)")
     probe_prompt, probe_gen = prompt[: min(len(prompt), 32)], 8
-    log("transformers: building the model")
-    model = build_transformers(ckpt, args, torch.bfloat16)
+    log(f"transformers: building the model on {where}")
+    model = build_transformers(ckpt, args, torch.bfloat16).to(where)
+    dtypes = [torch.bfloat16]
+    if where.type == "cpu" or 2 * dense <= 0.9 * (free or 0):
+        dtypes.append(torch.float32)
     candidates = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in dtypes:
         model = model.to(dtype)
         log(f"transformers: probing {dtype}")
         candidates[str(dtype).removeprefix("torch.")] = measure_transformers(model, probe_prompt, probe_gen, 2).decode_tokens_per_s
     best = max(candidates, key=candidates.get)
     model = model.to(getattr(torch, best))
     gc.collect()
+    if where.type == "cuda":
+        torch.cuda.empty_cache()
     weights = "the same bfloat16 weights" if ckpt.quant is None else "the experts dequantized to bfloat16"
     impl = getattr(model.config, "_experts_implementation", None)
     return model, {"name": "transformers", "version": transformers.__version__, "dtype": best,
+                   "device": str(where), "device_note": note,
                    "experts_implementation": impl, "weights": weights, "probe_decode_tokens_per_s": candidates}
 
 
 def sweep_slots(engine: Engine, prompt: list[int], o: BenchOptions, mem_bw: float, h2d_bw: float,
-                weight_bytes: int, one_expert: int, log) -> list[dict]:
-    """Decode speed and hit rate for every slot count K from top-k to the number of experts (the same
-    expert store, a fresh per-layer cache of K slots each time)."""
+                weight_bytes: int, one_expert: int, log, k_max: int | None = None) -> list[dict]:
+    """Decode speed and hit rate for every slot count K from top-k to `k_max` (default: the number of
+    experts; on CUDA the planner's allowance for the budget), with the same expert store and a fresh
+    cache of K slots per layer each time: the previous cache is dropped and its device memory returned
+    first, so two caches never coexist."""
     args = engine.args
-    provider = engine.model.experts
-    if not isinstance(provider, ExpertCache):
+    if not isinstance(engine.model.experts, ExpertCache):
         raise UserError("--sweep-slots needs offloaded experts", hint="leave --experts-in-gpu unset")
-    store: ExpertStore = provider.store
-    prefetch = provider.prefetch_enabled
+    store: ExpertStore = engine.model.experts.store
+    prefetch = engine.model.experts.prefetch_enabled
+    k_max = args.num_local_experts if k_max is None else min(k_max, args.num_local_experts)
     rows = []
-    for k in range(args.num_experts_per_tok, args.num_local_experts + 1):
+    for k in range(args.num_experts_per_tok, k_max + 1):
         _swap_provider(engine, None)
-        provider = None
         gc.collect()
         if engine.device.type == "cuda":
             torch.cuda.empty_cache()
-        provider = ExpertCache(store, k, engine.device, prefetch=prefetch)
-        _swap_provider(engine, provider)
+        _swap_provider(engine, ExpertCache(store, k, engine.device, prefetch=prefetch))
         log(f"sweep: {k} slots per layer")
         times, _, stats = measure_ours(engine, prompt, o.gen_tokens)
         misses = stats.misses / o.gen_tokens

@@ -29,7 +29,7 @@ TOP_FIELDS = {
     "model", "synthetic", "note", "bits", "expert_format", "device", "dtype", "threads", "params_total",
     "params_active", "slots_per_layer", "prefetch", "prompt_tokens", "gen_tokens", "warmup_tokens", "rounds",
     "load_s", "prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s", "decode_ms_per_token",
-    "peak_rss_bytes", "peak_gpu_bytes", "expert_cache", "prefill_expert_cache", "bandwidth", "bound", "baseline",
+    "peak_rss_bytes", "peak_gpu_bytes", "peak_gpu_reserved_bytes", "expert_cache", "prefill_expert_cache", "bandwidth", "bound", "baseline",
     "sweep",
 }
 CACHE_FIELDS = {"slots_per_layer", "hits", "misses", "prefetch_hits", "prefetches", "bytes_to_device", "stall_s",
@@ -55,7 +55,7 @@ def test_bench_tiny_json_has_every_field():
                                "achieved_fraction"}
     args = preset_args("tiny")
     assert r["model"] == "preset:tiny" and r["synthetic"] and "not representative" in r["note"]
-    assert r["bits"] == 16 and r["device"] == "cpu" and r["peak_gpu_bytes"] is None
+    assert r["bits"] == 16 and r["device"] == "cpu" and r["peak_gpu_bytes"] is None and r["peak_gpu_reserved_bytes"] is None
     assert r["prompt_tokens"] == 12 and r["gen_tokens"] == 5 and r["slots_per_layer"] == args.num_local_experts
     for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s", "peak_rss_bytes"):
         assert r[key] > 0, key
@@ -123,6 +123,7 @@ def test_bench_transformers_baseline_on_tiny():
     r = json.loads(proc.stdout)
     b = r["baseline"]
     assert b["name"] == "transformers" and b["dtype"] in ("bfloat16", "float32")
+    assert b["device"] == "cpu" and b["device_note"] is None  # same device as ours: nothing to say
     assert set(b["probe_decode_tokens_per_s"]) == {"bfloat16", "float32"}
     assert b["dtype"] == max(b["probe_decode_tokens_per_s"], key=b["probe_decode_tokens_per_s"].get)
     assert b["decode_ratio"] == pytest.approx(r["decode_tokens_per_s"] / b["decode_tokens_per_s"])
@@ -214,3 +215,44 @@ def test_synthetic_dense_and_shared_tensors():
 def test_8x7b_preset_has_the_hub_shapes():
     a = preset_args("8x7b")
     assert a.params_total == 46_702_792_704 and a.params_active == 12_879_925_248
+
+
+# -- CUDA decisions, made in plain code ----------------------------------------------------------------
+def test_baseline_runs_on_our_gpu_when_it_fits_else_says_so():
+    from mixtral_cli.bench import baseline_device
+
+    cuda, cpu = torch.device("cuda:0"), torch.device("cpu")
+    assert baseline_device(cpu, 10**12, None) == (cpu, None)
+    assert baseline_device(cuda, 9 * 10**9, 10 * 10**9) == (cuda, None)  # 9 GB <= 90% of 10 GB
+    where, note = baseline_device(cuda, 93 * 10**9, 70 * 10**9)  # 8x7B dense on an 80 GB card with ours loaded
+    assert where == cpu and "ran on the CPU" in note and "93.4" not in note and "93.0 GB" in note and "70.0 GB" in note
+
+
+def test_sweep_is_capped_and_frees_each_cache(monkeypatch):
+    """The sweep stops at the given cap, and each K's cache is the only one alive while it runs."""
+    import gc
+    import weakref
+
+    from mixtral_cli import bench
+    from mixtral_cli.bench import BenchOptions, sweep_slots
+    from mixtral_cli.experts import ExpertCache
+    from mixtral_cli.runtime import RuntimeOptions, build_engine
+
+    ckpt = SyntheticCheckpoint(preset_args("tiny"), spec_for_bits(4))
+    engine = build_engine(ckpt, None, RuntimeOptions(device="cpu", dtype="float32", ctx_size=32, experts_in_gpu=2))
+    alive: list = []
+    caches: list = [weakref.ref(engine.model.experts)]  # the cache built with the engine
+    real = bench.measure_ours
+
+    def measure(engine, prompt, gen_tokens, warmup=bench.WARMUP_TOKENS):
+        gc.collect()
+        caches.append(weakref.ref(engine.model.experts))
+        alive.append(sum(1 for ref in caches if ref() is not None))
+        return real(engine, prompt, gen_tokens, 0)
+
+    monkeypatch.setattr(bench, "measure_ours", measure)
+    rows = sweep_slots(engine, list(range(10, 16)), BenchOptions(preset="tiny", gen_tokens=2), 1e10, 1e10, 1000,
+                       100, lambda s: None, k_max=5)
+    assert [r["slots_per_layer"] for r in rows] == [2, 3, 4, 5]
+    assert alive == [1, 1, 1, 1]  # the first cache (built with the engine) is gone too
+    assert isinstance(engine.model.experts, ExpertCache) and engine.model.experts.stats.slots_per_layer == 5
