@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from quant.formats import QuantizedTensor, spec_for_bits
-from quant.linear import QuantLinear
+from quant.linear import DenseLinear, QuantLinear
 
 from .checkpoint import EXPERT_PROJS
+from .cpu_experts import CpuExperts, CpuJobs
 from .errors import UserError
 from .model import Expert, ExpertFn
 from .plan import ALIGN
@@ -41,7 +42,7 @@ def make_linear(weight: torch.Tensor | QuantizedTensor) -> nn.Module:
     """A bias-free linear layer around a stored weight [out, in], dense or quantized, without copying it."""
     if isinstance(weight, QuantizedTensor):
         return QuantLinear(weight)
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer = DenseLinear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     layer.weight = nn.Parameter(weight, requires_grad=False)
     return layer
 
@@ -63,6 +64,7 @@ class CacheStats:
     prefetch_hits: int = 0  # prefetched experts that were then used
     prefetches: int = 0  # experts prefetch started copying
     bytes_to_device: int = 0
+    cpu_experts: int = 0  # misses computed on the CPU from the host store instead of copied (a subset of misses)
     stall_s: float = 0.0  # time compute waited on copies (on CUDA: GPU time, measured with events)
 
     @property
@@ -78,7 +80,7 @@ class CacheStats:
         return asdict(self) | {"hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
 
     def reset(self) -> None:
-        self.hits = self.misses = self.prefetch_hits = self.prefetches = self.bytes_to_device = 0
+        self.hits = self.misses = self.prefetch_hits = self.prefetches = self.bytes_to_device = self.cpu_experts = 0
         self.stall_s = 0.0
 
 
@@ -411,6 +413,7 @@ class ExpertCache:
 
     def __init__(self, store: ExpertStore, slots_per_layer: int, device: torch.device, prefetch: bool = True,
                  transfer: SyncTransfer | CudaTransfer | None = None) -> None:
+        self.cpu: CpuExperts | None = None  # set by `use_cpu_experts`
         if not 1 <= slots_per_layer <= store.n_experts:
             raise ValueError(f"slots per layer must be in [1, {store.n_experts}], got {slots_per_layer}")
         self.store = store
@@ -440,6 +443,10 @@ class ExpertCache:
         self._stats.reset()
         for slots in self.layers:
             slots.prefetched.clear()
+
+    def use_cpu_experts(self, cpu: CpuExperts | None) -> None:
+        """Let `cpu` compute the decode misses its policy picks, instead of copying them (None: always copy)."""
+        self.cpu = cpu
 
     def resident(self, layer: int) -> list[int]:
         """Expert ids on the device for `layer`, least recently used first."""
@@ -478,19 +485,29 @@ class ExpertCache:
             if eid in slots.prefetched:
                 slots.prefetched.discard(eid)
                 self._stats.prefetch_hits += 1
+        on_cpu = self.cpu.split(missing) if self.cpu is not None and missing and self.cpu.applies(uses) else []
+        if on_cpu:
+            self._stats.cpu_experts += len(on_cpu)
+            missing = [e for e in missing if e not in on_cpu]
+            order = [e for e in order if e not in on_cpu] + on_cpu  # collected last
         self._issue(layer, missing, slots.busy)
-        return self._hand_out(layer, order, missing)
+        return self._hand_out(layer, order, missing, self.cpu.jobs(layer, on_cpu) if on_cpu else None)
 
     def _issue(self, layer: int, missing: list[int], keep: set[int]) -> None:
         while missing and self._load(layer, missing[0], keep):
             missing.pop(0)
         self._waiting_for_slot = bool(missing)
 
-    def _hand_out(self, layer: int, order: list[int], missing: list[int]) -> Iterator[tuple[int, ExpertFn]]:
+    def _hand_out(self, layer: int, order: list[int], missing: list[int], cpu_jobs: CpuJobs | None
+                  ) -> Iterator[tuple[int, ExpertFn]]:
         slots = self.layers[layer]
         pending = slots.busy
         try:
             for eid in order:
+                if cpu_jobs is not None and eid in cpu_jobs.eids:
+                    yield eid, cpu_jobs.result(eid)
+                    pending.discard(eid)
+                    continue
                 if eid not in slots.lru:  # a slot frees up only as earlier experts finish
                     if not self._load(layer, eid, pending):
                         raise RuntimeError("no expert slot free: slots per layer is below the number needed at once")
@@ -498,7 +515,8 @@ class ExpertCache:
                 slot = slots.lru[eid]
                 self.transfer.wait(slots.first_slot + slot)
                 slots.lru.move_to_end(eid)
-                yield eid, slots.modules[slot]
+                expert = slots.modules[slot]
+                yield eid, (cpu_jobs.starting(expert) if cpu_jobs is not None else expert)
                 self.transfer.release(slots.first_slot + slot)
                 pending.discard(eid)
                 self._issue(layer, missing, pending)

@@ -19,6 +19,8 @@ from quant.linear import use_dense_linears
 
 from .checkpoint import EXPERT_PROJS, Checkpoint, shared_shapes
 from .config import ModelArgs
+from .cpu_experts import MODES as CPU_EXPERT_MODES
+from .cpu_experts import CpuExperts, measure_costs
 from .errors import UserError
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
 from .model import Mixtral, fused_attention_available
@@ -76,6 +78,7 @@ class RuntimeOptions:
     prefetch: bool = True
     gpu_mem: int | None = None
     threads: int | None = None  # CPU threads for torch; None: torch's default (one per core)
+    cpu_experts: str = "auto"  # decode misses computed on the CPU: auto (cost model), never, always
 
 
 @dataclass
@@ -148,6 +151,8 @@ def build_engine(
     if ctx > args.max_position_embeddings:
         raise UserError(f"context size {ctx} exceeds the model's {args.max_position_embeddings} positions",
                         hint=f"pass -c/--ctx-size of at most {args.max_position_embeddings}")
+    if opts.cpu_experts not in CPU_EXPERT_MODES:
+        raise UserError(f"unknown --cpu-experts '{opts.cpu_experts}'", hint="use auto, never or always")
     slots = expert_slots(opts, args, ckpt, device, dtype, ctx)
 
     def expert_weights(L: int, e: int, target: torch.device) -> list:
@@ -171,6 +176,9 @@ def build_engine(
             if on_progress:
                 on_progress(L + 1, total)
         provider = ExpertCache(store, slots, device, prefetch=opts.prefetch)
+        if opts.cpu_experts != "never":
+            costs = measure_costs(store, device, provider.layers[0].buffers[0], dtype, args.hidden_size)
+            provider.use_cpu_experts(CpuExperts(store, args.num_experts_per_tok, dtype, opts.cpu_experts, costs))
 
     with torch.device("meta"):
         model = Mixtral(args, provider)

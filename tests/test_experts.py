@@ -34,7 +34,7 @@ def resident_tokens(engine_fp32):
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_offloaded_generation_identical_to_resident(tiny_ckpt, resident_tokens, slots, prefetch):
     eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=slots,
-                                                prefetch=prefetch))
+                                                prefetch=prefetch, cpu_experts="never"))
     tokens, stats = greedy(eng, PROMPT)
     assert tokens == resident_tokens
     args = eng.args
@@ -260,7 +260,8 @@ def test_demand_copies_are_issued_before_speculative_ones(tiny_ckpt):
     issued before the speculative copies for the next layer (a wrong guess never delays a needed
     expert), and no speculative copy is issued while a needed expert still waits for a slot."""
     for slots in (2, 3):
-        eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=slots))
+        eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=slots,
+                                                    cpu_experts="never"))
         cache = eng.model.experts
         log: list = []
         cache.transfer = RecordingTransfer(cache.store, log)

@@ -1,0 +1,90 @@
+"""The CPU as a second expert engine: the cost model by hand, and token-identical offloaded runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_experts import PROMPT, greedy
+
+from mixtral_cli.cpu_experts import CpuExperts, ExpertCosts, assign_misses
+from mixtral_cli.errors import UserError
+from mixtral_cli.generate import Session
+from mixtral_cli.runtime import RuntimeOptions, load_engine
+
+
+def test_assign_misses_by_hand():
+    # copy 10 ms, CPU 4 ms: the CPU finishes one (4) and a second (8) before one copy (10)
+    assert assign_misses(2, ExpertCosts(copy_s=0.010, cpu_s=0.004), "auto") == [True, True]
+    # CPU 6 ms: first on the CPU (6 < 10); the second would end at 12 on the CPU, 10 by copy
+    assert assign_misses(2, ExpertCosts(copy_s=0.010, cpu_s=0.006), "auto") == [True, False]
+    # CPU slower than a copy: 6 vs 3, then 6 vs 6 (a tie copies)
+    assert assign_misses(2, ExpertCosts(copy_s=0.003, cpu_s=0.006), "auto") == [False, False]
+    # three misses, CPU 5, copy 7: CPU (5<7), copy (10 vs 7), CPU (10 vs 14)
+    assert assign_misses(3, ExpertCosts(copy_s=0.007, cpu_s=0.005), "auto") == [True, False, True]
+    assert assign_misses(3, ExpertCosts(1.0, 9.0), "always") == [True] * 3
+    assert assign_misses(3, ExpertCosts(9.0, 1.0), "never") == [False] * 3
+    assert assign_misses(0, ExpertCosts(1.0, 1.0), "auto") == []
+    with pytest.raises(ValueError):
+        assign_misses(1, ExpertCosts(1.0, 1.0), "sometimes")
+
+
+@pytest.fixture(scope="module")
+def resident(engine_fp32):
+    engine_fp32.model.setup_cache(256)
+    return greedy(engine_fp32, PROMPT)[0]
+
+
+class RecordingCpuExperts(CpuExperts):
+    """Records how many misses each decode call offered to the CPU engine."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.offered: list[int] = []
+
+    def split(self, missing):
+        self.offered.append(len(missing))
+        return super().split(missing)
+
+
+@pytest.mark.parametrize(("mode", "costs"), [
+    ("always", ExpertCosts(1.0, 1.0)),
+    ("auto", ExpertCosts(copy_s=1.0, cpu_s=0.6)),  # 1 miss: CPU; 2 misses: CPU + copy
+    ("auto", ExpertCosts(copy_s=1.0, cpu_s=0.4)),  # every miss on the CPU
+    ("auto", ExpertCosts(copy_s=0.2, cpu_s=1.0)),  # every miss copied
+])
+def test_cpu_experts_give_resident_tokens_and_counters_add_up(tiny_ckpt, resident, mode, costs):
+    eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=2,
+                                                cpu_experts="never"))
+    cache = eng.model.experts
+    cpu = RecordingCpuExperts(cache.store, eng.args.num_experts_per_tok, torch.float32, mode, costs)
+    cache.use_cpu_experts(cpu)
+    try:
+        tokens, stats = greedy(eng, PROMPT)
+    finally:
+        cpu.close()
+    assert tokens == resident
+    args = eng.args
+    processed = len(PROMPT) + len(tokens) - 1
+    assert stats.hits + stats.misses == args.num_hidden_layers * args.num_experts_per_tok * processed
+    expected_cpu = sum(sum(assign_misses(n, costs, mode)) for n in cpu.offered)
+    assert stats.cpu_experts == expected_cpu
+    assert stats.bytes_to_device == cache.store.layout.nbytes * (stats.misses - stats.cpu_experts + stats.prefetches)
+    assert len(cpu.offered) > 0 and stats.misses > 0
+    if mode == "always" or costs.cpu_s < costs.copy_s / 2:
+        assert stats.cpu_experts == sum(cpu.offered) > 0
+    if costs.cpu_s > costs.copy_s:
+        assert stats.cpu_experts == 0
+
+
+def test_prefill_never_runs_experts_on_the_cpu(tiny_ckpt):
+    eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=2,
+                                                cpu_experts="always"))
+    eng.model.experts.reset_stats()
+    Session(eng.model).prefill(PROMPT)
+    stats = eng.model.experts.stats
+    assert stats.misses > 0 and stats.cpu_experts == 0
+
+
+def test_cpu_experts_mode_is_validated(tiny_ckpt):
+    with pytest.raises(UserError, match="cpu-experts"):
+        load_engine(tiny_ckpt, RuntimeOptions(device="cpu", experts_in_gpu=2, cpu_experts="sometimes"))
