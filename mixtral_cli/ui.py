@@ -295,3 +295,20 @@ def bench_progress(message: str) -> None:
     """A progress line of `mixtral bench` on stderr (terminals only: pipes and logs stay clean)."""
     if err.is_terminal:
         err.print(f"[stats]{_escape(message)}…[/]")
+
+
+# -- serve -------------------------------------------------------------------------------------
+def serve_banner(url: str, model: str, ctx: int, max_queue: int, keyed: bool) -> None:
+    """`mixtral serve` is up: the base URL alone on stdout (for scripts), what is served on stderr."""
+    sys.stdout.write(url + "\n")
+    sys.stdout.flush()
+    key = "API key required" if keyed else "no API key"
+    err.print(f"[stats]serving {_escape(model)} ({ctx}-token context) on OpenAI's API at {url} · "
+              f"up to {max_queue} requests wait while one generates · {key} · Ctrl-C stops[/]")
+
+
+def server_log(message: str) -> None:
+    """One time-stamped line of the server's log on stderr (a request, a warning, stopping)."""
+    from time import strftime
+
+    err.print(f"[stats]{strftime('%H:%M:%S')}[/] {_escape(message)}", overflow="ignore", crop=False)
