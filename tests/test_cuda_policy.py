@@ -1,0 +1,105 @@
+"""The decisions behind the CUDA paths, made in plain code and tested here on the CPU.
+
+The CUDA-only code is kept thin (streams, events, page-locking, kernel calls); what it relies on
+is checked here: which dtype `--dtype auto` picks per compute capability, that the int8 format is
+exactly what bitsandbytes' blockwise kernel decodes, which block sizes that kernel takes, that the
+code tables are copied to a device once, that a broken bitsandbytes falls back with one warning
+line, and that the installed bitsandbytes reads nf4's nested absmax inside its fused kernel.
+tests/test_cuda.py runs the same paths on a GPU (`pytest -m cuda`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mixtral_cli.runtime import cuda_bf16_native
+from quant import kernels
+from quant.formats import dequantize, quantize, spec_for_bits
+
+bnb = pytest.importorskip("bitsandbytes")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("capability, native", [
+    ((6, 1), False),  # Pascal
+    ((7, 0), False),  # Volta
+    ((7, 5), False),  # Turing: torch.cuda.is_bf16_supported() says True (emulation)
+    ((8, 0), True),  # A100
+    ((8, 6), True),  # RTX 30xx
+    ((8, 9), True),  # RTX 40xx
+    ((9, 0), True),  # H100
+    ((12, 0), True),  # RTX 50xx
+])
+def test_auto_dtype_is_bf16_only_from_compute_capability_8(capability, native):
+    assert cuda_bf16_native(capability) is native
+
+
+def test_int8_code_table_is_the_signed_byte_value():
+    code = kernels.INT8_CODE
+    assert code.dtype == torch.float32 and code.shape == (256,)
+    assert code[0] == 0 and code[1] == 1 and code[127] == 127 and code[129] == -127 and code[255] == -1
+    # every stored int8 value u, read as a byte b, decodes to u
+    u = torch.arange(-127, 128, dtype=torch.int8)
+    assert torch.equal(code[u.view(torch.uint8).long()], u.float())
+
+
+def test_bitsandbytes_blockwise_kernel_decodes_our_int8_format_exactly():
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    qt = quantize(w, spec_for_bits(8))  # group 128
+    state = kernels._cuda_int8_state(qt)
+    assert state.blocksize == 128 and state.absmax.data_ptr() == qt.parts["scales"].data_ptr()  # a view
+    got = torch.ops.bitsandbytes.dequantize_blockwise.default(
+        qt.parts["qweight"].view(torch.uint8), state.absmax, state.code, state.blocksize, torch.float32)
+    assert torch.equal(got, dequantize(qt))
+    # the int8 CUDA path's code, run here on CPU tensors, against the float64 reference
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+    y = kernels._bnb_cuda_int8(x, qt, kernels.Prepared(CPU, quant_state=state))
+    torch.testing.assert_close(y, kernels.reference_matmul(x, qt), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_block_sizes_the_kernel_takes():
+    assert [g for g in (2, 4, 6, 8, 16, 32, 64, 96, 128, 256, 384) if kernels.int8_block_ok(g)] == [8, 16, 32, 64, 128, 256]
+
+
+def test_code_tables_are_copied_to_a_device_once():
+    assert kernels.device_code("nf4", CPU) is kernels.device_code("nf4", CPU)
+    assert torch.equal(kernels.device_code("dynamic", CPU), kernels.DYNAMIC_CODE)
+    qt = quantize(torch.randn(64, 128), spec_for_bits(4))
+    a, b = kernels._cuda_quant_state(qt), kernels._cuda_quant_state(qt)
+    assert a.code is b.code and a.state2.code is b.state2.code  # no per-state (per-refill) copy
+    assert a.absmax.data_ptr() == qt.parts["scales"].data_ptr()  # views of the stored parts
+
+
+def test_bitsandbytes_probe_passes_where_its_kernels_work():
+    # the probe runs the CUDA paths' code on the given device; bitsandbytes' CPU kernels stand in here
+    assert kernels.bnb_cuda_ok.__wrapped__(CPU) is True
+
+
+def test_broken_bitsandbytes_falls_back_with_one_warning_line(monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("libbitsandbytes_cuda126.so: cannot open shared object file\nmore detail")
+
+    monkeypatch.setattr(kernels, "_bnb_cuda_int8", broken)
+    with caplog.at_level(logging.WARNING, logger="mixtral_cli"):
+        assert kernels.bnb_cuda_ok.__wrapped__(CPU) is False
+    lines = [r.getMessage() for r in caplog.records if r.name == "mixtral_cli"]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "cannot open shared object" in lines[0] and "slower" in lines[0]
+
+
+def test_installed_bitsandbytes_reads_the_nested_absmax_in_its_fused_kernel():
+    """From 0.50, `matmul_4bit` hands a double-quantized state to the `gemm_4bit` op as the 8-bit
+    absmax, its code and the second-level absmax and offset; the fused kernel (every call of up to
+    4 tokens) decodes them itself. Before 0.50 the batch-1 path (`gemv_4bit`) expanded the nested
+    absmax with two extra kernels on every call; the project requires 0.50."""
+    import inspect
+
+    from bitsandbytes.autograd import _functions
+
+    major, minor = (int(v) for v in bnb.__version__.split(".")[:2])
+    assert (major, minor) >= (0, 50)
+    src = inspect.getsource(_functions.matmul_4bit)
+    assert "absmax_8bit=quant_state.absmax" in src and "absmax_code=quant_state.state2.code" in src
