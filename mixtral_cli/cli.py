@@ -247,6 +247,56 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; any but loopback (127.0.0.1, ::1, localhost) lets other machines in.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="TCP port; 0 picks a free one (the URL printed on stdout names it).")] = 8080,
+    api_key: Annotated[str | None, typer.Option("--api-key", metavar="KEY", envvar="MIXTRAL_API_KEY", show_envvar=False, help="Require 'Authorization: Bearer KEY' on every /v1 request (/health stays open)  [default: $MIXTRAL_API_KEY, else none]")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", metavar="N", help="Requests that may wait while one generates; more get 503 with Retry-After.")] = 8,
+    send_timeout: Annotated[float, typer.Option("--send-timeout", metavar="SECONDS", help="Cut a stream whose client has not read for this long.")] = 30.0,
+    system: Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt for conversations that bring none  [default: none]")] = None,
+    max_tokens: Annotated[int | None, typer.Option("-n", "--max-tokens", metavar="N", help="max_tokens of chat requests that set none (/v1/completions: 16, as OpenAI)  [default: the rest of the context]")] = None,
+    temperature: TempOpt = 0.8,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 40,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatOpt = 1.0,
+    seed: SeedOpt = None,
+    ctx_size: CtxOpt = None,
+    stop: StopOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    gpu_mem: GpuMemOpt = None,
+    experts_in_gpu: SlotsOpt = None,
+    no_prefetch: NoPrefetchOpt = False,
+    threads: ThreadsOpt = None,
+    yes: YesOpt = False,
+) -> None:
+    """Serve the model on OpenAI's HTTP API: /v1/chat/completions (streaming too), /v1/completions, /v1/models, /health.
+
+    Generation options are the defaults for what a request leaves out; a request's own fields win.
+    One request generates at a time; the others wait in order. SIGINT or SIGTERM stops the server.
+    """
+    from .serve import ServeOptions, is_loopback, listen, model_name
+    from .serve import serve as run_server
+
+    if max_queue < 0:
+        raise UserError(f"--max-queue must be at least 0, got {max_queue}")
+    if send_timeout <= 0:
+        raise UserError(f"--send-timeout must be positive, got {send_timeout}")
+    gen = _generation(1 if max_tokens is None else max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
+    gen.max_tokens = max_tokens or 0  # 0: up to the end of the context
+    opts = ServeOptions(model_name=model_name(model), gen=gen, system=system, host=host, port=port,
+                        api_key=api_key or None, max_queue=max_queue, send_timeout=send_timeout)
+    runtime = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads)
+    sock = listen(host, port)  # before the long load: a port in use fails at once
+    if not opts.api_key and not is_loopback(host):
+        ui.notice(f"warning: listening on {host} without an API key: anyone who can reach this port can use "
+                  "the model (set --api-key or $MIXTRAL_API_KEY)")
+    run_server(_load(model, runtime, yes), opts, sock)
+
+
+@app.command()
 def bench(
     model: ModelOpt = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Synthetic random weights instead of a checkpoint: tiny, mini or 8x7b.")] = None,
