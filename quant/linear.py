@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .formats import QuantizedTensor, QuantSpec, quantize
+from .formats import QuantizedTensor, QuantSpec
 from .kernels import Prepared, dense_matmul, matmul, prepare
 
 
@@ -24,12 +24,6 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t)
         self._part_names = tuple(qt.parts)
         self._prepared: Prepared | None = None
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
-        if linear.bias is not None:
-            raise ValueError("QuantLinear has no bias")
-        return cls(quantize(linear.weight, spec))
 
     @property
     def qt(self) -> QuantizedTensor:
