@@ -186,12 +186,14 @@ def plan_memory(args: ModelArgs, spec: QuantSpec | None, ctx: int, budget: int, 
     return plan
 
 
-def require_fit(plan: MemoryPlan, top_k: int, ctx: int) -> MemoryPlan:
-    """Refuse a budget that cannot hold top-k expert slots per layer, naming the minimum."""
+def require_fit(plan: MemoryPlan, top_k: int, ctx: int, spec: QuantSpec | None = None) -> MemoryPlan:
+    """Refuse a budget that cannot hold top-k expert slots per layer, naming the minimum (``spec``:
+    the experts' format, to suggest 4-bit experts only where they are not 4-bit already)."""
     if not plan.fits:
+        fewer = " or use 4-bit experts" if spec is None or spec.bits > 4 else ""
         raise UserError(
             f"a GPU budget of {plan.budget / 2**30:.2f} GiB cannot hold {top_k} expert slots per layer "
             f"next to the resident weights and a {ctx}-token KV cache",
-            hint=f"the minimum is {plan.minimum_budget / 2**30:.2f} GiB: raise --gpu-mem, lower the context, or use fewer bits",
+            hint=f"the minimum is {plan.minimum_budget / 2**30:.2f} GiB: raise --gpu-mem, lower the context{fewer}",
         )
     return plan

@@ -118,7 +118,7 @@ def expert_slots(opts: RuntimeOptions, args: ModelArgs, ckpt: Checkpoint, device
     budget = opts.gpu_mem or torch.cuda.mem_get_info(device)[0]
     plan = plan_memory(args, ckpt.quant, ctx, budget, dense_bytes=dtype.itemsize,
                        fused_attention=fused_attention_available(device, dtype, args))
-    return require_fit(plan, top_k, ctx).slots_per_layer
+    return require_fit(plan, top_k, ctx, ckpt.quant).slots_per_layer
 
 
 def load_engine(
