@@ -425,6 +425,10 @@ class ExpertCache:
         if transfer is None:
             transfer = CudaTransfer(n_slots, device) if device.type == "cuda" else SyncTransfer()
         self.transfer = transfer
+        if isinstance(transfer, CudaTransfer):
+            # The copy stream writes the slots: when this cache is dropped, the allocator must not hand
+            # the memory out again before that stream's copies (an unused prefetch, say) are done.
+            self.slab.record_stream(transfer.stream)
         self.layers = [
             _LayerSlots([self.slab[(L * K + s) * nb:(L * K + s + 1) * nb] for s in range(K)], L * K, store.layout)
             for L in range(store.n_layers)
