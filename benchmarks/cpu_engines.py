@@ -184,6 +184,10 @@ def one_llama(d: Path, engine: str, tokens: int, threads: int) -> dict:
 
 
 def one(d: Path, engine: str, tokens: int, threads: int) -> None:
+    if engine.startswith("ours"):
+        from mixtral_cli.threads_env import configure_cpu_threads_env
+
+        configure_cpu_threads_env(threads)  # as the CLI does, before torch loads
     fn = one_ours if engine.startswith("ours") else one_hf if engine.startswith("hf") else one_llama
     res = fn(d, engine, tokens, threads)
     print(json.dumps(res | {"engine": engine, "peak_rss": peak_rss()}))

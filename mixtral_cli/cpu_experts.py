@@ -15,6 +15,7 @@ so the tests check the policy and the counters with token-identical output.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +56,20 @@ def assign_misses(n_missing: int, costs: ExpertCosts, mode: str) -> list[bool]:
             copy_done += costs.copy_s
         out.append(on_cpu)
     return out
+
+
+def miss_time(n_missing: int, costs: ExpertCosts, mode: str) -> float:
+    """Seconds until `n_missing` misses of one layer are served under `mode` (both engines in parallel)."""
+    flags = assign_misses(n_missing, costs, mode)
+    return max(costs.cpu_s * sum(flags), costs.copy_s * (n_missing - sum(flags)))
+
+
+def layer_miss_time(miss_rate: float, top_k: int, costs: ExpertCosts, mode: str) -> float:
+    """Expected seconds one layer of one decoded token waits for its misses, each of its `top_k`
+    experts missing independently with probability `miss_rate` (layers run one after another, so
+    this is what bounds decode: tokens/s <= 1 / (layers x this + the rest))."""
+    return sum(math.comb(top_k, n) * miss_rate**n * (1 - miss_rate) ** (top_k - n) * miss_time(n, costs, mode)
+               for n in range(top_k + 1))
 
 
 def _best_of(fn, reps: int = 3) -> float:

@@ -88,3 +88,17 @@ def test_prefill_never_runs_experts_on_the_cpu(tiny_ckpt):
 def test_cpu_experts_mode_is_validated(tiny_ckpt):
     with pytest.raises(UserError, match="cpu-experts"):
         load_engine(tiny_ckpt, RuntimeOptions(device="cpu", experts_in_gpu=2, cpu_experts="sometimes"))
+
+
+def test_layer_miss_time_by_hand():
+    from mixtral_cli.cpu_experts import layer_miss_time, miss_time
+
+    c = ExpertCosts(copy_s=3.6e-3, cpu_s=1.5e-3)  # PCIe 4.0 copy of a 4-bit expert vs DDR5 CPU pass
+    assert miss_time(1, c, "never") == pytest.approx(3.6e-3)
+    assert miss_time(2, c, "never") == pytest.approx(7.2e-3)
+    assert miss_time(1, c, "auto") == pytest.approx(1.5e-3)
+    assert miss_time(2, c, "auto") == pytest.approx(3.0e-3)  # both on the CPU: 3.0 < max(1.5, 3.6)
+    # hit rate 0.8: P(1 miss) = 2 * 0.2 * 0.8 = 0.32, P(2 misses) = 0.04
+    assert layer_miss_time(0.2, 2, c, "never") == pytest.approx(0.32 * 3.6e-3 + 0.04 * 7.2e-3)
+    assert layer_miss_time(0.2, 2, c, "auto") == pytest.approx(0.32 * 1.5e-3 + 0.04 * 3.0e-3)
+    assert layer_miss_time(0.0, 2, c, "auto") == 0.0
