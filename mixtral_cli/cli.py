@@ -2,50 +2,64 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from . import __version__, ui
 from .errors import UserError
-from .generate import GenerationConfig, SamplingConfig
 
+if TYPE_CHECKING:
+    from .generate import GenerationConfig
+
+# Only the standard library, typer and rich load at import time: torch and the model code load inside
+# the commands that need them (see `_needs_torch`), so `mixtral --help` answers at once.
 app = typer.Typer(
     name="mixtral",
     help="Run Mixtral-8x7B on one consumer GPU (or slowly on a CPU): download, quantize, chat.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells report SIGINT
-
-GEN = "Generation"
-RT = "Runtime"
+DEFAULT_MODEL_HELP = "[default: $MIXTRAL_MODEL, else mistralai/Mixtral-8x7B-Instruct-v0.1]"
 
 # -- shared options (Annotated aliases keep each command's signature short) -------------------
-ModelOpt = Annotated[str | None, typer.Option("-m", "--model", help="Local directory or Hub repo id [default: $MIXTRAL_MODEL or mistralai/Mixtral-8x7B-Instruct-v0.1].")]
+ModelOpt = Annotated[str | None, typer.Option("-m", "--model", metavar="MODEL", help=f"Local directory or Hub repo id {DEFAULT_MODEL_HELP}.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download the model first if it is not in the cache.")]
-MaxTokensOpt = Annotated[int, typer.Option("-n", "--max-tokens", help="Maximum tokens to generate.", rich_help_panel=GEN)]
-TempOpt = Annotated[float, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 = greedy.", rich_help_panel=GEN)]
-TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass; 1 = off.", rich_help_panel=GEN)]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the K most likely tokens; 0 = off.", rich_help_panel=GEN)]
-MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens below min-p x the top probability; 0 = off.", rich_help_panel=GEN)]
-RepeatOpt = Annotated[float, typer.Option("--repeat-penalty", help="Penalty for the last 64 tokens; 1 = off.", rich_help_panel=GEN)]
-SeedOpt = Annotated[int | None, typer.Option("-s", "--seed", help="Random seed (same seed, same output) [default: random].", rich_help_panel=GEN)]
-SystemOpt = Annotated[str | None, typer.Option("--system", help="System prompt (put before the first user message).", rich_help_panel=GEN)]
-CtxOpt = Annotated[int | None, typer.Option("-c", "--ctx-size", help="Context length in tokens [default: min(model max, 4096)].", rich_help_panel=GEN)]
-StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop when this string appears (repeatable).", rich_help_panel=GEN)]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel=RT)]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype of unquantized parts: auto, float32, bfloat16, float16.", rich_help_panel=RT)]
-GpuMemOpt = Annotated[str | None, typer.Option("--gpu-mem", help="GPU memory budget for this process, e.g. 24GiB [default: free memory].", rich_help_panel=RT)]
-SlotsOpt = Annotated[int | None, typer.Option("--experts-in-gpu", help="Expert slots per layer (overrides the planner; CPU too).", rich_help_panel=RT)]
-ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", help="CPU threads for torch [default: one per core]; fewer can be faster on a busy machine.", rich_help_panel=RT)]
-NoPrefetchOpt = Annotated[bool, typer.Option("--no-prefetch", help="Turn off speculative expert prefetch.", rich_help_panel=RT)]
+MaxTokensOpt = Annotated[int, typer.Option("-n", "--max-tokens", metavar="N", help="Maximum tokens to generate.")]
+TempOpt = Annotated[float, typer.Option("--temperature", "--temp", metavar="T", help="Sampling temperature; 0 = greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", metavar="P", help="Nucleus sampling mass; 1 = off.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", metavar="K", help="Keep the K most likely tokens; 0 = off.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", metavar="P", help="Drop tokens below min-p x the top probability; 0 = off.")]
+RepeatOpt = Annotated[float, typer.Option("--repeat-penalty", metavar="X", help="Penalty for the last 64 tokens; 1 = off.")]
+SeedOpt = Annotated[int | None, typer.Option("-s", "--seed", metavar="N", help="Random seed (same seed, same output)  [default: random]")]
+SystemOpt = Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt (put before the first user message)  [default: none]")]
+# -c/--ctx-size (llama.cpp's spelling) and --ctx name the same thing in every command.
+CTX_NAMES = ("-c", "--ctx-size", "--ctx")
+CtxOpt = Annotated[int | None, typer.Option(*CTX_NAMES, metavar="N", help="Context length in tokens (KV cache size)  [default: min(model max, 4096)]")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", metavar="TEXT", help="Stop when this string appears (repeatable)  [default: none]")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="Where to run.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Compute dtype of unquantized parts (auto: bfloat16, float16 on GPUs without bf16).")]
+GpuMemOpt = Annotated[str | None, typer.Option("--gpu-mem", metavar="SIZE", help="GPU memory budget for this process, e.g. 24GiB  [default: the GPU's free memory]")]
+SlotsOpt = Annotated[int | None, typer.Option("--experts-in-gpu", metavar="K", help="Expert slots per layer (overrides the planner; CPU too)  [default: from the plan]")]
+ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", metavar="N", help="CPU threads for torch; fewer can be faster on a busy machine  [default: one per core]")]
+NoPrefetchOpt = Annotated[bool, typer.Option("--no-prefetch", help="Turn off speculative expert prefetch.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _needs_torch(threads: int | None = None) -> None:
+    """First call of every command that loads torch: the thread environment only counts before it loads."""
+    from . import threads_env
+
+    threads_env.configure_cpu_threads_env(threads)
 
 
 def _version(value: bool) -> None:
@@ -65,6 +79,10 @@ def _root(
 def _generation(max_tokens: int, stop: list[str] | None, temperature: float, top_p: float, top_k: int,
                 min_p: float, repeat_penalty: float, seed: int | None) -> GenerationConfig:
     """The generation options of `run` and `chat`, validated before any weight is loaded."""
+    from .generate import GenerationConfig, SamplingConfig
+
+    if max_tokens < 1:
+        raise UserError(f"-n/--max-tokens must be at least 1, got {max_tokens}")
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                               repeat_penalty=repeat_penalty, seed=seed)
     sampling.validate()
@@ -83,21 +101,30 @@ def _runtime(device: str, dtype: str, ctx_size: int | None, gpu_mem: str | None,
                           experts_in_gpu=experts_in_gpu, prefetch=not no_prefetch, threads=threads)
 
 
-def _load(model: str | None, opts, yes: bool = False):
+def _resolve(model: str | None, yes: bool) -> Path:
+    """The model's directory; with --yes a missing repo is downloaded first, with a progress display."""
     from .hub import resolve_model
+
+    if not yes:
+        return resolve_model(model)
+    with ui.DownloadProgress() as progress:
+        return resolve_model(model, download_missing=True, progress=progress)
+
+
+def _load(model: str | None, opts, yes: bool = False):
     from .runtime import load_engine
 
-    path = resolve_model(model, download_missing=yes)
+    path = _resolve(model, yes)
     with ui.load_progress() as update:
         return load_engine(path, opts, on_progress=update)
 
 
 @app.command()
 def download(
-    repo_id: Annotated[str, typer.Argument(help="Hub repo id.")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
-    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit [default: main].")] = None,
-    local_dir: Annotated[Path | None, typer.Option("--local-dir", help="Put the files here instead of the Hugging Face cache.")] = None,
-    token: Annotated[str | None, typer.Option("--token", help="Hugging Face token [default: $HF_TOKEN or the saved login].")] = None,
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub repo id.")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    revision: Annotated[str | None, typer.Option("--revision", metavar="REV", help="Branch, tag or commit sha; the download is pinned to the commit it names  [default: main]")] = None,
+    local_dir: Annotated[Path | None, typer.Option("--local-dir", metavar="DIR", help="Put the files here instead of the Hugging Face cache.")] = None,
+    token: Annotated[str | None, typer.Option("--token", metavar="TOKEN", help="Hugging Face token  [default: $HF_TOKEN, else the saved login]")] = None,
 ) -> None:
     """Fetch the safetensors weights, config and tokenizer (never the .pt pickles), sha256-verified; a rerun keeps completed files."""
     from .download import download as fetch
@@ -112,7 +139,7 @@ app.command("pull", help="Alias of download.")(download)
 
 @app.command()
 def run(
-    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' or omitted with piped input reads stdin.")] = None,
+    prompt: Annotated[str | None, typer.Argument(metavar="PROMPT", help="The prompt; '-' or omitted with piped input reads stdin.")] = None,
     model: ModelOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: ids are [BOS] + encode(prompt).")] = False,
     json_out: JsonOpt = False,
@@ -135,12 +162,15 @@ def run(
     yes: YesOpt = False,
 ) -> None:
     """One-shot completion: stream the answer to PROMPT on stdout."""
+    _needs_torch(threads)
     from .commands import run_once
 
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
             raise UserError("no prompt given", hint="pass a prompt argument, or '-' to read it from stdin")
         prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("the prompt is empty", hint="pass a prompt argument, or pipe the prompt text into 'mixtral run -'")
     if raw and system:
         raise UserError("--system needs the chat template", hint="drop --raw or --system")
     gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
@@ -151,9 +181,9 @@ def run(
 
 @app.command()
 def perplexity(
-    file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="UTF-8 text file to score.")],
     model: ModelOpt = None,
-    ctx: Annotated[int, typer.Option("--ctx", help="Window length in tokens.")] = 512,
+    ctx: Annotated[int, typer.Option(*CTX_NAMES, metavar="N", help="Window length in tokens.")] = 512,
     json_out: JsonOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -163,10 +193,11 @@ def perplexity(
     yes: YesOpt = False,
 ) -> None:
     """Perplexity of FILE in independent windows of --ctx tokens."""
+    _needs_torch(threads)
     from .evaluate import perplexity as compute
 
     if ctx < 2:
-        raise UserError(f"--ctx must be at least 2, got {ctx}")
+        raise UserError(f"-c/--ctx must be at least 2, got {ctx}")
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -175,6 +206,8 @@ def perplexity(
         raise UserError(f"cannot read {file} as UTF-8 text ({e})") from None
     engine = _load(model, _runtime(device, dtype, ctx, gpu_mem, experts_in_gpu, True, threads), yes)
     ids = engine.tokenizer.encode(text, bos=True)
+    if len(ids) < 2:
+        raise UserError(f"{file} has no text to score", hint="perplexity needs at least one token after the BOS token")
     result = compute(engine.model, ids, ctx)
     if json_out:
         ui.print_json(result.as_dict())
@@ -184,13 +217,14 @@ def perplexity(
 
 @app.command()
 def info(
-    model: Annotated[str | None, typer.Argument(help="Model directory, config.json, or Hub repo id [default: $MIXTRAL_MODEL or the Instruct model].")] = None,
-    bits: Annotated[int | None, typer.Option("--bits", help="Expert weight bits for the plan: 4, 8 or 16 [default: the checkpoint's].")] = None,
-    gpu_mem: GpuMemOpt = None,
-    ctx: Annotated[int, typer.Option("--ctx", help="Context length for the KV cache in the plan.")] = 4096,
+    model: Annotated[str | None, typer.Argument(metavar="MODEL", help=f"Model directory, config.json, or Hub repo id {DEFAULT_MODEL_HELP}.")] = None,
+    bits: Annotated[int | None, typer.Option("--bits", metavar="4|8|16", help="Expert weight bits for the plan  [default: the checkpoint's]")] = None,
+    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", metavar="SIZE", help="GPU memory budget to plan for, e.g. 24GiB  [default: this GPU's free memory; 24GiB without a GPU]")] = None,
+    ctx: Annotated[int, typer.Option(*CTX_NAMES, metavar="N", help="Context length for the KV cache in the plan.")] = 4096,
     json_out: JsonOpt = False,
 ) -> None:
     """Parameter counts, weight sizes and the memory plan for a GPU budget."""
+    _needs_torch()
     from .commands import show_info
 
     show_info(model, bits=bits, gpu_mem=gpu_mem, ctx=ctx, json_out=json_out)
@@ -198,19 +232,21 @@ def info(
 
 @app.command()
 def quantize(
-    model: Annotated[str, typer.Argument(help="Hub-layout model directory or cached Hub repo id.")],
-    bits: Annotated[int, typer.Option("--bits", help="Expert weight bits: 4 (nf4) or 8 (int8).")],
-    out: Annotated[Path | None, typer.Option("--out", help="Output directory [default: <MODEL>-q<bits> beside a local model; ./<repo name>-q<bits> for a cached repo].")] = None,
-    group_size: Annotated[int | None, typer.Option("--group-size", help="Weights per scale [default: 64 for 4-bit, 128 for 8-bit].")] = None,
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Hub-layout model directory or Hub repo id.")],
+    bits: Annotated[int, typer.Option("--bits", metavar="4|8", help="Expert weight bits: 4 (nf4) or 8 (int8).")],
+    out: Annotated[Path | None, typer.Option("--out", metavar="DIR", help="Output directory  [default: <MODEL>-q<bits> beside a local model; ./<repo name>-q<bits> for a repo id]")] = None,
+    group_size: Annotated[int | None, typer.Option("--group-size", metavar="N", help="Weights per scale  [default: 64 for 4-bit, 128 for 8-bit]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing quantized checkpoint at --out.")] = False,
-    shard_size: Annotated[str | None, typer.Option("--shard-size", help="Approximate size of each output shard, e.g. 5GB [default: 5GB].")] = None,
+    shard_size: Annotated[str, typer.Option("--shard-size", metavar="SIZE", help="Approximate size of each output shard.")] = "5GB",
+    yes: YesOpt = False,
 ) -> None:
     """Write a copy of MODEL with its experts quantized; prints the output directory."""
+    _needs_torch()
     from .quantize import quantize_cli
     from .sizes import parse_size
 
-    path = quantize_cli(model, bits, out, group_size, force, parse_size(shard_size) if shard_size else None,
-                        ui.QuantizeProgress)
+    source = _resolve(model, yes)
+    path = quantize_cli(str(source), bits, out, group_size, force, parse_size(shard_size), ui.QuantizeProgress)
     sys.stdout.write(f"{path}\n")
     sys.stdout.flush()
 
@@ -237,10 +273,9 @@ def chat(
     yes: YesOpt = False,
 ) -> None:
     """Multi-turn chat in the terminal (/help inside lists the commands); reads lines from a pipe too."""
+    _needs_torch(threads)
     from .chat import chat_loop
 
-    if max_tokens < 1:
-        raise UserError(f"-n/--max-tokens must be at least 1, got {max_tokens}")
     gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
     engine = _load(model, _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads), yes)
     chat_loop(engine, gen, system=system)
@@ -277,6 +312,7 @@ def serve(
     Generation options are the defaults for what a request leaves out; a request's own fields win.
     One request generates at a time; the others wait in order. SIGINT or SIGTERM stops the server.
     """
+    _needs_torch(threads)
     from .serve import ServeOptions, is_loopback, listen, model_name
     from .serve import serve as run_server
 
@@ -299,14 +335,14 @@ def serve(
 @app.command()
 def bench(
     model: ModelOpt = None,
-    preset: Annotated[str | None, typer.Option("--preset", help="Synthetic random weights instead of a checkpoint: tiny, mini or 8x7b.")] = None,
-    bits: Annotated[int | None, typer.Option("--bits", help="Expert weight bits: 4, 8 or 16 [default: 16 for presets, the checkpoint's for -m].")] = None,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length (random token ids).")] = 512,
-    gen_tokens: Annotated[int, typer.Option("--gen-tokens", help="Tokens decoded and timed (greedy, EOS ignored).")] = 128,
-    baseline: Annotated[str | None, typer.Option("--baseline", help="Also run this engine on the same weights: transformers.")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", metavar="tiny|mini|8x7b", help="Synthetic random weights instead of a checkpoint (no download).")] = None,
+    bits: Annotated[int | None, typer.Option("--bits", metavar="4|8|16", help="Expert weight bits  [default: 16 for presets, the checkpoint's for -m]")] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", metavar="N", help="Prompt length (random token ids).")] = 512,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", metavar="N", help="Tokens decoded and timed (greedy, EOS ignored).")] = 128,
+    baseline: Annotated[str | None, typer.Option("--baseline", metavar="transformers", help="Also run this engine on the same weights  [default: none]")] = None,
     sweep_slots: Annotated[bool, typer.Option("--sweep-slots", help="Decode with every expert-slot count from top-k to all experts.")] = False,
-    csv_path: Annotated[Path | None, typer.Option("--csv", help="Where --sweep-slots writes its CSV [default: ./bench-slots.csv].")] = None,
-    rounds: Annotated[int, typer.Option("--rounds", help="Repeat the measurement (interleaved with the baseline); medians are reported.")] = 1,
+    csv_path: Annotated[Path | None, typer.Option("--csv", metavar="FILE", help="Where --sweep-slots writes its CSV  [default: ./bench-slots.csv]")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", metavar="N", help="Repeat the measurement (interleaved with the baseline); medians are reported.")] = 1,
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     device: DeviceOpt = "auto",
@@ -317,15 +353,14 @@ def bench(
     yes: YesOpt = False,
 ) -> None:
     """Prefill and decode speed, memory, expert-cache hit rate, and the bandwidth bound they imply."""
+    _needs_torch(threads)
     from .bench import BenchOptions, run_bench
 
     if model is not None and preset is not None:
         raise UserError("pass either -m MODEL or --preset, not both")
     model_dir = None
     if preset is None:
-        from .hub import resolve_model
-
-        model_dir = resolve_model(model, download_missing=yes)
+        model_dir = _resolve(model, yes)
     opts = BenchOptions(preset=preset, model_dir=model_dir, bits=bits, prompt_tokens=prompt_tokens,
                         gen_tokens=gen_tokens, baseline=baseline, sweep_slots=sweep_slots, csv_path=csv_path,
                         rounds=rounds, runtime=_runtime(device, dtype, None, gpu_mem, experts_in_gpu, no_prefetch, threads))
@@ -336,11 +371,53 @@ def bench(
         ui.bench_report(result)
 
 
+# -- usage errors: Click's own messages, as our one line ---------------------------------------
+def _looks_like_model(arg: str) -> bool:
+    """A local checkpoint directory or something spelled like a Hub repo id (``org/name``)."""
+    path = Path(arg).expanduser()
+    return (path / "config.json").is_file() or (
+        not path.exists() and re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", arg) is not None)
+
+
+def _usage_error(e: Exception, argv: list[str]) -> tuple[str, str | None]:
+    """One line (what is wrong, what to do) for a Click usage error: unknown option or command,
+    extra or missing argument, bad value."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "mixtral"
+    see = f"see '{command} --help'"
+    kind = type(e).__name__
+    message = str(getattr(e, "message", "") or e).strip()
+    if kind == "NoSuchOption":
+        option = e.option_name  # type: ignore[attr-defined]
+        close = list(e.possibilities or [])  # type: ignore[attr-defined]
+        if option in ("-m", "--model") and ctx is not None and ctx.info_name in ("info", "quantize"):
+            return f"'{command}' takes the model as an argument, not with {option}", f"{command} MODEL ..."
+        return f"unknown option {option} for '{command}'", f"did you mean {close[0]}?" if close else see
+    m = re.match(r"No such command '([^']*)'", message)
+    if m:
+        names = sorted(getattr(ctx.command, "commands", {})) if ctx is not None else []
+        close = difflib.get_close_matches(m.group(1), names, n=1)
+        return (f"unknown command '{m.group(1)}'",
+                f"did you mean '{close[0]}'?" if close else f"the commands are: {', '.join(names)}")
+    m = re.match(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)", message)
+    if m:
+        takes_m = ctx is not None and any("-m" in getattr(p, "opts", ()) for p in ctx.command.params)
+        words = [w for w in argv if not w.startswith("-")]
+        model = next((w for w in words if _looks_like_model(w)), None)
+        if takes_m and model is not None:
+            return (f"unexpected argument {m.group(1)} for '{command}'",
+                    f"pass a model with -m: {command} -m {model} ...")
+        return f"unexpected argument {m.group(1)} for '{command}'", see
+    message = " ".join(e.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    return message[:1].lower() + message[1:], see
+
+
 def main() -> None:
     """Console entry point: user errors are one line on stderr (exit 2), failures exit 1."""
-    debug = "--debug" in sys.argv[1:]
+    argv = sys.argv[1:]
+    debug = "--debug" in argv
     try:
-        code = app(standalone_mode=False)
+        code = app(args=argv, prog_name="mixtral", standalone_mode=False)
     except UserError as e:
         if debug:
             raise
@@ -356,12 +433,16 @@ def main() -> None:
     except typer.Abort:
         ui.error_line("aborted")
         sys.exit(INTERRUPTED)
+    except typer.TyperException as e:  # Click's usage errors (typer bundles Click)
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `mixtral`
+            print(e.ctx.get_help())  # type: ignore[attr-defined]
+            sys.exit(0)
+        if debug:
+            raise
+        message, hint = _usage_error(e, argv)
+        ui.error_line(message, hint)
+        sys.exit(UserError.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, no traceback
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
         if debug:
             raise
         ui.error_line(f"{type(e).__name__}: {e}", hint="run with --debug for the traceback")

@@ -39,17 +39,18 @@ def run_once(engine: Engine, prompt: str, gen: GenerationConfig, *, raw: bool, s
     completion = Completion(Session(engine.model), engine.tokenizer, ids, gen, continuation=raw)
     engine.model.experts.reset_stats()
     stats = engine.model.experts.stats
-    if json_out:
-        text = "".join(completion)
-    else:
+    if not json_out:
         shown: list[str] = []
         try:
             shown.extend(ui.stream(completion))
         finally:  # Ctrl-C included: leave the terminal on a fresh line
             ui.end_stream("".join(shown))
-        text = "".join(shown)
-    if not json_out:
+        if ui.err.is_terminal:  # the same dim line as after a chat reply
+            s, uses = completion.stats, stats.hits + stats.misses
+            ui.stats_line(s.prefill_tokens_per_s, s.decode_tokens_per_s, s.completion_tokens,
+                          stats.hits / uses if uses else None)
         return
+    text = "".join(completion)
     s = completion.stats
     cache = stats.as_dict()
     ui.print_json({
@@ -77,7 +78,7 @@ def _info_config(model: str | None) -> tuple[ModelArgs, dict, Path | None]:
         return args_from_config(cfg, path), cfg, None
     from .hub import resolve_model
 
-    directory = resolve_model(model)
+    directory = resolve_model(model, offer_yes=False)
     args, raw = load_config(directory)
     return args, raw, directory
 
@@ -118,10 +119,16 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
     dense = 2 * (args.params_total - args.params_experts)
     n_experts = args.num_hidden_layers * args.num_local_experts
     experts = n_experts * expert_bytes(args, spec)
-    budget = parse_size(gpu_mem) if gpu_mem else 24 * 2**30
+    if gpu_mem:
+        budget = parse_size(gpu_mem)
+    elif torch.cuda.is_available():
+        budget = torch.cuda.mem_get_info()[0]
+    else:
+        budget = 24 * 2**30
+        ui.notice("no CUDA GPU here: the plan is for a 24 GiB GPU (pass --gpu-mem for another size)")
     plan = plan_memory(args, spec, ctx, budget)
     if gpu_mem:
-        require_fit(plan, args.num_experts_per_tok, ctx)
+        require_fit(plan, args.num_experts_per_tok, ctx, spec)
     fmt = f"{spec.name} ({spec.bits}-bit, group {spec.group_size})" if spec else "bfloat16"
     result = {
         "params_total": args.params_total,

@@ -10,6 +10,17 @@ from typing import Any
 from .errors import UserError
 
 _DTYPES = {"float32", "bfloat16", "float16"}
+# Integer fields that must be at least 1 (``head_dim`` may be 0: derived from the others).
+_POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "num_local_experts", "num_experts_per_tok", "vocab_size",
+                  "max_position_embeddings")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,23 @@ class ModelArgs:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:
+            _check_int(name, getattr(self, name), 1)
+        _check_int("head_dim", self.head_dim, 0)
+        for name in ("bos_token_id", "eos_token_id"):
+            _check_int(name, getattr(self, name), 0)
+            if getattr(self, name) >= self.vocab_size:
+                raise ValueError(f"{name} must be below vocab_size {self.vocab_size}, got {getattr(self, name)}")
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window, 1)
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not self.head_dim:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                                 f"{self.num_attention_heads} (and head_dim is not given)")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")

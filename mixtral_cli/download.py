@@ -194,31 +194,22 @@ def _map_error(exc: BaseException, repo_id: str, revision: str | None, endpoint:
     if isinstance(exc, UserError):
         return exc
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, GatedRepoError):
-        return UserError(
-            f"{repo_id} is a gated model: your account has not been granted access to it",
-            hint=_licence_hint(repo_id, endpoint),
-        )
-    if isinstance(exc, RevisionNotFoundError):
-        return UserError(
-            f"revision {revision!r} does not exist in {repo_id}",
-            hint="pass a branch, tag or commit sha of that repo with --revision",
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        return UserError(
-            f"model repo {repo_id} not found on {endpoint} (or it is private and no valid token was sent)",
-            hint="check the repo id; for a private or gated repo pass --token or set HF_TOKEN",
-        )
-    if isinstance(exc, RemoteEntryNotFoundError):
-        return DownloadError(
-            f"{what} is missing from {repo_id} at revision {revision}",
-            hint="the repo changed during the download; run the command again",
-        )
-    if isinstance(exc, OfflineModeIsEnabled):
-        return UserError(
-            f"cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE)",
-            hint="unset HF_HUB_OFFLINE to download, or download it on a connected machine",
-        )
+    known: list[tuple[type, type[UserError], str, str]] = [  # the first match wins (gated is a not-found)
+        (GatedRepoError, UserError, f"{repo_id} is a gated model: your account has not been granted access to it",
+         _licence_hint(repo_id, endpoint)),
+        (RevisionNotFoundError, UserError, f"revision {revision!r} does not exist in {repo_id}",
+         "pass a branch, tag or commit sha of that repo with --revision"),
+        (RepositoryNotFoundError, UserError,
+         f"model repo {repo_id} not found on {endpoint} (or it is private and no valid token was sent)",
+         "check the repo id; for a private or gated repo pass --token or set HF_TOKEN"),
+        (RemoteEntryNotFoundError, DownloadError, f"{what} is missing from {repo_id} at revision {revision}",
+         "the repo changed during the download; run the command again"),
+        (OfflineModeIsEnabled, UserError, f"cannot download {repo_id}: offline mode is on (HF_HUB_OFFLINE)",
+         "unset HF_HUB_OFFLINE to download, or download it on a connected machine"),
+    ]
+    for kind, error, message, hint in known:
+        if isinstance(exc, kind):
+            return error(message, hint=hint)
     if isinstance(exc, HfHubHTTPError) and status in (401, 403):
         return UserError(f"access to {repo_id} was refused (HTTP {status})", hint=_licence_hint(repo_id, endpoint))
     if isinstance(exc, HfHubHTTPError):

@@ -146,13 +146,15 @@ def resolve_model(
     download_missing: bool = False,
     progress=None,
     token: str | None = None,
+    offer_yes: bool = True,
 ) -> Path:
     """Map a model spec to a local directory.
 
     ``spec`` is a directory, or a Hub repo id looked up in the HF cache. ``None`` means
     ``$MIXTRAL_MODEL``, else ``DEFAULT_REPO``. A repo id that is not cached raises ``UserError``
     unless ``download_missing`` is true, in which case it is downloaded first (``progress`` is a
-    ``download.ProgressSink``).
+    ``download.ProgressSink``). ``offer_yes``: the error's hint mentions ``--yes`` (for commands
+    that accept it).
     """
     spec = spec or os.environ.get("MIXTRAL_MODEL") or DEFAULT_REPO
     path = Path(spec).expanduser()
@@ -172,4 +174,5 @@ def resolve_model(
         return download(spec, token=token, progress=progress)
     partly = repo_folder(spec).joinpath("snapshots").is_dir()
     state = "only partly downloaded" if partly else "not downloaded"
-    raise UserError(f"model {spec} is {state}", hint=f"run: mixtral download {spec}  (or pass --yes)")
+    hint = f"run: mixtral download {spec}" + ("  (or pass --yes)" if offer_yes else "")
+    raise UserError(f"model {spec} is {state}", hint=hint)

@@ -46,6 +46,7 @@ from .checkpoint import (
     expert_shape,
 )
 from .errors import UserError
+from .tokenizer import Tokenizer
 
 # Output shards are cut at about this size (a shard never splits the parts of one weight).
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -366,7 +367,8 @@ def quantize_checkpoint(
     try:
         spec = spec_for_bits(bits, group_size)
     except ValueError as e:
-        raise UserError(f"--bits {bits} --group-size {group_size}: {e}",
+        given = f"--bits {bits}" + (f" --group-size {group_size}" if group_size is not None else "")
+        raise UserError(f"{given}: {e}",
                         hint="use --bits 4 (nf4, group 64) or --bits 8 (int8, group 128)") from None
     src = Path(src).resolve()
     ckpt = Checkpoint(src)
@@ -384,6 +386,7 @@ def quantize_checkpoint(
                             hint="pass a --group-size that divides both hidden_size and intermediate_size") from None
     if not (src / "tokenizer.model").is_file():
         raise UserError(f"no tokenizer.model in {src}", hint="re-run `mixtral download` for this model")
+    Tokenizer.from_file(src / "tokenizer.model")  # a damaged tokenizer is refused before anything is written
 
     out = Path(out).expanduser() if out is not None else default_output_dir(src, bits, cwd)
     out = out.absolute()

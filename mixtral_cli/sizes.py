@@ -6,14 +6,17 @@ import re
 
 from .errors import UserError
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+_UNITS = {"b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """'24GiB' -> 25769803776; '8G' and '8GB' are decimal; a bare number is bytes."""
+    """'24GiB' -> 25769803776; '8G' and '8GB' are decimal; bytes need their unit too ('512B'):
+    a bare number is refused, since '24' is far more likely a slip for 24 GiB than 24 bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else None
+    if m and not unit:
+        raise UserError(f"the size '{text}' has no unit", hint=f"write it with one, like {m.group(1)}GiB or {m.group(1)}GB")
     if not m or unit not in _UNITS:
         raise UserError(f"cannot read the size '{text}'", hint="write it like 24GiB, 16GB or 8000MiB")
     return int(float(m.group(1)) * _UNITS[unit])

@@ -91,7 +91,23 @@ def key_value_table(title: str, rows: Iterable[tuple[str, str]]) -> None:
     out.print(table)
 
 
-class DownloadProgress:
+class _LiveProgress:
+    """A rich progress display on stderr (shown only at a terminal); a context manager."""
+
+    def __init__(self, console: Console | None, *columns: Any) -> None:
+        self.console = console or err
+        self._progress = Progress(*columns, console=self.console, transient=False,
+                                  disable=not self.console.is_terminal)
+
+    def __enter__(self) -> Any:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+
+class DownloadProgress(_LiveProgress):
     """Renders `download.download` progress on stderr: one bar per file in flight plus the total, with
     throughput and ETA. Implements `download.ProgressSink`; use as a context manager around the call.
     """
@@ -99,23 +115,12 @@ class DownloadProgress:
     def __init__(self, console: Console | None = None) -> None:
         from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
-        self.console = console or err
-        self._progress = Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
-            disable=not self.console.is_terminal,
-        )
+        super().__init__(console, TextColumn("[progress.description]{task.description}"), BarColumn(),
+                         DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
         self._total: Any = None
         self._files: dict[str, Any] = {}
         self._count = 0
         self._done = 0
-
-    def __enter__(self) -> DownloadProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._progress.stop()
 
     def begin(self, files: Any, total_bytes: int) -> None:
         self._count = len(files)
@@ -156,7 +161,7 @@ class DownloadProgress:
         self._progress.refresh()
 
 
-class QuantizeProgress:
+class QuantizeProgress(_LiveProgress):
     """Renders `quantize.quantize_checkpoint` progress on stderr: one bar over the source bytes with
     tensors done, tensors/s, MB/s and ETA. Implements `quantize.QuantizeProgressSink`; use as a context
     manager around the call. Shows nothing when stderr is not a terminal.
@@ -175,23 +180,12 @@ class QuantizeProgress:
                 mbps = task.completed / elapsed / 1e6
                 return Text(f"{tps:.1f} tensors/s {mbps:.1f} MB/s", style="progress.data.speed")
 
-        self.console = console or err
-        self._progress = Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(),
-            TextColumn("{task.fields[tensors]}/{task.fields[ntensors]} tensors"), _Rates(),
-            TimeRemainingColumn(), TimeElapsedColumn(), console=self.console, transient=False,
-            disable=not self.console.is_terminal,
-        )
+        super().__init__(console, TextColumn("[progress.description]{task.description}"), BarColumn(),
+                         TextColumn("{task.fields[tensors]}/{task.fields[ntensors]} tensors"), _Rates(),
+                         TimeRemainingColumn(), TimeElapsedColumn())
         self._description = description
         self._task: Any = None
         self._tensors = 0
-
-    def __enter__(self) -> QuantizeProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._progress.stop()
 
     def begin(self, tensors: int, total_bytes: int) -> None:
         self._task = self._progress.add_task(self._description, total=total_bytes, tensors=0, ntensors=tensors)
@@ -222,6 +216,10 @@ def chat_table(title: str, rows: Iterable[tuple[str, str]]) -> None:
 
 
 # -- bench -------------------------------------------------------------------------------------
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _rate(x: float | None, unit: str = "") -> str:
     return "-" if x is None else f"{x:,.1f}{unit}"
 
@@ -239,7 +237,7 @@ def bench_report(r: dict) -> None:
     from .sizes import format_bytes
 
     cache, bw, bound, base = r["expert_cache"], r["bandwidth"], r["bound"], r["baseline"]
-    title = (f"{r['model']} · {r['expert_format']} experts · {r['device']} {r['dtype']} · {r['threads']} threads · "
+    title = (f"{r['model']} · {r['expert_format']} experts · {r['device']} {r['dtype']} · {_plural(r['threads'], 'thread')} · "
              f"{r['slots_per_layer']} expert slots/layer{'' if r['prefetch'] else ' · no prefetch'}")
     table = Table(title=title, title_justify="left")
     table.add_column("metric", style="key", no_wrap=True)

@@ -131,6 +131,37 @@ def test_read_message_joins_a_fenced_block():
     assert read_message(Lines()) is None
 
 
+def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_exits(engine_fp32, monkeypatch, capsys):
+    """Ctrl-C while reading a line (a KeyboardInterrupt from the reader, as readline raises it)."""
+    from mixtral_cli import chat as chat_mod
+
+    script = ["/set temp 0.5", KeyboardInterrupt, "/set top_k 5", KeyboardInterrupt, KeyboardInterrupt, "/set temp 9"]
+
+    class ScriptedReader:
+        interactive = True
+
+        def __init__(self) -> None:
+            self.lines = list(script)
+
+        def read(self, prompt):
+            item = self.lines.pop(0)
+            if item is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            return item
+
+        def close(self) -> None:
+            pass
+
+    gen = greedy()
+    monkeypatch.setattr(chat_mod, "LineReader", ScriptedReader)
+    chat_mod.chat_loop(engine_fp32, gen)
+    err = capsys.readouterr().err
+    # one Ctrl-C: a hint, and the chat goes on; a line in between disarms it; two in a row: exit
+    assert err.count("(Ctrl-C again or Ctrl-D to exit)") == 2
+    assert "temp = 0.5" in err and "top_k = 5" in err and "temp = 9" not in err
+    assert gen.sampling.temperature == 0.5 and gen.sampling.top_k == 5
+
+
 # -- the chat against the tiny model, in-process ---------------------------------------------------
 def test_second_turn_reuses_the_cache_and_sees_the_first(engine_fp32, capsys):
     chat = Chat(engine_fp32, greedy())
@@ -386,17 +417,22 @@ def test_two_turns_in_a_terminal_with_history_and_slash_commands(tiny_ckpt, engi
 
 
 def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(tiny_ckpt, terminal, tmp_path):
-    t = terminal(chat_args(tiny_ckpt, "-n", "12", "-c", "1024"), chat_env(tmp_path))
+    from tiny import long_context_copy
+
+    # a greedy reply in a 16k context that cannot end by itself before the Ctrl-C reaches it
+    ckpt = long_context_copy(tiny_ckpt, tmp_path / "long")
+    t = terminal(chat_args(ckpt, "-n", "12", "-c", "16384"), chat_env(tmp_path))
     t.expect(">>> ")
-    t.line("/set max_tokens 1000")
-    t.expect("max_tokens = 1000")
+    t.line("/set max_tokens 16000")
+    t.expect("max_tokens = 16000")
     t.expect(">>> ")
     t.line("Tell me a very long story.")
     t.expect("story.\n")
     t.wait_for_more(40)  # the reply is streaming
+    assert t.proc.poll() is None
     t.send("\x03")
     m = t.expect(r"(\d+) tokens · experts hit")
-    assert int(m.group(1)) < 1000
+    assert int(m.group(1)) < 16000
     t.expect("stopped; the partial reply is kept")
     t.expect(">>> ")
     t.line("/set max_tokens 12")

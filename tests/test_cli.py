@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,7 +91,64 @@ def test_run_seed_reproducible(tiny_ckpt):
     args = ("run", "Hi", "-m", str(tiny_ckpt), "-n", "10", "--temp", "1.0", "--device", "cpu", "--json")
     a = json.loads(mixtral(*args, "-s", "7").stdout)
     b = json.loads(mixtral(*args, "-s", "7").stdout)
+    c = json.loads(mixtral(*args, "-s", "8").stdout)
     assert a["token_ids"] == b["token_ids"]
+    assert c["token_ids"] != a["token_ids"]  # the seed is really used
+
+
+def test_run_system_prompt_uses_the_chat_template(tiny_ckpt):
+    from mixtral_cli.tokenizer import Tokenizer
+
+    proc = mixtral("run", "Hi", "--system", "Be brief.", "-m", str(tiny_ckpt), "-n", "2", "--temp", "0",
+                   "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    tok = Tokenizer.from_file(tiny_ckpt / "tokenizer.model")
+    expected = tok.encode_chat([{"role": "user", "content": "Hi"}], system="Be brief.")
+    assert json.loads(proc.stdout)["prompt_token_ids"] == expected
+    assert tok.decode(expected).startswith("[INST] Be brief.\n\nHi [/INST]")
+    assert_user_error(mixtral("run", "Hi", "--raw", "--system", "Be brief.", "-m", str(tiny_ckpt)),
+                      "--system needs the chat template")
+
+
+def test_run_stop_string_through_the_cli(tiny_ckpt):
+    args = ("run", "Once upon a time", "-m", str(tiny_ckpt), "-n", "24", "--temp", "0", "--device", "cpu", "--json")
+    full = json.loads(mixtral(*args).stdout)
+    text = full["text"]
+    assert full["finish_reason"] == "length" and len(text) > 12
+    stop = text[6:10]
+    cut = json.loads(mixtral(*args, "--stop", "@@never@@", "--stop", stop).stdout)
+    assert cut["text"] == text[: text.index(stop)]
+    assert cut["finish_reason"] == "stop" and cut["completion_tokens"] < full["completion_tokens"]
+
+
+@pytest.mark.parametrize("stdin", ["", "  \n\n"])
+def test_empty_prompt_is_refused(tiny_ckpt, stdin):
+    assert_user_error(mixtral("run", "-", "-m", str(tiny_ckpt), stdin=stdin), "the prompt is empty")
+
+
+def test_run_prints_the_stats_line_only_to_a_terminal(tiny_ckpt):
+    args = [sys.executable, "-m", "mixtral_cli", "run", "Hi", "-m", str(tiny_ckpt), "-n", "5", "--temp", "0",
+            "--device", "cpu"]
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=slave, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        os.close(slave)
+        err = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert re.search(r"prompt [\d.]+ tok/s · gen [\d.]+ tok/s · 5 tokens · experts hit \d+%", err.decode())
+    piped = mixtral(*args[3:])
+    assert piped.returncode == 0 and piped.stdout == proc.stdout and "tok/s" not in piped.stderr
 
 
 def test_prompt_longer_than_context_is_refused(tiny_ckpt):
@@ -99,6 +157,16 @@ def test_prompt_longer_than_context_is_refused(tiny_ckpt):
 
 
 # -- perplexity --------------------------------------------------------------------------------
+def test_perplexity_refuses_too_little_text_and_non_utf8(tiny_ckpt, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_user_error(mixtral("perplexity", str(empty), "-m", str(tiny_ckpt), "--device", "cpu"), "no text to score")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    assert_user_error(mixtral("perplexity", str(latin1), "-m", str(tiny_ckpt)), "UTF-8")
+    assert_user_error(mixtral("perplexity", str(tmp_path / "missing.txt"), "-m", str(tiny_ckpt)), "does not exist")
+
+
 def test_perplexity_equals_direct_computation(tiny_ckpt, hf_tiny, tmp_path):
     from mixtral_cli.tokenizer import Tokenizer
 
@@ -180,6 +248,94 @@ def test_bad_options_are_user_errors(tiny_ckpt):
     assert_user_error(mixtral("info", str(REAL_CONFIG), "--gpu-mem", "lots"), "size")
 
 
+@pytest.mark.parametrize("args, needles", [
+    (["rnu", "hi"], ["unknown command 'rnu'", "did you mean 'run'?"]),
+    (["run", "--tmep", "0", "hi"], ["unknown option --tmep for 'mixtral run'", "did you mean --temp?"]),
+    (["run", "hi", "there"], ["unexpected argument there for 'mixtral run'", "mixtral run --help"]),
+    (["chat", "acme/some-model"], ["unexpected argument acme/some-model", "-m acme/some-model"]),
+    (["info", "-m", "acme/some-model"], ["takes the model as an argument"]),
+    (["quantize", "acme/some-model"], ["missing option '--bits'"]),
+    (["run", "-n", "many", "hi"], ["'--max-tokens'", "integer"]),
+])
+def test_usage_errors_are_one_line_in_our_format(args, needles):
+    proc = mixtral(*args)
+    assert_user_error(proc, *needles)
+    assert "--debug" not in proc.stderr  # a usage error is not a crash
+
+
+def test_bare_mixtral_prints_help():
+    proc = mixtral()
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("Usage: mixtral [OPTIONS] COMMAND") and "quantize" in proc.stdout
+
+
+def test_help_text_shows_defaults_and_no_type_noise():
+    run_help = mixtral("run", "--help").stdout
+    assert "<bool>" not in run_help and "--model MODEL" in run_help and "--gpu-mem SIZE" in run_help
+    for default in ("[default: 512]", "[default: 0.8]", "[default: $MIXTRAL_MODEL, else mistralai/Mixtral-8x7B-Instruct-v0.1]",
+                    "[default: random]", "[default: min(model max, 4096)]", "[default: one per core]"):
+        assert default in " ".join(run_help.split()), default
+    # one spelling for the context length everywhere; the contract's spellings all work
+    for command in ("run", "chat", "perplexity", "info"):
+        assert "-c, --ctx-size, --ctx N" in mixtral(command, "--help").stdout, command
+    assert "free memory; 24GiB without a GPU" in " ".join(mixtral("info", "--help").stdout.split())
+    assert mixtral("info", str(REAL_CONFIG), "-c", "2048", "--json").returncode == 0
+
+
+def test_help_does_not_load_torch_and_threads_are_configured_first(tmp_path):
+    probe = (
+        "import sys, runpy\n"
+        "import mixtral_cli.threads_env as t\n"
+        "calls = []\n"
+        "real = t.configure_cpu_threads_env\n"
+        "t.configure_cpu_threads_env = lambda *a: (calls.append('torch' in sys.modules), real(*a))\n"
+        "sys.argv = ['mixtral'] + sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_module('mixtral_cli', run_name='__main__')\n"
+        "finally:\n"
+        "    print('torch loaded:', 'torch' in sys.modules, 'hook calls:', calls, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args in (["--help"], ["run", "--help"], ["rnu"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=120)
+        assert "torch loaded: False hook calls: []" in proc.stderr, (args, proc.stderr)
+    proc = subprocess.run([sys.executable, "-c", probe, "info", str(REAL_CONFIG), "--json"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch loaded: True hook calls: [False]" in proc.stderr  # called once, before torch loaded
+
+
+def test_gpu_mem_needs_a_unit():
+    assert_user_error(mixtral("info", str(REAL_CONFIG), "--gpu-mem", "24"), "the size '24' has no unit", "24GiB")
+    assert mixtral("info", str(REAL_CONFIG), "--bits", "4", "--gpu-mem", "24GiB").returncode == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_info_without_a_gpu_says_what_it_plans_for():
+    proc = mixtral("info", str(REAL_CONFIG), "--json")
+    assert proc.returncode == 0
+    assert "no CUDA GPU here: the plan is for a 24 GiB GPU" in proc.stderr
+    assert json.loads(proc.stdout)["plan"]["budget"] == 24 * 2**30
+
+
+def test_info_hint_for_a_missing_repo_offers_no_yes(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = mixtral("info", "acme/not-here", env=env)
+    assert_user_error(proc, "mixtral download acme/not-here")
+    assert "--yes" not in proc.stderr
+    assert "--yes" in mixtral("run", "hi", "-m", "acme/not-here", env=env).stderr
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", -1), ("hidden_size", 0), ("rope_theta", 0),
+                                          ("num_key_value_heads", "8"), ("eos_token_id", 99999)])
+def test_config_fields_out_of_range_are_named(tmp_path, tiny_ckpt, field, value):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_ckpt, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {field: value}))
+    assert_user_error(mixtral("run", "hi", "-m", str(d), "--device", "cpu"), "config.json", field)
+
+
 def test_debug_shows_traceback():
     proc = mixtral("--debug", "run", "hi", "-m", "/nonexistent/model")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
@@ -215,20 +371,29 @@ def test_download_then_run_by_repo_id(tmp_path, tiny_ckpt):
     assert_user_error(missing, "mixtral download acme/other-model")
 
 
-def test_ctrl_c_mid_generation_is_one_line(tiny_ckpt):
+def test_ctrl_c_mid_generation_is_one_line(tiny_ckpt, tmp_path):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "mixtral_cli", "run", "Tell me a long story", "-m", str(tiny_ckpt),
-                             "-n", "100000", "-c", "1024", "--temp", "1", "--device", "cpu"],
+    from tiny import long_context_copy
+
+    # greedy, in a 16k context with no EOS among its first 3000 tokens: the generation cannot end
+    # by itself between the first streamed text and the signal
+    ckpt = long_context_copy(tiny_ckpt, tmp_path / "long")
+    proc = subprocess.Popen([sys.executable, "-m", "mixtral_cli", "run", "Tell me a long story", "-m", str(ckpt),
+                             "-n", "100000", "-c", "16384", "--temp", "0", "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    os.set_blocking(proc.stdout.fileno(), False)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (proc.stdout.read(1) or ""):
-        time.sleep(0.05)  # wait until text streams
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (proc.stdout.read(1) or ""):
+            time.sleep(0.05)  # wait until text streams
+        assert proc.poll() is None, "the generation ended before it was interrupted"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == 130
     assert "Traceback" not in err and err.strip() == "error: interrupted"
     assert out.endswith("\n")

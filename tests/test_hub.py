@@ -378,6 +378,16 @@ def test_corrupted_transfer_is_fetched_again_once(fake_hub, hf_env):
     assert rec.bytes[SHARDS[0]] == 2 * SHARD_SIZE
 
 
+def test_corrupted_transfer_into_local_dir_is_fetched_again(fake_hub, hf_env, tmp_path):
+    files = make_files()
+    fake_hub.add_repo(REPO, files)
+    fake_hub.corrupt_file(SHARDS[1], times=1)
+    out = tmp_path / "weights"
+
+    assert_files(dl.download(REPO, local_dir=out), files)
+    assert len([r for r in fake_hub.requests_for(SHARDS[1], "GET") if r.server == "cdn"]) == 2
+
+
 def test_persistently_corrupted_transfer_fails_clearly(fake_hub, hf_env):
     files = make_files()
     sha = fake_hub.add_repo(REPO, files)

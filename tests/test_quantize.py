@@ -126,6 +126,23 @@ def test_cli_refuses_quantized_source(quantized):
 def test_cli_bad_bits(tmp_path, tiny_ckpt):
     assert_user_error(mixtral("quantize", str(tiny_ckpt), "--out", str(tmp_path / "q"), "--bits", "5"), "bits")
     assert list(tmp_path.iterdir()) == []
+    proc = mixtral("quantize", str(tiny_ckpt), "--out", str(tmp_path / "q"), "--bits", "3")
+    assert_user_error(proc, "--bits 3:")
+    assert "group-size" not in proc.stderr  # not given, so not quoted back as "--group-size None"
+
+
+def test_cli_refuses_a_broken_source_before_writing_anything(tmp_path, tiny_ckpt):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt, src)
+    out = tmp_path / "out" / "q"
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": -1}))
+    assert_user_error(mixtral("quantize", str(src), "--bits", "4", "--out", str(out)),
+                      "num_hidden_layers must be at least 1, got -1")
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "tokenizer.model").write_bytes(os.urandom(4096))
+    assert_user_error(mixtral("quantize", str(src), "--bits", "4", "--out", str(out)), "tokenizer", "SentencePiece")
+    assert not out.parent.exists()
 
 
 @pytest.mark.parametrize("bits, group, needle", [

@@ -92,3 +92,15 @@ def write_checkpoint(
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     shutil.copyfile(V1_TOKENIZER, out / "tokenizer.model")
     return out
+
+
+def long_context_copy(src: Path, out: Path, positions: int = 16384) -> Path:
+    """`src` with a longer `max_position_embeddings` (weights linked, not copied): a generation that
+    cannot end on its own before a test interrupts it."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((src / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": positions}, indent=2))
+    return out
