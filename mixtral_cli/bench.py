@@ -30,6 +30,7 @@ from quant.formats import QuantizedTensor, QuantSpec, dequantize, quantize, spec
 
 from .checkpoint import EXPERT_PROJS, Checkpoint, expert_shape, shared_shapes
 from .config import ModelArgs
+from .cpu_experts import layer_miss_time
 from .errors import UserError
 from .experts import CacheStats, ExpertCache, ExpertStore, HostSlab
 from .generate import Session
@@ -57,10 +58,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_args(name: str) -> ModelArgs:
+def preset_args(name: str, layers: int | None = None) -> ModelArgs:
+    """The preset's shapes; `layers` keeps its matrices and takes only that many layers (a real-shape
+    slice: `--preset 8x7b --layers 2` measures the CPU at Mixtral's own matrix sizes)."""
     if name not in PRESETS:
         raise UserError(f"unknown preset '{name}'", hint=f"use one of: {', '.join(PRESETS)}")
-    return ModelArgs(**PRESETS[name])
+    cfg = PRESETS[name]
+    if layers is not None:
+        if not 1 <= layers <= cfg["num_hidden_layers"]:
+            raise UserError(f"--layers must be between 1 and {cfg['num_hidden_layers']} for preset '{name}', got {layers}")
+        cfg = cfg | {"num_hidden_layers": layers}
+    return ModelArgs(**cfg)
 
 
 def spec_from_bits(bits: int | None) -> QuantSpec | None:
@@ -175,6 +183,25 @@ def decode_bound(weight_bytes: float, mem_bw: float, misses_per_token: float = 0
     if misses_per_token:
         seconds += misses_per_token * one_expert_bytes / h2d_bw
     return 1.0 / seconds
+
+
+def _hybrid_bound(engine: Engine, args: ModelArgs, weight_bytes: float, mem_bw: float, stats: CacheStats) -> dict | None:
+    """With offloaded experts and the CPU expert engine: the decode bound when every layer waits for
+    its misses copied only, and when they are split between copies and the CPU (`cpu_experts`), from
+    the measured per-expert costs and the measured miss rate."""
+    cpu = getattr(engine.model.experts, "cpu", None)
+    uses = stats.hits + stats.misses
+    if cpu is None or not uses:
+        return None
+    miss_rate, L, k = stats.misses / uses, args.num_hidden_layers, args.num_experts_per_tok
+    base = weight_bytes / mem_bw
+
+    def bound(mode: str) -> float:
+        return 1.0 / (base + L * layer_miss_time(miss_rate, k, cpu.costs, mode))
+
+    return {"copy_expert_s": cpu.costs.copy_s, "cpu_expert_s": cpu.costs.cpu_s, "miss_rate": miss_rate,
+            "copy_only_tokens_per_s": bound("never"), "hybrid_tokens_per_s": bound("auto"),
+            "cpu_experts": stats.cpu_experts, "mode": cpu.mode}
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -392,6 +419,7 @@ class BenchOptions:
     csv_path: Path | None = None
     rounds: int = 1
     seed: int = 0
+    layers: int | None = None  # presets only: the first N layers
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
 
@@ -404,12 +432,14 @@ def _validate(o: BenchOptions) -> None:
         raise UserError(f"unknown baseline '{o.baseline}'", hint="the only baseline is: transformers")
     if o.rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {o.rounds}")
+    if o.layers is not None and o.preset is None:
+        raise UserError("--layers applies to --preset only", hint="a checkpoint (-m) runs all its layers")
 
 
 def open_checkpoint(o: BenchOptions):
     spec = spec_from_bits(o.bits)
     if o.preset is not None:
-        return SyntheticCheckpoint(preset_args(o.preset), spec if o.bits is not None else None, o.seed)
+        return SyntheticCheckpoint(preset_args(o.preset, o.layers), spec if o.bits is not None else None, o.seed)
     ckpt = Checkpoint(o.model_dir)
     if o.bits is None or (o.bits == 16 and ckpt.quant is None) or ckpt.quant == spec:
         return ckpt
@@ -560,6 +590,7 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> d
             "misses_per_token": misses_per_token,
             "decode_tokens_per_s": bound,
             "achieved_fraction": ours.decode_tokens_per_s / bound,
+            "hybrid": _hybrid_bound(engine, args, weight_bytes, mem_bw, decode_stats),
         },
         "baseline": None,
         "sweep": None,

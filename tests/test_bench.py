@@ -32,8 +32,8 @@ TOP_FIELDS = {
     "peak_rss_bytes", "peak_gpu_bytes", "peak_gpu_reserved_bytes", "expert_cache", "prefill_expert_cache", "bandwidth", "bound", "baseline",
     "sweep",
 }
-CACHE_FIELDS = {"slots_per_layer", "hits", "misses", "prefetch_hits", "prefetches", "bytes_to_device", "stall_s",
-                "hit_rate", "prefetch_accuracy"}
+CACHE_FIELDS = {"slots_per_layer", "hits", "misses", "prefetch_hits", "prefetches", "bytes_to_device", "cpu_experts",
+                "stall_s", "hit_rate", "prefetch_accuracy"}
 
 
 def mixtral(*args: str) -> subprocess.CompletedProcess:
@@ -52,7 +52,7 @@ def test_bench_tiny_json_has_every_field():
     assert set(r["expert_cache"]) == CACHE_FIELDS and set(r["prefill_expert_cache"]) == CACHE_FIELDS
     assert set(r["bandwidth"]) == {"memory_read_bytes_per_s", "host_to_device_bytes_per_s", "host_to_device_method"}
     assert set(r["bound"]) == {"weight_bytes_per_token", "expert_bytes", "misses_per_token", "decode_tokens_per_s",
-                               "achieved_fraction"}
+                               "achieved_fraction", "hybrid"}
     args = preset_args("tiny")
     assert r["model"] == "preset:tiny" and r["synthetic"] and "not representative" in r["note"]
     assert r["bits"] == 16 and r["device"] == "cpu" and r["peak_gpu_bytes"] is None and r["peak_gpu_reserved_bytes"] is None
@@ -256,3 +256,48 @@ def test_sweep_is_capped_and_frees_each_cache(monkeypatch):
     assert [r["slots_per_layer"] for r in rows] == [2, 3, 4, 5]
     assert alive == [1, 1, 1, 1]  # the first cache (built with the engine) is gone too
     assert isinstance(engine.model.experts, ExpertCache) and engine.model.experts.stats.slots_per_layer == 5
+
+
+def test_preset_layers_slice_keeps_the_matrices():
+    from mixtral_cli.errors import UserError
+
+    a = preset_args("8x7b", 2)
+    assert (a.num_hidden_layers, a.hidden_size, a.intermediate_size, a.vocab_size) == (2, 4096, 14336, 32000)
+    assert preset_args("8x7b").num_hidden_layers == 32
+    for bad in (0, 33):
+        with pytest.raises(UserError, match="--layers"):
+            preset_args("8x7b", bad)
+
+
+def test_layers_needs_a_preset(tmp_path):
+    from mixtral_cli.bench import BenchOptions, run_bench
+    from mixtral_cli.errors import UserError
+
+    with pytest.raises(UserError, match="--layers"):
+        run_bench(BenchOptions(model_dir=tmp_path, layers=2))
+
+
+def test_hybrid_bound_reported_with_offloaded_experts():
+    """Offloaded experts with the CPU engine: the bound copying every miss and the bound splitting
+    misses between copies and the CPU, both from the measured costs; the split is never worse."""
+    from mixtral_cli.bench import BenchOptions, run_bench
+    from mixtral_cli.cpu_experts import ExpertCosts, layer_miss_time
+    from mixtral_cli.runtime import RuntimeOptions
+
+    rt = RuntimeOptions(device="cpu", dtype="float32", experts_in_gpu=2, cpu_experts="auto")
+    r = run_bench(BenchOptions(preset="tiny", bits=4, prompt_tokens=8, gen_tokens=4, layers=2, runtime=rt))
+    h = r["bound"]["hybrid"]
+    assert h is not None and h["mode"] == "auto"
+    assert h["hybrid_tokens_per_s"] >= h["copy_only_tokens_per_s"] > 0
+    c = r["expert_cache"]
+    assert h["miss_rate"] == pytest.approx(c["misses"] / (c["hits"] + c["misses"]))
+    assert h["cpu_experts"] == c["cpu_experts"]
+    # the copy-only bound by hand: weights at the memory bandwidth, then each layer's expected misses copied
+    costs = ExpertCosts(h["copy_expert_s"], h["cpu_expert_s"])
+    base = r["bound"]["weight_bytes_per_token"] / r["bandwidth"]["memory_read_bytes_per_s"]
+    wait = 2 * 2 * h["miss_rate"] * h["copy_expert_s"]  # 2 layers x top-2 x miss rate x one copy
+    assert layer_miss_time(h["miss_rate"], 2, costs, "never") * 2 == pytest.approx(wait)
+    assert h["copy_only_tokens_per_s"] == pytest.approx(1 / (base + wait))
+    resident = run_bench(BenchOptions(preset="tiny", prompt_tokens=8, gen_tokens=4, layers=2,
+                                      runtime=RuntimeOptions(device="cpu")))
+    assert resident["bound"]["hybrid"] is None
