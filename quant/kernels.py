@@ -228,7 +228,7 @@ class KernelPath:
     format: str | None  # None: any format
     device: str | None  # None: any device
     usable: Callable[[QuantizedTensor, Prepared], bool]
-    max_tokens: int | None  # preferred only up to this many tokens per call; None: always
+    few_tokens: bool  # preferred only up to NATIVE_MAX_TOKENS tokens per call (read at each call)
     run: Callable[..., torch.Tensor]
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -276,8 +276,7 @@ def select_path(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared) -> str
     """The path ``matmul`` takes for input ``x``: the first available path preferred at this many tokens."""
     tokens = x.numel() // x.shape[-1] if x.numel() else 0
     for name in available_paths(x, qt, prepared):
-        limit = _BY_NAME[name].max_tokens
-        if limit is None or tokens <= limit:
+        if not _BY_NAME[name].few_tokens or tokens <= NATIVE_MAX_TOKENS:
             return name
     return "dequant"
 
