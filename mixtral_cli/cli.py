@@ -52,6 +52,7 @@ GpuMemOpt = Annotated[str | None, typer.Option("--gpu-mem", metavar="SIZE", help
 SlotsOpt = Annotated[int | None, typer.Option("--experts-in-gpu", metavar="K", help="Expert slots per layer (overrides the planner; CPU too)  [default: from the plan]")]
 ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", metavar="N", help="CPU threads for torch; fewer can be faster on a busy machine  [default: one per core]")]
 NoPrefetchOpt = Annotated[bool, typer.Option("--no-prefetch", help="Turn off speculative expert prefetch.")]
+CpuExpertsOpt = Annotated[str, typer.Option("--cpu-experts", metavar="auto|never|always", help="With offloaded experts, compute a decode miss on the CPU instead of copying it: auto decides per miss from costs measured at load.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
@@ -90,7 +91,7 @@ def _generation(max_tokens: int, stop: list[str] | None, temperature: float, top
 
 
 def _runtime(device: str, dtype: str, ctx_size: int | None, gpu_mem: str | None, experts_in_gpu: int | None,
-             no_prefetch: bool, threads: int | None = None):
+             no_prefetch: bool, threads: int | None = None, cpu_experts: str = "auto"):
     from .runtime import RuntimeOptions
     from .sizes import parse_size
 
@@ -98,7 +99,8 @@ def _runtime(device: str, dtype: str, ctx_size: int | None, gpu_mem: str | None,
         raise UserError(f"-c/--ctx-size must be at least 2, got {ctx_size}")
     return RuntimeOptions(device=device, dtype=dtype, ctx_size=ctx_size,
                           gpu_mem=parse_size(gpu_mem) if gpu_mem else None,
-                          experts_in_gpu=experts_in_gpu, prefetch=not no_prefetch, threads=threads)
+                          experts_in_gpu=experts_in_gpu, prefetch=not no_prefetch, threads=threads,
+                          cpu_experts=cpu_experts)
 
 
 def _resolve(model: str | None, yes: bool) -> Path:
@@ -158,6 +160,7 @@ def run(
     gpu_mem: GpuMemOpt = None,
     experts_in_gpu: SlotsOpt = None,
     no_prefetch: NoPrefetchOpt = False,
+    cpu_experts: CpuExpertsOpt = "auto",
     threads: ThreadsOpt = None,
     yes: YesOpt = False,
 ) -> None:
@@ -174,7 +177,7 @@ def run(
     if raw and system:
         raise UserError("--system needs the chat template", hint="drop --raw or --system")
     gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    opts = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads)
+    opts = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads, cpu_experts)
     engine = _load(model, opts, yes)
     run_once(engine, prompt, gen, raw=raw, system=system, json_out=json_out)
 
@@ -269,6 +272,7 @@ def chat(
     gpu_mem: GpuMemOpt = None,
     experts_in_gpu: SlotsOpt = None,
     no_prefetch: NoPrefetchOpt = False,
+    cpu_experts: CpuExpertsOpt = "auto",
     threads: ThreadsOpt = None,
     yes: YesOpt = False,
 ) -> None:
@@ -277,7 +281,7 @@ def chat(
     from .chat import chat_loop
 
     gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    engine = _load(model, _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads), yes)
+    engine = _load(model, _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads, cpu_experts), yes)
     chat_loop(engine, gen, system=system)
 
 
@@ -304,6 +308,7 @@ def serve(
     gpu_mem: GpuMemOpt = None,
     experts_in_gpu: SlotsOpt = None,
     no_prefetch: NoPrefetchOpt = False,
+    cpu_experts: CpuExpertsOpt = "auto",
     threads: ThreadsOpt = None,
     yes: YesOpt = False,
 ) -> None:
@@ -324,7 +329,7 @@ def serve(
     gen.max_tokens = max_tokens or 0  # 0: up to the end of the context
     opts = ServeOptions(model_name=model_name(model), gen=gen, system=system, host=host, port=port,
                         api_key=api_key or None, max_queue=max_queue, send_timeout=send_timeout)
-    runtime = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads)
+    runtime = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads, cpu_experts)
     sock = listen(host, port)  # before the long load: a port in use fails at once
     if not opts.api_key and not is_loopback(host):
         ui.notice(f"warning: listening on {host} without an API key: anyone who can reach this port can use "
@@ -343,6 +348,7 @@ def bench(
     sweep_slots: Annotated[bool, typer.Option("--sweep-slots", help="Decode with every expert-slot count from top-k to all experts.")] = False,
     csv_path: Annotated[Path | None, typer.Option("--csv", metavar="FILE", help="Where --sweep-slots writes its CSV  [default: ./bench-slots.csv]")] = None,
     rounds: Annotated[int, typer.Option("--rounds", metavar="N", help="Repeat the measurement (interleaved with the baseline); medians are reported.")] = 1,
+    layers: Annotated[int | None, typer.Option("--layers", metavar="N", help="With --preset: only the first N layers, at the preset's real matrix sizes (e.g. --preset 8x7b --layers 2).")] = None,
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     device: DeviceOpt = "auto",
@@ -350,6 +356,7 @@ def bench(
     gpu_mem: GpuMemOpt = None,
     experts_in_gpu: SlotsOpt = None,
     no_prefetch: NoPrefetchOpt = False,
+    cpu_experts: CpuExpertsOpt = "auto",
     yes: YesOpt = False,
 ) -> None:
     """Prefill and decode speed, memory, expert-cache hit rate, and the bandwidth bound they imply."""
@@ -363,7 +370,7 @@ def bench(
         model_dir = _resolve(model, yes)
     opts = BenchOptions(preset=preset, model_dir=model_dir, bits=bits, prompt_tokens=prompt_tokens,
                         gen_tokens=gen_tokens, baseline=baseline, sweep_slots=sweep_slots, csv_path=csv_path,
-                        rounds=rounds, runtime=_runtime(device, dtype, None, gpu_mem, experts_in_gpu, no_prefetch, threads))
+                        rounds=rounds, layers=layers, runtime=_runtime(device, dtype, None, gpu_mem, experts_in_gpu, no_prefetch, threads, cpu_experts))
     result = run_bench(opts, log=ui.bench_progress)
     if json_out:
         ui.print_json(result)

@@ -62,7 +62,8 @@ def run_once(engine: Engine, prompt: str, gen: GenerationConfig, *, raw: bool, s
         "completion_tokens": s.completion_tokens,
         "prefill_tokens_per_s": s.prefill_tokens_per_s,
         "decode_tokens_per_s": s.decode_tokens_per_s,
-        "expert_cache": {k: cache[k] for k in ("slots_per_layer", "hits", "misses", "prefetch_hits", "bytes_to_device")},
+        "expert_cache": {k: cache[k] for k in ("slots_per_layer", "hits", "misses", "prefetch_hits", "bytes_to_device",
+                                                     "cpu_experts")},
         "peak_device_memory_bytes": peak_memory_bytes(engine.device),
     })
 

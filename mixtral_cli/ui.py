@@ -261,6 +261,12 @@ def bench_report(r: dict) -> None:
                          f"{format_bytes(bound['weight_bytes_per_token'])} read per token"
                          + (f" + {bound['misses_per_token']:.2f} expert copies of {format_bytes(bound['expert_bytes'])}"
                             if bound["misses_per_token"] else "")),
+        *([("hybrid bound", f"copying every miss {_rate(bound['hybrid']['copy_only_tokens_per_s'], ' tok/s')}, "
+                            f"misses split with the CPU {_rate(bound['hybrid']['hybrid_tokens_per_s'], ' tok/s')} "
+                            f"(one expert: copy {bound['hybrid']['copy_expert_s'] * 1e3:.1f} ms, CPU "
+                            f"{bound['hybrid']['cpu_expert_s'] * 1e3:.1f} ms; {bound['hybrid']['cpu_experts']} computed "
+                            f"on the CPU, --cpu-experts {bound['hybrid']['mode']})")]
+          if bound.get("hybrid") else []),
         ("memory read bandwidth", f"{_gb(bw['memory_read_bytes_per_s'])}/s"),
         ("expert copy bandwidth", f"{_gb(bw['host_to_device_bytes_per_s'])}/s ({bw['host_to_device_method']})"),
         ("expert cache (decode)", f"hit rate {_pct(cache['hit_rate'])}, {cache['misses']} misses, "

@@ -59,6 +59,17 @@ def test_info_refuses_budget_below_top_k_slots():
 
 
 # -- run ---------------------------------------------------------------------------------------
+def test_run_cpu_experts_always_same_tokens_and_counted(tiny_ckpt):
+    common = ["run", "The capital of France", "-m", str(tiny_ckpt), "--raw", "--json", "--temp", "0", "-n", "12",
+              "--dtype", "float32", "--device", "cpu", "--experts-in-gpu", "2"]
+    never, always = (json.loads(mixtral(*common, "--cpu-experts", mode).stdout) for mode in ("never", "always"))
+    assert always["token_ids"] == never["token_ids"]
+    assert never["expert_cache"]["cpu_experts"] == 0
+    assert 0 < always["expert_cache"]["cpu_experts"] <= always["expert_cache"]["misses"]
+    assert always["expert_cache"]["bytes_to_device"] < never["expert_cache"]["bytes_to_device"]
+    assert_user_error(mixtral(*common, "--cpu-experts", "sometimes"), "cpu-experts")
+
+
 def test_run_raw_json_greedy_matches_reference(tiny_ckpt, hf_tiny):
     proc = mixtral("run", "The capital of France", "-m", str(tiny_ckpt), "--raw", "--json", "--temp", "0",
                    "-n", "24", "--dtype", "float32", "--device", "cpu")
@@ -67,7 +78,8 @@ def test_run_raw_json_greedy_matches_reference(tiny_ckpt, hf_tiny):
     for key in ("text", "prompt_token_ids", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens",
                 "prefill_tokens_per_s", "decode_tokens_per_s", "expert_cache", "peak_device_memory_bytes"):
         assert key in out
-    assert set(out["expert_cache"]) == {"slots_per_layer", "hits", "misses", "prefetch_hits", "bytes_to_device"}
+    assert set(out["expert_cache"]) == {"slots_per_layer", "hits", "misses", "prefetch_hits", "bytes_to_device",
+                                        "cpu_experts"}
     ids = torch.tensor([out["prompt_token_ids"]])
     assert out["prompt_token_ids"][0] == 1
     with torch.no_grad():
