@@ -200,44 +200,80 @@ static void dense_rows_scalar(const job_t *j, int r0, int r1) {
  * int8: s = absmax / 127, q = round-half-even(x / max(s, 1e-30)), clamped to [-127, 127].
  * Written as plain loops over one block that the compiler vectorizes (an AVX2 clone is picked at load
  * time: the result is the same bit for bit on every instruction set). */
+/* n weights from element `base` as float32 (one loop per weight type, so each vectorizes). */
+static inline void load_block(const job_t *j, size_t base, int n, float *v) {
+    if (j->wtype == W_F32) {
+        memcpy(v, (const float *)j->qweight + base, (size_t)n * sizeof(float));
+    } else if (j->wtype == W_BF16) {
+        const uint16_t *h = (const uint16_t *)j->qweight + base;
+        uint32_t *u = (uint32_t *)v;
+        for (int k = 0; k < n; k++) u[k] = (uint32_t)h[k] << 16;
+    } else {
+        for (int k = 0; k < n; k++) v[k] = f16_to_f32(((const uint16_t *)j->qweight)[base + k]);
+    }
+}
+
+/* max |v|: on the bit patterns (for non-NaN floats, |x| orders like its bits), which vectorizes. */
+static inline float absmax_of(const float *v, int n) {
+    const uint32_t *u = (const uint32_t *)v;
+    uint32_t m = 0;
+    for (int k = 0; k < n; k++) {
+        const uint32_t a = u[k] & 0x7FFFFFFFu;
+        m = a > m ? a : m;
+    }
+    float f;
+    memcpy(&f, &m, 4);
+    return f;
+}
+
 __attribute__((target_clones("avx2", "default"))) static void quant_nf4_rows(const job_t *j, int r0, int r1) {
     const int I = j->I, bs = j->gs;
     float v[4096];
+    uint8_t code[4096];
+    float mids[15];
+    memcpy(mids, j->mids, sizeof mids);
     for (int r = r0; r < r1; r++)
         for (int b0 = 0; b0 < I; b0 += bs) {
             const size_t base = (size_t)r * I + b0;
-            float amax = 0.f;
-            for (int k = 0; k < bs; k++) {
-                v[k] = dense_w(j, base + k);
-                amax = fmaxf(amax, fabsf(v[k]));
-            }
+            load_block(j, base, bs, v);
+            const float amax = absmax_of(v, bs);
             j->y[base / bs] = amax;
-            const float inv = 1.0f / fmaxf(amax, 1e-38f);
-            for (int k = 0; k < bs; k += 2) {
-                uint8_t pair = 0;
-                for (int h = 0; h < 2; h++) {
-                    const float x = fminf(fmaxf(v[k + h] * inv, -1.f), 1.f);
-                    int c = 0;
-                    for (int m = 0; m < 15; m++) c += x > j->mids[m];
-                    pair = (uint8_t)(pair | (h == 0 ? c << 4 : c));
-                }
-                j->qout[(base + k) / 2] = pair;
+            const float inv = 1.0f / (amax > 1e-38f ? amax : 1e-38f);
+            for (int k = 0; k < bs; k++) {
+                float x = v[k] * inv;
+                x = x < -1.f ? -1.f : x > 1.f ? 1.f : x;
+                uint8_t c = 0;
+                for (int m = 0; m < 15; m++) c += x > mids[m];
+                code[k] = c;
             }
+            uint8_t *out = j->qout + base / 2;
+            for (int k = 0; k < bs / 2; k++) out[k] = (uint8_t)(code[2 * k] << 4 | code[2 * k + 1]);
         }
 }
 
 __attribute__((target_clones("avx2", "default"))) static void quant_int8_rows(const job_t *j, int r0, int r1) {
     const int I = j->I, gs = j->gs;
+    float v[4096];
     for (int r = r0; r < r1; r++)
         for (int b0 = 0; b0 < I; b0 += gs) {
             const size_t base = (size_t)r * I + b0;
-            float amax = 0.f;
-            for (int k = 0; k < gs; k++) amax = fmaxf(amax, fabsf(dense_w(j, base + k)));
-            const float sc = amax / 127.f, div = fmaxf(sc, 1e-30f);
+            const int n = gs < 4096 ? gs : 4096;
+            float amax = 0.f;  /* blocks wider than the buffer are read in parts */
+            for (int k0 = 0; k0 < gs; k0 += n) {
+                load_block(j, base + k0, n, v);
+                const float a = absmax_of(v, n);
+                amax = a > amax ? a : amax;
+            }
+            const float sc = amax / 127.f, div = sc > 1e-30f ? sc : 1e-30f;
             j->y[base / gs] = sc;
-            for (int k = 0; k < gs; k++) {
-                const float q = rintf(dense_w(j, base + k) / div);
-                j->qout[base + k] = (uint8_t)(int8_t)fminf(fmaxf(q, -127.f), 127.f);
+            for (int k0 = 0; k0 < gs; k0 += n) {
+                load_block(j, base + k0, n, v);
+                int8_t *out = (int8_t *)j->qout + base + k0;
+                for (int k = 0; k < n; k++) {
+                    float q = rintf(v[k] / div);
+                    q = q < -127.f ? -127.f : q > 127.f ? 127.f : q;
+                    out[k] = (int8_t)q;
+                }
             }
         }
 }
