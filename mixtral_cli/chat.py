@@ -314,8 +314,8 @@ class Chat:
             ("expert cache", f"{s.hits} hits, {s.misses} misses, hit rate {rate} ({s.slots_per_layer} slots per layer)"),
             ("prefetch", f"accuracy {acc:.1%} ({s.prefetch_hits} of {s.prefetches} prefetched experts used)"
              if acc is not None else "no prefetches"),
-            ("moved to device", f"{format_bytes(s.bytes_to_device)} (compute waited {s.stall_s:.2f} s)"),
-            ("computed on the CPU", f"{s.cpu_experts} missed experts"),
+            ("moved to device", f"{format_bytes(s.bytes_to_device)} (compute waited {s.stall_s:.2f} s)"
+             + (f"; {s.cpu_experts} missed experts computed on the CPU" if s.cpu_experts else "")),
             ("context", f"{len(self.session.cached)} of {self.ctx} tokens cached, {self.conv.turns} turn{'s' if self.conv.turns != 1 else ''}"),
         ]
         if self.last is not None:
