@@ -30,7 +30,6 @@
 #define NF4_QBLOCK 64  /* activation elements per int8 scale (nf4 weights: one nibble-ordered group) */
 #define ROWS_CHUNK 16  /* output rows per unit of work */
 #define TOK_TILE 4     /* tokens sharing one weight decode */
-#define MAX_CHUNKS_1 1024  /* one-token nf4 path: up to 64K input features (scales on the stack) */
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
 enum { FMT_NF4 = 0, FMT_INT8 = 1, FMT_NF4_DEQUANT = 2, FMT_DENSE = 3, FMT_QUANT_NF4 = 4, FMT_QUANT_INT8 = 5 };
@@ -294,52 +293,10 @@ __attribute__((target("avx2,fma"))) static inline __m256i dot32(__m256i w, __m25
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
 }
 
-/* One token, one row: the per-chunk scales (activation scale x block absmax) are computed first, so
- * the main loop is pure SIMD; two accumulators alternate between chunks. */
-__attribute__((target("avx2,fma"))) static float nf4_row1_avx2(const job_t *j, int r, __m256i table, float *scale) {
-    const int I = j->I, nch = I / 64, cpb = j->gs / 64;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    const uint8_t *qrow = j->qweight + (size_t)r * I / 2;
-    const size_t b0 = ((size_t)r * I) / j->gs;
-    for (int c = 0; c < nch; c += cpb) {
-        const float am = nf4_absmax(j, b0 + c / cpb);
-        for (int k = 0; k < cpb; k++) scale[c + k] = j->xd[c + k] * am;
-    }
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int c = 0;
-    for (; c + 2 <= nch; c += 2) {
-        const __m256i q0 = _mm256_loadu_si256((const __m256i *)(qrow + (size_t)c * 32));
-        const __m256i q1 = _mm256_loadu_si256((const __m256i *)(qrow + (size_t)c * 32 + 32));
-        const int8_t *xq = j->xq + (size_t)c * 64;
-        const __m256i p0 = _mm256_add_epi32(
-            dot32(_mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(q0, 4), low4)), _mm256_loadu_si256((const __m256i *)xq)),
-            dot32(_mm256_shuffle_epi8(table, _mm256_and_si256(q0, low4)), _mm256_loadu_si256((const __m256i *)(xq + 32))));
-        const __m256i p1 = _mm256_add_epi32(
-            dot32(_mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(q1, 4), low4)), _mm256_loadu_si256((const __m256i *)(xq + 64))),
-            dot32(_mm256_shuffle_epi8(table, _mm256_and_si256(q1, low4)), _mm256_loadu_si256((const __m256i *)(xq + 96))));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(scale + c), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(scale + c + 1), acc1);
-    }
-    for (; c < nch; c++) {
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(qrow + (size_t)c * 32));
-        const int8_t *xq = j->xq + (size_t)c * 64;
-        const __m256i p = _mm256_add_epi32(
-            dot32(_mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(q, 4), low4)), _mm256_loadu_si256((const __m256i *)xq)),
-            dot32(_mm256_shuffle_epi8(table, _mm256_and_si256(q, low4)), _mm256_loadu_si256((const __m256i *)(xq + 32))));
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(scale + c), acc0);
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1)) * (1.f / 127.f);
-}
-
 __attribute__((target("avx2,fma"))) static void nf4_rows_avx2(const job_t *j, int r0, int r1) {
     const int I = j->I, nch = I / 64, cpb = j->gs / 64;
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels));
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    if (j->T == 1 && nch <= MAX_CHUNKS_1) {
-        float scale[MAX_CHUNKS_1];
-        for (int r = r0; r < r1; r++) j->y[r] = nf4_row1_avx2(j, r, table, scale);
-        return;
-    }
     for (int r = r0; r < r1; r++) {
         const uint8_t *qrow = j->qweight + (size_t)r * I / 2;
         const size_t b0 = ((size_t)r * I) / j->gs;
