@@ -379,39 +379,47 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 load_w8(const job_
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* One token: four independent accumulators hide the FMA latency; one loop per weight type, so
- * the conversion is not a branch in the hot loop. */
-#define DENSE_DOT1(NAME, LOAD8)                                                                     \
-    __attribute__((target("avx2,fma,f16c"))) static float NAME(const job_t *j, size_t base, const float *x) { \
-        const int I = j->I, main32 = I & ~31;                                                       \
+/* One token, four rows at a time: four weight streams in flight (memory-level parallelism: one
+ * sequential stream per core reads well below the memory bandwidth) and one activation load per
+ * four FMAs; one loop per weight type, so the conversion is not a branch in the hot loop.
+ * y[r..r+3] for rows r..r+3 (all valid). */
+#define DENSE_DOT4(NAME, LOAD8)                                                                     \
+    __attribute__((target("avx2,fma,f16c"))) static void NAME(const job_t *j, int r, const float *x, float *y) { \
+        const int I = j->I, main8 = I & ~7;                                                         \
+        const size_t b0 = (size_t)r * I, b1 = b0 + I, b2 = b1 + I, b3 = b2 + I;                   \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
         int i = 0;                                                                                  \
-        for (; i < main32; i += 32) {                                                               \
-            a0 = _mm256_fmadd_ps(LOAD8(base + i), _mm256_loadu_ps(x + i), a0);                     \
-            a1 = _mm256_fmadd_ps(LOAD8(base + i + 8), _mm256_loadu_ps(x + i + 8), a1);             \
-            a2 = _mm256_fmadd_ps(LOAD8(base + i + 16), _mm256_loadu_ps(x + i + 16), a2);           \
-            a3 = _mm256_fmadd_ps(LOAD8(base + i + 24), _mm256_loadu_ps(x + i + 24), a3);           \
+        for (; i < main8; i += 8) {                                                                 \
+            const __m256 xv = _mm256_loadu_ps(x + i);                                               \
+            a0 = _mm256_fmadd_ps(LOAD8(b0 + i), xv, a0);                                            \
+            a1 = _mm256_fmadd_ps(LOAD8(b1 + i), xv, a1);                                            \
+            a2 = _mm256_fmadd_ps(LOAD8(b2 + i), xv, a2);                                            \
+            a3 = _mm256_fmadd_ps(LOAD8(b3 + i), xv, a3);                                            \
         }                                                                                           \
-        for (; i + 8 <= I; i += 8) a0 = _mm256_fmadd_ps(LOAD8(base + i), _mm256_loadu_ps(x + i), a0); \
-        float sum = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));          \
-        for (; i < I; i++) sum += dense_w(j, base + i) * x[i];                                      \
-        return sum;                                                                                 \
+        float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);               \
+        for (; i < I; i++) {                                                                        \
+            s0 += dense_w(j, b0 + i) * x[i];                                                        \
+            s1 += dense_w(j, b1 + i) * x[i];                                                        \
+            s2 += dense_w(j, b2 + i) * x[i];                                                        \
+            s3 += dense_w(j, b3 + i) * x[i];                                                        \
+        }                                                                                           \
+        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;                                     \
     }
 #define LOAD_F32(i) _mm256_loadu_ps((const float *)j->qweight + (i))
 #define LOAD_BF16(i) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)j->qweight + (i)))), 16))
 #define LOAD_F16(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)j->qweight + (i))))
-DENSE_DOT1(dense_dot1_f32, LOAD_F32)
-DENSE_DOT1(dense_dot1_bf16, LOAD_BF16)
-DENSE_DOT1(dense_dot1_f16, LOAD_F16)
+DENSE_DOT4(dense_dot4_f32, LOAD_F32)
+DENSE_DOT4(dense_dot4_bf16, LOAD_BF16)
+DENSE_DOT4(dense_dot4_f16, LOAD_F16)
 
 __attribute__((target("avx2,fma,f16c"))) static void dense_rows_avx2(const job_t *j, int r0, int r1) {
     const int I = j->I, main = I & ~7;
     for (int r = r0; r < r1; r++) {
         const size_t base = (size_t)r * I;
-        if (j->T == 1) {
-            j->y[r] = j->wtype == W_BF16 ? dense_dot1_bf16(j, base, j->xf)
-                      : j->wtype == W_F16 ? dense_dot1_f16(j, base, j->xf) : dense_dot1_f32(j, base, j->xf);
+        if (j->T == 1 && r + 4 <= r1) {
+            (j->wtype == W_BF16 ? dense_dot4_bf16 : j->wtype == W_F16 ? dense_dot4_f16 : dense_dot4_f32)(j, r, j->xf, j->y);
+            r += 3;
             continue;
         }
         for (int t0 = 0; t0 < j->T; t0 += TOK_TILE) {
