@@ -257,6 +257,7 @@ class HostSlab:
 
     def close(self) -> None:
         self.pinned_bytes = 0
+        self.tensor = None  # this view too, so that the mapping can go as soon as no other view holds it
         self._finalizer()
 
 
