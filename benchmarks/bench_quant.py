@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from quant import dequantize, kernels, prepare, quantize, spec_for_bits
+from quant import dequantize, kernels, native, prepare, quantize, spec_for_bits
 from quant.kernels import available_paths, matmul
 
 EXPERT_MATRICES = 32 * 8 * 3  # Mixtral-8x7B: layers x experts x (w1, w2, w3)
@@ -64,8 +64,7 @@ def bench_matmul(reps: int, tokens: list[int]) -> None:
     out_f, in_f = 14336, 4096  # w1/w3: 4096 -> 14336
     w = (torch.randn(out_f, in_f) * 0.02).to(torch.bfloat16)
     print(f"\nmatmul through one {out_f}x{in_f} matrix (median of {reps}, interleaved; ratio = path / bf16 dense)")
-    print(f"  bitsandbytes CPU nf4 kernel available: {kernels.bnb_cpu_nf4_available()}, "
-          f"int8pack: {kernels.int8pack_available()}")
+    print(f"  native kernels: {native.isas() or 'not built'}")
     qts = {s.name: quantize(w, s) for s in (spec_for_bits(4), spec_for_bits(8))}
     preps = {k: prepare(qt) for k, qt in qts.items()}
     t_deq = interleaved({k: (lambda qt=qt: dequantize(qt, torch.bfloat16)) for k, qt in qts.items()}, reps)
@@ -76,7 +75,11 @@ def bench_matmul(reps: int, tokens: list[int]) -> None:
         fns = {"bf16 dense": lambda x=x: x @ w.T, "fp32 dense": (lambda x=x.float(), wf=w.float(): x @ wf.T)}
         for name, qt in qts.items():
             for path in available_paths(x, qt, preps[name]):
-                fns[f"{name} {path}"] = lambda x=x, qt=qt, p=path, pr=preps[name]: matmul(x, qt, pr, path=p)
+                for isa in native.isas() if path.startswith("native") else [None]:
+                    fns[f"{name} {path}" + (f"[{isa}]" if isa else "")] = (
+                        lambda x=x, qt=qt, p=path, pr=preps[name], i=isa: matmul(x, qt, pr, path=p, isa=i))
+        if native.available():
+            fns["bf16 native_dense"] = lambda x=x: kernels.dense_matmul(x, w, path="native_dense")
         t = interleaved(fns, reps)
         chosen = {name: kernels.select_path(x, qt, preps[name]) for name, qt in qts.items()}
         print(f"  {n} token(s), bf16 input; chosen: {chosen}")
