@@ -364,12 +364,13 @@ def test_use_dense_linears_swaps_in_place_and_skips():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("bits", "group_size"), [(4, 64), (4, 256), (8, 128), (8, 32)])
-def test_native_quantize_equals_reference_bit_for_bit(dtype, bits, group_size):
+@pytest.mark.parametrize(("bits", "group_size", "width"), [(4, 64, 512), (4, 256, 512), (8, 128, 512), (8, 32, 512),
+                                                          (8, 6144, 6144)])  # a block wider than the kernel's buffer
+def test_native_quantize_equals_reference_bit_for_bit(dtype, bits, group_size, width):
     if not native.available():
         pytest.skip("native kernels not built")
     gen = torch.Generator().manual_seed(bits * group_size)
-    w = torch.cat([torch.randn(64, 512, generator=gen), _student_t4((64, 512), gen)]).mul_(0.02)
+    w = torch.cat([torch.randn(64, width, generator=gen), _student_t4((64, width), gen)]).mul_(0.02)
     w[3, :group_size] = 0.0  # an all-zero block
     w = w.to(dtype)
     fast = quantize(w, spec_for_bits(bits, group_size))

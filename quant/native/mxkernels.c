@@ -259,16 +259,18 @@ __attribute__((target_clones("avx2", "default"))) static void quant_int8_rows(co
             const int n = gs < 4096 ? gs : 4096;
             float amax = 0.f;  /* blocks wider than the buffer are read in parts */
             for (int k0 = 0; k0 < gs; k0 += n) {
-                load_block(j, base + k0, n, v);
-                const float a = absmax_of(v, n);
+                const int len = gs - k0 < n ? gs - k0 : n;
+                load_block(j, base + k0, len, v);
+                const float a = absmax_of(v, len);
                 amax = a > amax ? a : amax;
             }
             const float sc = amax / 127.f, div = sc > 1e-30f ? sc : 1e-30f;
             j->y[base / gs] = sc;
             for (int k0 = 0; k0 < gs; k0 += n) {
-                load_block(j, base + k0, n, v);
+                const int len = gs - k0 < n ? gs - k0 : n;
+                load_block(j, base + k0, len, v);
                 int8_t *out = (int8_t *)j->qout + base + k0;
-                for (int k = 0; k < n; k++) {
+                for (int k = 0; k < len; k++) {
                     float q = rintf(v[k] / div);
                     q = q < -127.f ? -127.f : q > 127.f ? 127.f : q;
                     out[k] = (int8_t)q;
