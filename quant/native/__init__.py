@@ -105,12 +105,21 @@ def available() -> bool:
     return _lib() is not None
 
 
-def isas() -> list[str]:
-    """Instruction sets this CPU (and ``ATEN_CPU_CAPABILITY``) lets the kernels use, lowest first."""
+@functools.cache
+def _cpu_isas() -> tuple[str, ...]:
+    """What the CPU itself supports (probed once; every kernel call consults it)."""
     lib = _lib()
     if lib is None:
+        return ()
+    return ("scalar", "avx2") if lib.mx_cpu_has_avx2() else ("scalar",)
+
+
+def isas() -> list[str]:
+    """Instruction sets this CPU (and ``ATEN_CPU_CAPABILITY``, read at each call) lets the kernels use,
+    lowest first."""
+    have = list(_cpu_isas())
+    if not have:
         return []
-    have = ["scalar"] + (["avx2"] if lib.mx_cpu_has_avx2() else [])
     cap = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if cap == "default":
         have = ["scalar"]
