@@ -12,7 +12,13 @@ Everything goes through ``huggingface_hub``'s public API; this module adds only 
 * each file is fetched by ``hf_hub_download`` into the Hugging Face cache (``HF_HUB_CACHE`` /
   ``HF_HOME``) or into ``local_dir``, atomically (a temporary file renamed into place). A connection
   cut mid-file is resumed by the client with an HTTP Range request. An interrupted download keeps
-  every completed file; the file in flight starts over on the next run;
+  every completed file; the file in flight starts over on the next run (at most one shard, ~5 GB for
+  Mixtral-8x7B). That is the client's doing and its public API offers no way around it: since
+  huggingface_hub 1.18 each transfer writes to a temporary ``<etag>.<random>.incomplete`` file that
+  the client deletes on any exception (Ctrl-C included) and that no later call reads; a killed
+  process leaves it behind as an orphan (``hf cache prune`` removes those from the cache). Resuming
+  would mean writing the client's cache layout ourselves, which this module does not do. The disk
+  check and the progress therefore count the in-flight file whole;
 * the client checks sizes only: every fetched LFS file is checked here against the sha256 the Hub
   publishes (regular files against their git blob id). A mismatch deletes the file and fetches it
   again once with ``force_download=True``, then fails;

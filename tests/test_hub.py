@@ -6,6 +6,7 @@ import collections
 import hashlib
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -47,10 +48,11 @@ WANTED = sorted(
 class Recorder:
     """A ProgressSink that records what it is told."""
 
-    def __init__(self, interrupt: tuple[str, int] | None = None) -> None:
+    def __init__(self, interrupt: tuple[str, int] | None = None, *, kill: bool = False) -> None:
         self.events: list[tuple] = []
         self.bytes: collections.Counter[str] = collections.Counter()
-        self.interrupt = interrupt
+        self.interrupt = interrupt  # (file, bytes): stop there with Ctrl-C, or with SIGKILL when ``kill``
+        self.kill = kill
 
     def begin(self, files, total_bytes):
         self.events.append(("begin", [n for n, _ in files], total_bytes))
@@ -61,6 +63,8 @@ class Recorder:
     def advance(self, name, nbytes):
         self.bytes[name] += nbytes
         if self.interrupt and name == self.interrupt[0] and self.bytes[name] >= self.interrupt[1]:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise KeyboardInterrupt
 
     def file_end(self, name):
@@ -285,28 +289,84 @@ def test_token_from_environment(fake_hub, hf_env, monkeypatch):
 # ---- interruption and resume -------------------------------------------------------------------
 
 
-def test_interrupted_download_keeps_completed_files(fake_hub, hf_env):
+def destination(layout: str, cache: Path, tmp_path: Path, sha: str) -> tuple[dict, Path]:
+    """``download``'s keyword arguments for ``layout`` and the directory the files land in."""
+    if layout == "local-dir":
+        return {"local_dir": tmp_path / "weights"}, tmp_path / "weights"
+    return {}, snapshot_dir(cache, sha)
+
+
+def partial_files(root: Path) -> list[Path]:
+    """The client's temporary files: in the cache's blobs, or under ``<local_dir>/.cache/huggingface``."""
+    return [p for p in root.rglob("*") if ".incomplete" in p.name]
+
+
+def in_killed_process(run) -> None:
+    """Run ``run()`` in a child process that must die of SIGKILL (no ``finally`` runs there)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run()
+        finally:
+            os._exit(1)  # reached only when the kill did not happen
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+@pytest.mark.parametrize("layout", ["cache", "local-dir"])
+def test_interrupted_download_keeps_completed_files(fake_hub, hf_env, tmp_path, layout):
+    """Ctrl-C mid-file keeps the completed files; the client deletes its partial file on the way out,
+    so the file in flight is fetched whole on the next run (huggingface_hub resumes within a run only)."""
     files = make_files()
     sha = fake_hub.add_repo(REPO, files)
+    where, directory = destination(layout, hf_env, tmp_path, sha)
     target = SHARDS[1]
 
     with pytest.raises(KeyboardInterrupt):
-        dl.download(REPO, progress=Recorder(interrupt=(target, 20_000)))
+        dl.download(REPO, progress=Recorder(interrupt=(target, 20_000)), **where)
 
-    # the files before the interrupted one are in place; no partial file is left behind
-    snap = snapshot_dir(hf_env, sha)
-    done = [n for n in WANTED if (snap / n).exists()]
+    done = [n for n in WANTED if (directory / n).exists()]
     assert SHARDS[0] in done and target not in done and SHARDS[2] not in done
-    assert not [p for p in hf_env.rglob("*") if ".incomplete" in p.name]
+    assert hub.complete_dir(directory) is None  # never taken for a complete checkpoint
+    assert not partial_files(tmp_path)
     gets_before = {n: len(fake_hub.requests_for(n, "GET")) for n in WANTED}
 
     rec = Recorder()
-    path = dl.download(REPO, progress=rec)
+    path = dl.download(REPO, progress=rec, **where)
 
-    assert path == snap
+    assert path == directory
     assert_files(path, files)
     fetched_again = {n for n in WANTED if len(fake_hub.requests_for(n, "GET")) > gets_before[n]}
     assert fetched_again == {target, SHARDS[2]}
+    assert all(r.range is None for r in fake_hub.requests_for(target, "GET")[gets_before[target]:])
+    assert rec.of("begin")[0][1:] == ([target, SHARDS[2]], 2 * SHARD_SIZE)
+    assert rec.bytes == {target: SHARD_SIZE, SHARDS[2]: SHARD_SIZE}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a download process mid-file")
+@pytest.mark.parametrize("layout", ["cache", "local-dir"])
+def test_killed_download_fetches_the_file_in_flight_whole(fake_hub, hf_env, tmp_path, layout):
+    """A killed process leaves the client's partial file behind. It is never taken for the file, and no
+    later run reads it (huggingface_hub >= 1.18 names each transfer's file anew): the next run fetches
+    the file whole, and the disk check and the progress count it whole. Should a client resume from it
+    again, this fails: then the docs and the progress (the client's ``initial`` bytes) need updating."""
+    files = make_files()
+    sha = fake_hub.add_repo(REPO, files)
+    where, directory = destination(layout, hf_env, tmp_path, sha)
+    target = SHARDS[1]
+
+    in_killed_process(lambda: dl.download(REPO, progress=Recorder(interrupt=(target, 20_000), kill=True), **where))
+
+    (orphan,) = partial_files(tmp_path)
+    assert 0 < orphan.stat().st_size < SHARD_SIZE
+    assert not (directory / target).exists() and hub.complete_dir(directory) is None
+    gets_before = len(fake_hub.requests_for(target, "GET"))
+
+    rec = Recorder()
+    assert_files(dl.download(REPO, progress=rec, **where), files)
+
+    (get,) = [r for r in fake_hub.requests_for(target, "GET")[gets_before:] if r.server == "cdn"]
+    assert get.range is None and get.status == 200
     assert rec.of("begin")[0][1:] == ([target, SHARDS[2]], 2 * SHARD_SIZE)
     assert rec.bytes == {target: SHARD_SIZE, SHARDS[2]: SHARD_SIZE}
 
