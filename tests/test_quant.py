@@ -168,7 +168,7 @@ def test_bad_bits_and_group_sizes_rejected():
 TOL = {
     ("exact", torch.float32): (2e-5, 5e-5),
     ("exact", torch.bfloat16): (1e-2, 2e-2),
-    # the native kernels quantize activations to int8 and (nf4) the code book to code x 127
+    # the native kernels quantize activations to int8 and (nf4) the code book to code x 63
     ("native", torch.float32): (2e-2, 6e-2),
     ("native", torch.bfloat16): (2.5e-2, 8e-2),
 }
@@ -227,12 +227,31 @@ def test_every_path_matches_reference(expert_qts, bits, dtype, tokens, exercised
     assert (y - ref).norm() <= _tol(chosen, dtype)[0] * ref.norm()
 
 
-def test_native_isas_agree_bit_for_bit_on_integer_sums(expert_qts):
+@pytest.mark.parametrize(("group_size", "width"), [(64, 768), (64, 1536), (128, 1024), (256, 512)])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_native_nf4_block_layouts(group_size, width, tokens, exercised):
+    """Block layouts beside the default: several chunks per block (128, 256), a row whose block count is
+    not a multiple of 8 (768 = 12 blocks), and rows whose blocks straddle a 256-block group of the
+    second-level absmax (1536 = 24 blocks a row)."""
+    if not native.available():
+        pytest.skip("native kernels not built")
+    gen = torch.Generator().manual_seed(group_size + width)
+    qt = quantize(_student_t4((96, width), gen).mul_(0.02), spec_for_bits(4, group_size))
+    x = torch.randn(tokens, width, generator=gen)
+    ref = reference_matmul(x, qt)
+    for isa in native.isas():
+        y = kernels.matmul(x, qt, prepare(qt), path="native_nf4", isa=isa)
+        assert (y - ref).norm() <= _tol("native_nf4", torch.float32)[0] * ref.norm(), isa
+        exercised.add(f"native_nf4[{isa}]")
+
+
+@pytest.mark.parametrize("tokens", [1, 3])  # the one-token (decode) kernel and the token-tiled one
+def test_native_isas_agree_bit_for_bit_on_integer_sums(expert_qts, tokens):
     """Scalar and SIMD variants do the same integer arithmetic; only float summation order differs."""
     isas = native.isas()
     if len(isas) < 2:
         pytest.skip(f"one instruction set here: {isas}")
-    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(tokens, 1024, generator=torch.Generator().manual_seed(9))
     for bits in (4, 8):
         ys = [kernels.matmul(x, expert_qts[bits], path=f"native_{'nf4' if bits == 4 else 'int8'}", isa=i) for i in isas]
         for y in ys[1:]:

@@ -30,6 +30,9 @@
 #define NF4_QBLOCK 64  /* activation elements per int8 scale (nf4 weights: one nibble-ordered group) */
 #define ROWS_CHUNK 16  /* output rows per unit of work */
 #define TOK_TILE 4     /* tokens sharing one weight decode */
+/* nf4 levels are round(code * 63): as u = level + 63 in [0, 126] they are maddubs' unsigned operand,
+ * and a pair of products u * x stays within int16 (2 * 126 * 127 = 32004). */
+#define NF4_LEVEL_SCALE 63
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1 };
 enum { FMT_NF4 = 0, FMT_INT8 = 1, FMT_NF4_DEQUANT = 2, FMT_DENSE = 3, FMT_QUANT_NF4 = 4, FMT_QUANT_INT8 = 5 };
@@ -79,10 +82,11 @@ typedef struct {
     const float *sabs;         /* nf4: second-level absmax [blocks/256] */
     float offset;              /* nf4: absmax offset */
     const float *dyn;          /* nf4: 256-entry dynamic code table */
-    const int8_t *levels;      /* nf4: 16 int8 levels (code * 127) */
+    const int8_t *levels;      /* nf4: 16 int8 levels, round(code * NF4_LEVEL_SCALE) */
     const float *codes;        /* nf4: 16 float codes (dequantize) */
     const int8_t *xq;          /* [T, I] quantized activations */
-    const float *xd;           /* [T, I/32] activation scales */
+    const float *xd;           /* [T, I/32] activation scales (nf4: [T, I/64]) */
+    const float *xs;           /* nf4: [T, I/64] sums of the int8 activations of each 64-chunk */
     const float *xf;           /* dense: [T, I] float32 activations */
     int wtype;                 /* dense, quantize: W_F32, W_BF16 or W_F16 */
     uint8_t *qout;             /* quantize: nf4 packed codes or int8 codes */
@@ -113,7 +117,7 @@ static void nf4_rows_scalar(const job_t *j, int r0, int r1) {
                 }
                 acc += (float)(se + so) * (xd[c] * am);
             }
-            j->y[(size_t)t * j->O + r] = acc * (1.f / 127.f);
+            j->y[(size_t)t * j->O + r] = acc * (1.f / NF4_LEVEL_SCALE);
         }
     }
 }
@@ -295,6 +299,68 @@ __attribute__((target("avx2,fma"))) static inline __m256i dot32(__m256i w, __m25
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
 }
 
+/* Per-chunk float scales of row r for one token: s[c] = xd[c] * absmax of chunk c's block, for the
+ * nch chunks of 64 weights; returns sum_c s[c] * xs[c] (the offset correction of the unsigned
+ * levels). With one chunk per block (gs 64) eight absmax codes are decoded by one gather. */
+__attribute__((target("avx2,fma"))) static inline float nf4_row_scales(const job_t *j, int r, float *s) {
+    const int cpb = j->gs / 64, nblk = j->I / j->gs;
+    const size_t b0 = (size_t)r * nblk;
+    const float *xd = j->xd, *xs = j->xs;
+    int c = 0;
+    __m256 corr = _mm256_setzero_ps();
+    if (cpb == 1 && nblk % 8 == 0) {  /* 8 blocks never straddle a 256-block sabs group */
+        const __m256 off = _mm256_set1_ps(j->offset);
+        for (; c < nblk; c += 8) {
+            const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->scales + b0 + c)));
+            const __m256 am = _mm256_fmadd_ps(_mm256_i32gather_ps(j->dyn, codes, 4),
+                                              _mm256_set1_ps(j->sabs[(b0 + c) / 256]), off);
+            const __m256 sc = _mm256_mul_ps(am, _mm256_loadu_ps(xd + c));
+            _mm256_storeu_ps(s + c, sc);
+            corr = _mm256_fmadd_ps(sc, _mm256_loadu_ps(xs + c), corr);
+        }
+        return hsum256(corr);
+    }
+    float sum = 0.f;
+    for (int b = 0; b < nblk; b++) {
+        const float am = nf4_absmax(j, b0 + b);
+        for (int k = 0; k < cpb; k++, c++) {
+            s[c] = xd[c] * am;
+            sum += s[c] * xs[c];
+        }
+    }
+    return sum;
+}
+
+/* One token (decode). Levels as unsigned bytes u = level + 63, so maddubs(u, x) needs no sign
+ * trick: sum(level * x) = sum(u * x) - 63 * sum(x), the second term folded in per row from the
+ * activation sums. Two accumulators in registers keep the FMA latency out of the loop. */
+__attribute__((target("avx2,fma"))) static void nf4_rows1_avx2(const job_t *j, int r0, int r1) {
+    const int I = j->I, nch = I / 64;
+    const __m256i table = _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels)),
+                                          _mm256_set1_epi8(NF4_LEVEL_SCALE));
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    float *s = __builtin_alloca((size_t)nch * sizeof(float));
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *q = j->qweight + (size_t)r * I / 2;
+        const int8_t *xq = j->xq;
+        const float corr = nf4_row_scales(j, r, s);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int c = 0; c < nch; c++, q += 32, xq += 64) {
+            const __m256i b = _mm256_loadu_si256((const __m256i *)q);
+            const __m256i uh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+            const __m256i ul = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
+            const __m256i p = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_loadu_si256((const __m256i *)xq)), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones));
+            if (c & 1)
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(s + c), acc1);
+            else
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(s + c), acc0);
+        }
+        j->y[r] = hsum256(_mm256_add_ps(acc0, acc1)) * (1.f / NF4_LEVEL_SCALE) - corr;
+    }
+}
+
 __attribute__((target("avx2,fma"))) static void nf4_rows_avx2(const job_t *j, int r0, int r1) {
     const int I = j->I, nch = I / 64, cpb = j->gs / 64;
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels));
@@ -320,7 +386,7 @@ __attribute__((target("avx2,fma"))) static void nf4_rows_avx2(const job_t *j, in
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd * am), acc[t]);
                 }
             }
-            for (int t = 0; t < nt; t++) j->y[(size_t)(t0 + t) * j->O + r] = hsum256(acc[t]) * (1.f / 127.f);
+            for (int t = 0; t < nt; t++) j->y[(size_t)(t0 + t) * j->O + r] = hsum256(acc[t]) * (1.f / NF4_LEVEL_SCALE);
         }
     }
 }
@@ -447,7 +513,7 @@ __attribute__((target("avx2,fma,f16c"))) static void dense_rows_avx2(const job_t
 typedef void (*rows_fn)(const job_t *, int, int);
 
 static rows_fn pick(const job_t *j) {
-    if (j->fmt == FMT_NF4) return j->isa == ISA_AVX2 ? nf4_rows_avx2 : nf4_rows_scalar;
+    if (j->fmt == FMT_NF4) return j->isa != ISA_AVX2 ? nf4_rows_scalar : j->T == 1 ? nf4_rows1_avx2 : nf4_rows_avx2;
     if (j->fmt == FMT_INT8) return j->isa == ISA_AVX2 ? int8_rows_avx2 : int8_rows_scalar;
     if (j->fmt == FMT_DENSE) return j->isa == ISA_AVX2 ? dense_rows_avx2 : dense_rows_scalar;
     if (j->fmt == FMT_QUANT_NF4) return quant_nf4_rows;
@@ -559,11 +625,19 @@ int mx_nf4_matmul(int isa, const float *x, int T, int O, int I, int gs, const ui
     float *xd = malloc((size_t)T * (I / NF4_QBLOCK) * sizeof(float));
     if (!xq || !xd) { free(xq); free(xd); return -2; }
     quantize_act(x, T, I, NF4_QBLOCK, 1, xq, xd);
+    float *xs = malloc((size_t)T * (I / NF4_QBLOCK) * sizeof(float));
+    if (!xs) { free(xq); free(xd); return -2; }
+    for (size_t c = 0; c < (size_t)T * (I / NF4_QBLOCK); c++) {
+        int32_t sum = 0;
+        for (int k = 0; k < NF4_QBLOCK; k++) sum += xq[c * NF4_QBLOCK + k];
+        xs[c] = (float)sum;
+    }
     job_t j = {.fmt = FMT_NF4, .isa = isa, .T = T, .O = O, .I = I, .gs = gs, .qweight = qweight, .scales = scales,
-               .sabs = sabs, .offset = offset, .dyn = dyn, .levels = levels, .xq = xq, .xd = xd, .y = y};
+               .sabs = sabs, .offset = offset, .dyn = dyn, .levels = levels, .xq = xq, .xd = xd, .xs = xs, .y = y};
     run_job(&j);
     free(xq);
     free(xd);
+    free(xs);
     return 0;
 }
 
