@@ -332,6 +332,18 @@ __attribute__((target("avx2,fma"))) static inline float nf4_row_scales(const job
     return sum;
 }
 
+/* float32x8 lane sums of one 64-weight nf4 chunk (32 packed bytes at q, unsigned levels in table)
+ * with its 64 nibble-ordered int8 activations at xq. */
+__attribute__((target("avx2,fma"))) static inline __m256 nf4_chunk_u(const uint8_t *q, const int8_t *xq, __m256i table) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i b = _mm256_loadu_si256((const __m256i *)q);
+    const __m256i uh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+    const __m256i ul = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_loadu_si256((const __m256i *)xq)), ones),
+        _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones)));
+}
+
 /* One token (decode). Levels as unsigned bytes u = level + 63, so maddubs(u, x) needs no sign
  * trick: sum(level * x) = sum(u * x) - 63 * sum(x), the second term folded in per row from the
  * activation sums. Two accumulators in registers keep the FMA latency out of the loop. */
@@ -339,25 +351,20 @@ __attribute__((target("avx2,fma"))) static void nf4_rows1_avx2(const job_t *j, i
     const int I = j->I, nch = I / 64;
     const __m256i table = _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels)),
                                           _mm256_set1_epi8(NF4_LEVEL_SCALE));
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     float *s = __builtin_alloca((size_t)nch * sizeof(float));
     for (int r = r0; r < r1; r++) {
         const uint8_t *q = j->qweight + (size_t)r * I / 2;
         const int8_t *xq = j->xq;
         const float corr = nf4_row_scales(j, r, s);
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        for (int c = 0; c < nch; c++, q += 32, xq += 64) {
-            const __m256i b = _mm256_loadu_si256((const __m256i *)q);
-            const __m256i uh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
-            const __m256i ul = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
-            const __m256i p = _mm256_add_epi32(
-                _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_loadu_si256((const __m256i *)xq)), ones),
-                _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones));
-            if (c & 1)
-                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(s + c), acc1);
-            else
-                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(s + c), acc0);
+        int c = 0;
+        for (; c + 2 <= nch; c += 2) {
+            acc0 = _mm256_fmadd_ps(nf4_chunk_u(q + (size_t)c * 32, xq + (size_t)c * 64, table), _mm256_broadcast_ss(s + c), acc0);
+            acc1 = _mm256_fmadd_ps(nf4_chunk_u(q + (size_t)c * 32 + 32, xq + (size_t)c * 64 + 64, table),
+                                   _mm256_broadcast_ss(s + c + 1), acc1);
         }
+        if (c < nch)
+            acc0 = _mm256_fmadd_ps(nf4_chunk_u(q + (size_t)c * 32, xq + (size_t)c * 64, table), _mm256_broadcast_ss(s + c), acc0);
         j->y[r] = hsum256(_mm256_add_ps(acc0, acc1)) * (1.f / NF4_LEVEL_SCALE) - corr;
     }
 }
