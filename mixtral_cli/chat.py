@@ -157,17 +157,14 @@ def apply_setting(gen: GenerationConfig, conv: Conversation, name: str, value: s
     if not value:
         raise UserError(f"/set {key} needs a value", hint=f"for example: /set {key} {_current(gen, conv, key) or 1}")
     if key == "max_tokens":
-        n = _int(value)
-        if n < 1:
-            raise UserError(f"max_tokens must be at least 1, got {n}")
-        gen.max_tokens = n
-        return f"max_tokens = {n}"
-    if key not in SAMPLING_SETTINGS:
+        candidate = dataclasses.replace(gen, max_tokens=_int(value))
+    elif key in SAMPLING_SETTINGS:
+        attr, parse = SAMPLING_SETTINGS[key]
+        candidate = dataclasses.replace(gen, sampling=dataclasses.replace(gen.sampling, **{attr: parse(value)}))
+    else:
         raise UserError(f"unknown setting '{name}'", hint="one of " + ", ".join(SETTINGS))
-    attr, parse = SAMPLING_SETTINGS[key]
-    candidate = dataclasses.replace(gen.sampling, **{attr: parse(value)})
     candidate.validate()
-    gen.sampling = candidate
+    gen.max_tokens, gen.sampling = candidate.max_tokens, candidate.sampling
     return f"{key} = {_current(gen, conv, key)}"
 
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from . import __version__, ui
+from .cli_options import CTX_NAMES, RUNTIME, SharedOption, default_of, generation_and_runtime, shared_options
 from .errors import UserError
-
-if TYPE_CHECKING:
-    from .generate import GenerationConfig
+from .options import GenerationConfig, RuntimeOptions, ServeOptions
 
 # Only the standard library, typer and rich load at import time: torch and the model code load inside
 # the commands that need them (see `_needs_torch`), so `mixtral --help` answers at once.
@@ -34,25 +34,7 @@ DEFAULT_MODEL_HELP = "[default: $MIXTRAL_MODEL, else mistralai/Mixtral-8x7B-Inst
 # -- shared options (Annotated aliases keep each command's signature short) -------------------
 ModelOpt = Annotated[str | None, typer.Option("-m", "--model", metavar="MODEL", help=f"Local directory or Hub repo id {DEFAULT_MODEL_HELP}.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download the model first if it is not in the cache.")]
-MaxTokensOpt = Annotated[int, typer.Option("-n", "--max-tokens", metavar="N", help="Maximum tokens to generate.")]
-TempOpt = Annotated[float, typer.Option("--temperature", "--temp", metavar="T", help="Sampling temperature; 0 = greedy.")]
-TopPOpt = Annotated[float, typer.Option("--top-p", metavar="P", help="Nucleus sampling mass; 1 = off.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", metavar="K", help="Keep the K most likely tokens; 0 = off.")]
-MinPOpt = Annotated[float, typer.Option("--min-p", metavar="P", help="Drop tokens below min-p x the top probability; 0 = off.")]
-RepeatOpt = Annotated[float, typer.Option("--repeat-penalty", metavar="X", help="Penalty for the last 64 tokens; 1 = off.")]
-SeedOpt = Annotated[int | None, typer.Option("-s", "--seed", metavar="N", help="Random seed (same seed, same output)  [default: random]")]
 SystemOpt = Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt (put before the first user message)  [default: none]")]
-# -c/--ctx-size (llama.cpp's spelling) and --ctx name the same thing in every command.
-CTX_NAMES = ("-c", "--ctx-size", "--ctx")
-CtxOpt = Annotated[int | None, typer.Option(*CTX_NAMES, metavar="N", help="Context length in tokens (KV cache size)  [default: min(model max, 4096)]")]
-StopOpt = Annotated[list[str] | None, typer.Option("--stop", metavar="TEXT", help="Stop when this string appears (repeatable)  [default: none]")]
-DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="Where to run.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Compute dtype of unquantized parts (auto: bfloat16, float16 on GPUs without bf16).")]
-GpuMemOpt = Annotated[str | None, typer.Option("--gpu-mem", metavar="SIZE", help="GPU memory budget for this process, e.g. 24GiB  [default: the GPU's free memory]")]
-SlotsOpt = Annotated[int | None, typer.Option("--experts-in-gpu", metavar="K", help="Expert slots per layer (overrides the planner; CPU too)  [default: from the plan]")]
-ThreadsOpt = Annotated[int | None, typer.Option("-t", "--threads", metavar="N", help="CPU threads for torch; fewer can be faster on a busy machine  [default: one per core]")]
-NoPrefetchOpt = Annotated[bool, typer.Option("--no-prefetch", help="Turn off speculative expert prefetch.")]
-CpuExpertsOpt = Annotated[str, typer.Option("--cpu-experts", metavar="auto|never|always", help="With offloaded experts, compute a decode miss on the CPU instead of copying it: auto decides per miss from costs measured at load.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
@@ -75,32 +57,6 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """`--debug` is read by `main`, which decides how errors are shown."""
-
-
-def _generation(max_tokens: int, stop: list[str] | None, temperature: float, top_p: float, top_k: int,
-                min_p: float, repeat_penalty: float, seed: int | None) -> GenerationConfig:
-    """The generation options of `run` and `chat`, validated before any weight is loaded."""
-    from .generate import GenerationConfig, SamplingConfig
-
-    if max_tokens < 1:
-        raise UserError(f"-n/--max-tokens must be at least 1, got {max_tokens}")
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                              repeat_penalty=repeat_penalty, seed=seed)
-    sampling.validate()
-    return GenerationConfig(max_tokens=max_tokens, stop=stop or [], sampling=sampling)
-
-
-def _runtime(device: str, dtype: str, ctx_size: int | None, gpu_mem: str | None, experts_in_gpu: int | None,
-             no_prefetch: bool, threads: int | None = None, cpu_experts: str = "auto"):
-    from .runtime import RuntimeOptions
-    from .sizes import parse_size
-
-    if ctx_size is not None and ctx_size < 2:
-        raise UserError(f"-c/--ctx-size must be at least 2, got {ctx_size}")
-    return RuntimeOptions(device=device, dtype=dtype, ctx_size=ctx_size,
-                          gpu_mem=parse_size(gpu_mem) if gpu_mem else None,
-                          experts_in_gpu=experts_in_gpu, prefetch=not no_prefetch, threads=threads,
-                          cpu_experts=cpu_experts)
 
 
 def _resolve(model: str | None, yes: bool) -> Path:
@@ -140,32 +96,20 @@ app.command("pull", help="Alias of download.")(download)
 
 
 @app.command()
+@shared_options(*generation_and_runtime())
 def run(
     prompt: Annotated[str | None, typer.Argument(metavar="PROMPT", help="The prompt; '-' or omitted with piped input reads stdin.")] = None,
     model: ModelOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: ids are [BOS] + encode(prompt).")] = False,
     json_out: JsonOpt = False,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = 512,
-    temperature: TempOpt = 0.8,
-    top_p: TopPOpt = 0.95,
-    top_k: TopKOpt = 40,
-    min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatOpt = 1.0,
-    seed: SeedOpt = None,
-    ctx_size: CtxOpt = None,
-    stop: StopOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    gpu_mem: GpuMemOpt = None,
-    experts_in_gpu: SlotsOpt = None,
-    no_prefetch: NoPrefetchOpt = False,
-    cpu_experts: CpuExpertsOpt = "auto",
-    threads: ThreadsOpt = None,
+    *,
+    gen: GenerationConfig,
+    runtime: RuntimeOptions,
     yes: YesOpt = False,
 ) -> None:
     """One-shot completion: stream the answer to PROMPT on stdout."""
-    _needs_torch(threads)
+    _needs_torch(runtime.threads)
     from .commands import run_once
 
     if prompt is None or prompt == "-":
@@ -176,38 +120,34 @@ def run(
         raise UserError("the prompt is empty", hint="pass a prompt argument, or pipe the prompt text into 'mixtral run -'")
     if raw and system:
         raise UserError("--system needs the chat template", hint="drop --raw or --system")
-    gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    opts = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads, cpu_experts)
-    engine = _load(model, opts, yes)
+    engine = _load(model, runtime, yes)
     run_once(engine, prompt, gen, raw=raw, system=system, json_out=json_out)
 
 
 @app.command()
+@shared_options(*(o for o in RUNTIME if o.field not in ("prefetch", "cpu_experts")))
 def perplexity(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="UTF-8 text file to score.")],
     model: ModelOpt = None,
     ctx: Annotated[int, typer.Option(*CTX_NAMES, metavar="N", help="Window length in tokens.")] = 512,
     json_out: JsonOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    gpu_mem: GpuMemOpt = None,
-    experts_in_gpu: SlotsOpt = None,
-    threads: ThreadsOpt = None,
+    *,
+    runtime: RuntimeOptions,
     yes: YesOpt = False,
 ) -> None:
     """Perplexity of FILE in independent windows of --ctx tokens."""
-    _needs_torch(threads)
+    runtime = replace(runtime, ctx_size=ctx, prefetch=False)  # the KV cache holds one window
+    runtime.validate()
+    _needs_torch(runtime.threads)
     from .evaluate import perplexity as compute
 
-    if ctx < 2:
-        raise UserError(f"-c/--ctx must be at least 2, got {ctx}")
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{file} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {file} as UTF-8 text ({e})") from None
-    engine = _load(model, _runtime(device, dtype, ctx, gpu_mem, experts_in_gpu, True, threads), yes)
+    engine = _load(model, runtime, yes)
     ids = engine.tokenizer.encode(text, bos=True)
     if len(ids) < 2:
         raise UserError(f"{file} has no text to score", hint="perplexity needs at least one token after the BOS token")
@@ -255,61 +195,41 @@ def quantize(
 
 
 @app.command()
+@shared_options(*generation_and_runtime())
 def chat(
     model: ModelOpt = None,
     system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = 512,
-    temperature: TempOpt = 0.8,
-    top_p: TopPOpt = 0.95,
-    top_k: TopKOpt = 40,
-    min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatOpt = 1.0,
-    seed: SeedOpt = None,
-    ctx_size: CtxOpt = None,
-    stop: StopOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    gpu_mem: GpuMemOpt = None,
-    experts_in_gpu: SlotsOpt = None,
-    no_prefetch: NoPrefetchOpt = False,
-    cpu_experts: CpuExpertsOpt = "auto",
-    threads: ThreadsOpt = None,
+    *,
+    gen: GenerationConfig,
+    runtime: RuntimeOptions,
     yes: YesOpt = False,
 ) -> None:
     """Multi-turn chat in the terminal (/help inside lists the commands); reads lines from a pipe too."""
-    _needs_torch(threads)
+    _needs_torch(runtime.threads)
     from .chat import chat_loop
 
-    gen = _generation(max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    engine = _load(model, _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads, cpu_experts), yes)
-    chat_loop(engine, gen, system=system)
+    chat_loop(_load(model, runtime, yes), gen, system=system)
+
+
+# serve's -n: with none, a chat request that sets no max_tokens may run to the end of the context
+SERVE_MAX_TOKENS = SharedOption(GenerationConfig, "max_tokens", int | None, typer.Option(
+    "-n", "--max-tokens", metavar="N", help="max_tokens of chat requests that set none (default: the rest of the context; /v1/completions: 16, as OpenAI)."),
+    default=None)
 
 
 @app.command()
+@shared_options(*generation_and_runtime(SERVE_MAX_TOKENS))
 def serve(
     model: ModelOpt = None,
-    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; any but loopback (127.0.0.1, ::1, localhost) lets other machines in.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", metavar="PORT", help="TCP port; 0 picks a free one (the URL printed on stdout names it).")] = 8080,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; any but loopback (127.0.0.1, ::1, localhost) lets other machines in.")] = default_of(ServeOptions, "host"),
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="TCP port; 0 picks a free one (the URL printed on stdout names it).")] = default_of(ServeOptions, "port"),
     api_key: Annotated[str | None, typer.Option("--api-key", metavar="KEY", envvar="MIXTRAL_API_KEY", show_envvar=False, help="Require 'Authorization: Bearer KEY' on every /v1 request (/health stays open); default: $MIXTRAL_API_KEY, else no key.")] = None,
-    max_queue: Annotated[int, typer.Option("--max-queue", metavar="N", help="Requests that may wait while one generates; more get 503 with Retry-After.")] = 8,
-    send_timeout: Annotated[float, typer.Option("--send-timeout", metavar="SECONDS", help="Cut a stream whose client has not read for this long.")] = 30.0,
+    max_queue: Annotated[int, typer.Option("--max-queue", metavar="N", help="Requests that may wait while one generates; more get 503 with Retry-After.")] = default_of(ServeOptions, "max_queue"),
+    send_timeout: Annotated[float, typer.Option("--send-timeout", metavar="SECONDS", help="Cut a stream whose client has not read for this long.")] = default_of(ServeOptions, "send_timeout"),
     system: Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt for conversations that bring none (default: none).")] = None,
-    max_tokens: Annotated[int | None, typer.Option("-n", "--max-tokens", metavar="N", help="max_tokens of chat requests that set none (default: the rest of the context; /v1/completions: 16, as OpenAI).")] = None,
-    temperature: TempOpt = 0.8,
-    top_p: TopPOpt = 0.95,
-    top_k: TopKOpt = 40,
-    min_p: MinPOpt = 0.05,
-    repeat_penalty: RepeatOpt = 1.0,
-    seed: SeedOpt = None,
-    ctx_size: CtxOpt = None,
-    stop: StopOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    gpu_mem: GpuMemOpt = None,
-    experts_in_gpu: SlotsOpt = None,
-    no_prefetch: NoPrefetchOpt = False,
-    cpu_experts: CpuExpertsOpt = "auto",
-    threads: ThreadsOpt = None,
+    *,
+    gen: GenerationConfig,
+    runtime: RuntimeOptions,
     yes: YesOpt = False,
 ) -> None:
     """Serve the model on OpenAI's HTTP API: /v1/chat/completions (streaming too), /v1/completions, /v1/models, /health.
@@ -317,19 +237,13 @@ def serve(
     Generation options are the defaults for what a request leaves out; a request's own fields win.
     One request generates at a time; the others wait in order. SIGINT or SIGTERM stops the server.
     """
-    _needs_torch(threads)
-    from .serve import ServeOptions, is_loopback, listen, model_name
+    _needs_torch(runtime.threads)
+    from .serve import is_loopback, listen, model_name
     from .serve import serve as run_server
 
-    if max_queue < 0:
-        raise UserError(f"--max-queue must be at least 0, got {max_queue}")
-    if send_timeout <= 0:
-        raise UserError(f"--send-timeout must be positive, got {send_timeout}")
-    gen = _generation(1 if max_tokens is None else max_tokens, stop, temperature, top_p, top_k, min_p, repeat_penalty, seed)
-    gen.max_tokens = max_tokens or 0  # 0: up to the end of the context
     opts = ServeOptions(model_name=model_name(model), gen=gen, system=system, host=host, port=port,
                         api_key=api_key or None, max_queue=max_queue, send_timeout=send_timeout)
-    runtime = _runtime(device, dtype, ctx_size, gpu_mem, experts_in_gpu, no_prefetch, threads, cpu_experts)
+    opts.validate()
     sock = listen(host, port)  # before the long load: a port in use fails at once
     if not opts.api_key and not is_loopback(host):
         ui.notice(f"warning: listening on {host} without an API key: anyone who can reach this port can use "
@@ -338,6 +252,7 @@ def serve(
 
 
 @app.command()
+@shared_options(*RUNTIME)
 def bench(
     model: ModelOpt = None,
     preset: Annotated[str | None, typer.Option("--preset", metavar="tiny|mini|8x7b", help="Synthetic random weights instead of a checkpoint (no download).")] = None,
@@ -349,18 +264,13 @@ def bench(
     csv_path: Annotated[Path | None, typer.Option("--csv", metavar="FILE", help="Where --sweep-slots writes its CSV  [default: ./bench-slots.csv]")] = None,
     rounds: Annotated[int, typer.Option("--rounds", metavar="N", help="Repeat the measurement (interleaved with the baseline); medians are reported.")] = 1,
     layers: Annotated[int | None, typer.Option("--layers", metavar="N", help="With --preset: only the first N layers, at the preset's real matrix sizes (e.g. --preset 8x7b --layers 2).")] = None,
-    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    gpu_mem: GpuMemOpt = None,
-    experts_in_gpu: SlotsOpt = None,
-    no_prefetch: NoPrefetchOpt = False,
-    cpu_experts: CpuExpertsOpt = "auto",
+    *,
+    runtime: RuntimeOptions,
     yes: YesOpt = False,
 ) -> None:
     """Prefill and decode speed, memory, expert-cache hit rate, and the bandwidth bound they imply."""
-    _needs_torch(threads)
+    _needs_torch(runtime.threads)
     from .bench import BenchOptions, run_bench
 
     if model is not None and preset is not None:
@@ -370,7 +280,7 @@ def bench(
         model_dir = _resolve(model, yes)
     opts = BenchOptions(preset=preset, model_dir=model_dir, bits=bits, prompt_tokens=prompt_tokens,
                         gen_tokens=gen_tokens, baseline=baseline, sweep_slots=sweep_slots, csv_path=csv_path,
-                        rounds=rounds, layers=layers, runtime=_runtime(device, dtype, None, gpu_mem, experts_in_gpu, no_prefetch, threads, cpu_experts))
+                        rounds=rounds, layers=layers, runtime=runtime)
     result = run_bench(opts, log=ui.bench_progress)
     if json_out:
         ui.print_json(result)

@@ -10,40 +10,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .errors import UserError
 from .model import Mixtral
+from .options import GenerationConfig, SamplingConfig
 from .plan import PREFILL_CHUNK
 from .tokenizer import StreamDecoder, Tokenizer
-
-
-@dataclass
-class SamplingConfig:
-    """Sampler settings; defaults follow llama.cpp. temperature 0 means greedy."""
-
-    temperature: float = 0.8
-    top_k: int = 40  # 0: off
-    top_p: float = 0.95  # 1: off
-    min_p: float = 0.05  # 0: off
-    repeat_penalty: float = 1.0  # 1: off
-    repeat_last_n: int = 64
-    seed: int | None = None  # None: a fresh random seed
-
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise UserError(f"min-p must be in [0, 1), got {self.min_p}")
-        if self.repeat_penalty <= 0:
-            raise UserError(f"repeat-penalty must be > 0, got {self.repeat_penalty}")
-
 
 Sampler = Callable[[torch.Tensor, Sequence[int]], int]
 
@@ -151,13 +126,6 @@ class Session:
 
 
 @dataclass
-class GenerationConfig:
-    max_tokens: int = 512
-    stop: list[str] = field(default_factory=list)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-
-
-@dataclass
 class GenerationStats:
     prompt_tokens: int = 0
     prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the cache)
@@ -212,8 +180,7 @@ class Completion:
         """`continuation`: the text continues the prompt (raw completion), so a leading space of the
         first generated piece is kept; a chat reply starts fresh and drops it."""
         check_fits(len(prompt_ids), session.model.max_len)
-        if cfg.max_tokens < 0:
-            raise UserError(f"max-tokens must be >= 0, got {cfg.max_tokens}")
+        cfg.validate()
         self.session, self.tokenizer, self.cfg = session, tokenizer, cfg
         self.prompt_ids = list(prompt_ids)
         self.continuation = continuation
@@ -225,7 +192,8 @@ class Completion:
 
     def tokens(self) -> Iterator[int]:
         """The raw token stream (EOS included when produced)."""
-        budget = min(self.cfg.max_tokens, self.session.model.max_len - len(self.prompt_ids))
+        room = self.session.model.max_len - len(self.prompt_ids)
+        budget = room if self.cfg.max_tokens is None else min(self.cfg.max_tokens, room)
         if budget <= 0:
             return
         t0 = time.perf_counter()

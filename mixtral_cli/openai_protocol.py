@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from .generate import GenerationConfig, SamplingConfig
+from .options import GenerationConfig, InvalidSetting
 from .tokenizer import Tokenizer
 
 
@@ -127,6 +127,10 @@ def _number(value: float | None, param: str, low: float, high: float, *, low_ope
         raise bad_request(param, f"must be in {lo}{low:g}, {high:g}{hi}, got {value:g}")
 
 
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")  # SamplingConfig's names
+SMALLEST_TOP_P = 1e-9
+
+
 def settings(req: _Request, defaults: GenerationConfig, *, max_tokens: int | None = None,
              max_tokens_param: str = "max_tokens") -> Settings:
     """The request's sampling and stopping, over the server's defaults (unset fields keep them)."""
@@ -134,29 +138,18 @@ def settings(req: _Request, defaults: GenerationConfig, *, max_tokens: int | Non
     _refuse_if(bool(req.logit_bias), "logit_bias", "is not supported")
     _refuse_if(req.stream_options is not None and not req.stream, "stream_options",
                "is only allowed when stream is true")
-    if max_tokens is not None and max_tokens < 1:
-        raise bad_request(max_tokens_param, f"must be at least 1, got {max_tokens}")
-    _number(req.temperature, "temperature", 0, math.inf, high_open=True)
-    _number(req.top_p, "top_p", 0, 1)
-    _number(req.min_p, "min_p", 0, 1, high_open=True)
-    _number(req.repeat_penalty, "repeat_penalty", 0, math.inf, low_open=True, high_open=True)
     _number(req.presence_penalty, "presence_penalty", -2, 2)
     _number(req.frequency_penalty, "frequency_penalty", -2, 2)
-    _refuse_if(req.top_k is not None and req.top_k < 0, "top_k", f"must be >= 0 (0 = off), got {req.top_k}")
-    _refuse_if(req.seed is not None and not -2**63 <= req.seed < 2**64, "seed", "must fit in 64 bits")
-    s = defaults.sampling
-    sampling = SamplingConfig(
-        temperature=s.temperature if req.temperature is None else req.temperature,
-        # OpenAI allows top_p 0 (only the most likely token): the smallest nucleus our sampler takes
-        top_p=s.top_p if req.top_p is None else max(req.top_p, 1e-9),
-        top_k=s.top_k if req.top_k is None else req.top_k,
-        min_p=s.min_p if req.min_p is None else req.min_p,
-        repeat_penalty=s.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
-        repeat_last_n=s.repeat_last_n,
-        seed=s.seed if req.seed is None else req.seed,
-    )
+    chosen = {name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name) is not None}
+    if chosen.get("top_p") == 0:  # OpenAI allows it (only the most likely token): the smallest nucleus we take
+        chosen["top_p"] = SMALLEST_TOP_P
     stop = defaults.stop if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
-    gen = replace(defaults, max_tokens=max_tokens or defaults.max_tokens, stop=stop, sampling=sampling)
+    gen = replace(defaults, max_tokens=defaults.max_tokens if max_tokens is None else max_tokens, stop=stop,
+                  sampling=replace(defaults.sampling, **chosen))
+    try:
+        gen.validate()
+    except InvalidSetting as e:
+        raise bad_request(max_tokens_param if e.field == "max_tokens" else e.field, e.problem) from None
     return Settings(gen, presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                     stream=bool(req.stream), include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
@@ -312,33 +305,38 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def _envelope(kind: str, rid: str, created: int, model: str, choice: dict, **fields: object) -> dict:
+    """OpenAI's object around one choice (index 0): a response, or one chunk of a stream."""
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": [{"index": 0, **choice}],
+            **fields, "system_fingerprint": None}
+
+
+def _chunk_usage(include_usage: bool) -> dict:
+    """With `include_usage` every chunk has `usage: null` (the last one, `usage_chunk`, has the counts)."""
+    return {"usage": None} if include_usage else {}
+
+
 def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str, used: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": used, "system_fingerprint": None}
+    message = {"role": "assistant", "content": text, "refusal": None}
+    return _envelope("chat.completion", rid, created, model,
+                     {"message": message, "logprobs": None, "finish_reason": finish_reason}, usage=used)
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
                *, include_usage: bool = False) -> dict:
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-             "system_fingerprint": None}
-    return chunk | ({"usage": None} if include_usage else {})
+    return _envelope("chat.completion.chunk", rid, created, model,
+                     {"delta": delta, "logprobs": None, "finish_reason": finish_reason}, **_chunk_usage(include_usage))
 
 
 def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str, used: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": used, "system_fingerprint": None}
+    return _envelope("text_completion", rid, created, model,
+                     {"text": text, "logprobs": None, "finish_reason": finish_reason}, usage=used)
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None,
                      *, include_usage: bool = False) -> dict:
-    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-             "system_fingerprint": None}
-    return chunk | ({"usage": None} if include_usage else {})
+    return _envelope("text_completion", rid, created, model,
+                     {"text": text, "logprobs": None, "finish_reason": finish_reason}, **_chunk_usage(include_usage))
 
 
 def usage_chunk(chunk: dict, used: dict) -> dict:

@@ -19,24 +19,23 @@ from quant.linear import use_dense_linears
 
 from .checkpoint import EXPERT_PROJS, Checkpoint, shared_shapes
 from .config import ModelArgs
-from .cpu_experts import MODES as CPU_EXPERT_MODES
 from .cpu_experts import CpuExperts, measure_costs
 from .errors import UserError
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
 from .model import Mixtral, fused_attention_available
+from .options import DTYPE_NAMES, RuntimeOptions
 from .plan import plan_memory, require_fit
 from .tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def pick_device(name: str) -> torch.device:
+    """The device a validated `RuntimeOptions.device` names (`auto`: CUDA when there is a GPU)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was requested but no CUDA GPU is available", hint="use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device '{name}'", hint="use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -53,8 +52,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and not cuda_bf16_native(torch.cuda.get_device_capability(device)):
             return torch.float16
         return torch.bfloat16
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype '{name}'", hint="use auto, float32, bfloat16 or float16")
     return DTYPES[name]
 
 
@@ -63,22 +60,8 @@ def apply_threads(threads: int | None) -> None:
     oneDNN's bf16 kernels wait for every thread of their parallel region."""
     if threads is None:
         return
-    if threads < 1:
-        raise UserError(f"-t/--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
     native.set_threads(threads)
-
-
-@dataclass
-class RuntimeOptions:
-    device: str = "auto"
-    dtype: str = "auto"
-    ctx_size: int | None = None  # None: min(model context, 4096)
-    experts_in_gpu: int | None = None
-    prefetch: bool = True
-    gpu_mem: int | None = None
-    threads: int | None = None  # CPU threads for torch; None: torch's default (one per core)
-    cpu_experts: str = "auto"  # decode misses computed on the CPU: auto (cost model), never, always
 
 
 @dataclass
@@ -96,9 +79,6 @@ class Engine:
         return self.model.args
 
 
-DEFAULT_CTX = 4096
-
-
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -108,17 +88,14 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 def expert_slots(opts: RuntimeOptions, args: ModelArgs, ckpt: Checkpoint, device: torch.device,
                  dtype: torch.dtype, ctx: int) -> int:
     """Expert slots per layer: `--experts-in-gpu`, else the planner's answer on CUDA, else all of them."""
-    E, top_k = args.num_local_experts, args.num_experts_per_tok
     if opts.experts_in_gpu is not None:
-        if not top_k <= opts.experts_in_gpu <= E:
-            raise UserError(f"--experts-in-gpu must be between {top_k} and {E}, got {opts.experts_in_gpu}")
         return opts.experts_in_gpu
     if device.type != "cuda":
-        return E
+        return args.num_local_experts
     budget = opts.gpu_mem or torch.cuda.mem_get_info(device)[0]
     plan = plan_memory(args, ckpt.quant, ctx, budget, dense_bytes=dtype.itemsize,
                        fused_attention=fused_attention_available(device, dtype, args))
-    return require_fit(plan, top_k, ctx, ckpt.quant).slots_per_layer
+    return require_fit(plan, args.num_experts_per_tok, ctx, ckpt.quant).slots_per_layer
 
 
 def load_engine(
@@ -138,21 +115,17 @@ def build_engine(
 ) -> Engine:
     """Place the weights of `ckpt` (anything with Checkpoint's `args`, `quant`, `tensor(name)` and
     `expert_weight(layer, expert, proj)`) on the device chosen by `opts`."""
+    args = ckpt.args
+    opts.validate_for_model(args)
     device = pick_device(opts.device)
     dtype = pick_dtype(opts.dtype, device)
     apply_threads(opts.threads)
-    args = ckpt.args
     total = args.num_hidden_layers + 1
 
     def place(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype)
 
-    ctx = opts.ctx_size or min(args.max_position_embeddings, DEFAULT_CTX)
-    if ctx > args.max_position_embeddings:
-        raise UserError(f"context size {ctx} exceeds the model's {args.max_position_embeddings} positions",
-                        hint=f"pass -c/--ctx-size of at most {args.max_position_embeddings}")
-    if opts.cpu_experts not in CPU_EXPERT_MODES:
-        raise UserError(f"unknown --cpu-experts '{opts.cpu_experts}'", hint="use auto, never or always")
+    ctx = opts.context_size(args)
     slots = expert_slots(opts, args, ckpt, device, dtype, ctx)
 
     def expert_weights(L: int, e: int, target: torch.device) -> list:

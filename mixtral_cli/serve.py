@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException
 
 from . import ui
 from .errors import UserError
-from .generate import Completion, GenerationConfig, Sampler, Session
+from .generate import Completion, Sampler, Session
 from .openai_protocol import (
     APIError,
     BodyModel,
@@ -62,21 +62,10 @@ from .openai_protocol import (
     usage_chunk,
     validation_error,
 )
+from .options import ServeOptions
 from .runtime import Engine
 
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
-
-
-@dataclass
-class ServeOptions:
-    model_name: str  # what /v1/models and every response call the model
-    gen: GenerationConfig  # defaults for fields a request leaves out; max_tokens 0: the rest of the context
-    system: str | None = None  # system prompt for conversations that bring none
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_key: str | None = None
-    max_queue: int = 8  # requests that may wait while one generates; more get 503
-    send_timeout: float = 30.0  # seconds a stream may wait for its reader before it is cut
 
 
 # -- generation: one at a time, on the worker thread ------------------------------------------------
