@@ -103,7 +103,7 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
     from quant.formats import spec_for_bits
 
     from .checkpoint import parse_quantization
-    from .plan import expert_bytes, plan_memory, require_fit
+    from .plan import all_experts_bytes, plan_memory, require_fit, shared_bytes, weight_bytes
 
     args, raw, directory = _info_config(model)
     stored = parse_quantization(raw, (directory or Path(".")) / "config.json")
@@ -117,9 +117,7 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
         raise UserError(f"--bits must be 4, 8 or 16, got {bits}")
     if ctx < 1:
         raise UserError(f"--ctx must be positive, got {ctx}")
-    dense = 2 * (args.params_total - args.params_experts)
-    n_experts = args.num_hidden_layers * args.num_local_experts
-    experts = n_experts * expert_bytes(args, spec)
+    dense, experts = shared_bytes(args), all_experts_bytes(args, spec)
     if gpu_mem:
         budget = parse_size(gpu_mem)
     elif torch.cuda.is_available():
@@ -138,8 +136,8 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
         "expert_format": spec.name if spec else "bfloat16",
         "bits": spec.bits if spec else 16,
         "bytes_weights": {"total": dense + experts, "experts": experts, "other": dense},
-        "bytes_weights_by_format": {"bfloat16": 2 * args.params_total} | {
-            s.name: dense + n_experts * expert_bytes(args, s) for s in map(spec_for_bits, (8, 4)) if _fits(s, args)},
+        "bytes_weights_by_format": {"bfloat16": weight_bytes(args, None)} | {
+            s.name: weight_bytes(args, s) for s in map(spec_for_bits, (8, 4)) if _fits(s, args)},
         "plan": plan.as_dict() | {"ctx": ctx},
     }
     if directory is not None and stored is not None:

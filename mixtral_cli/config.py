@@ -84,6 +84,7 @@ class ModelArgs:
             object.__setattr__(args, "torch_dtype", "bfloat16")
         return args
 
+    # -- parameter counts (the planner's and bench's byte accounting is built on these) --------
     @property
     def ffn_params(self) -> int:
         """Parameters of one expert (w1, w3: D->I, w2: I->D)."""
@@ -91,34 +92,61 @@ class ModelArgs:
 
     @property
     def attention_params(self) -> int:
+        """One layer's q, k, v and o projections."""
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         return self.hidden_size * (2 * q + 2 * kv)
 
     @property
+    def router_params(self) -> int:
+        """One layer's router `gate` (D -> E)."""
+        return self.num_local_experts * self.hidden_size
+
+    @property
+    def norm_params(self) -> int:
+        """One layer's two RMSNorm weights (before attention, before the MoE block)."""
+        return 2 * self.hidden_size
+
+    @property
     def layer_shared_params(self) -> int:
         """Per layer, everything but the experts: attention, router gate, two norms."""
-        return self.attention_params + self.num_local_experts * self.hidden_size + 2 * self.hidden_size
+        return self.attention_params + self.router_params + self.norm_params
+
+    @property
+    def lm_head_params(self) -> int:
+        """lm_head (vocab x hidden); embed_tokens has the same shape."""
+        return self.vocab_size * self.hidden_size
 
     @property
     def embedding_params(self) -> int:
+        """embed_tokens, lm_head (once when tied) and the final norm."""
         heads = 1 if self.tie_word_embeddings else 2
-        return heads * self.vocab_size * self.hidden_size + self.hidden_size  # + final norm
+        return heads * self.lm_head_params + self.hidden_size
 
     @property
-    def params_total(self) -> int:
-        per_layer = self.layer_shared_params + self.num_local_experts * self.ffn_params
-        return self.embedding_params + self.num_hidden_layers * per_layer
+    def params_shared(self) -> int:
+        """Everything but the experts: embeddings, lm_head, final norm and every layer's shared parts."""
+        return self.embedding_params + self.num_hidden_layers * self.layer_shared_params
 
     @property
-    def params_active(self) -> int:
-        per_layer = self.layer_shared_params + self.num_experts_per_tok * self.ffn_params
-        return self.embedding_params + self.num_hidden_layers * per_layer
+    def params_shared_per_token(self) -> int:
+        """What one decoded token reads besides its experts: one row of embed_tokens, every layer's
+        shared parts, the final norm and the whole lm_head."""
+        row, final_norm = self.hidden_size, self.hidden_size
+        return row + self.num_hidden_layers * self.layer_shared_params + final_norm + self.lm_head_params
 
     @property
     def params_experts(self) -> int:
         return self.num_hidden_layers * self.num_local_experts * self.ffn_params
 
+    @property
+    def params_total(self) -> int:
+        return self.params_shared + self.params_experts
+
+    @property
+    def params_active(self) -> int:
+        """Parameters one token uses: the shared ones and its top-k experts in every layer."""
+        return self.params_shared + self.num_hidden_layers * self.num_experts_per_tok * self.ffn_params
 
 def check_mixtral(cfg: dict[str, Any], path: Path) -> None:
     archs = cfg.get("architectures") or []

@@ -8,6 +8,10 @@ the budget is divided into expert slots, the same number K in every layer. K >= 
 The workspace is what the forward pass allocates besides the weights and the KV cache while it
 processes one chunk of `PREFILL_CHUNK` tokens (prefill is always chunked to this size: see
 `generate.Session.prefill` and `evaluate.window_nll`); `Workspace` lists its parts.
+
+The byte accounting of the weights lives here too, built on `ModelArgs`' parameter counts: one
+expert in its stored format, the shared (never quantized) weights, the whole model, what one decode
+step reads, and the decode-speed bound that follows from it (`info` and `bench` report these).
 """
 
 from __future__ import annotations
@@ -54,9 +58,44 @@ def slot_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) ->
     return sum(-(-n // ALIGN) * ALIGN for n in _expert_parts(args, spec, dense_bytes))
 
 
-def kv_cache_bytes(args: ModelArgs, ctx: int, dense_bytes: int = 2) -> int:
-    """K and V for every layer: 2 x L x kv_heads x head_dim x ctx."""
-    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * ctx * dense_bytes
+def shared_bytes(args: ModelArgs, dense_bytes: int = 2) -> int:
+    """Every weight but the experts (embeddings, lm_head, attention, routers, norms), never quantized."""
+    return args.params_shared * dense_bytes
+
+
+def all_experts_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
+    """Every expert of every layer in the stored format."""
+    return args.num_hidden_layers * args.num_local_experts * expert_bytes(args, spec, dense_bytes)
+
+
+def weight_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
+    """The whole model: shared weights plus every expert in the stored format."""
+    return shared_bytes(args, dense_bytes) + all_experts_bytes(args, spec, dense_bytes)
+
+
+def kv_cache_bytes(args: ModelArgs, ctx: float, dense_bytes: int = 2) -> int:
+    """K and V for every layer: 2 x L x kv_heads x head_dim x ctx (`ctx` may be a mean length)."""
+    return int(2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * ctx * dense_bytes)
+
+
+def bytes_per_token(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int, context: float) -> int:
+    """Bytes one decode step must read: every non-expert weight a token touches (its embedding row,
+    attention, router, norms, final norm, lm_head), the top-k experts of every layer in their stored
+    format, and the KV cache over `context` positions."""
+    experts = args.num_hidden_layers * args.num_experts_per_tok * expert_bytes(args, spec, dense_bytes)
+    return args.params_shared_per_token * dense_bytes + experts + kv_cache_bytes(args, context, dense_bytes)
+
+
+def copy_wait_s(misses_per_token: float, one_expert_bytes: float, h2d_bw: float) -> float:
+    """Seconds per decoded token spent copying missed experts (of `one_expert_bytes`) at `h2d_bw`."""
+    return misses_per_token * one_expert_bytes / h2d_bw
+
+
+def decode_bound(weight_bytes_per_token: float, mem_bw: float, wait_s: float = 0.0) -> float:
+    """Upper bound on decode tokens/s: reading `weight_bytes_per_token` at `mem_bw` plus `wait_s` per
+    token waiting for missed experts (`copy_wait_s`, or the CPU engine's share), with no overlap and
+    no compute."""
+    return 1.0 / (weight_bytes_per_token / mem_bw + wait_s)
 
 
 @dataclass
@@ -152,15 +191,14 @@ def plan_memory(args: ModelArgs, spec: QuantSpec | None, ctx: int, budget: int, 
     """Fit the resident parts, then as many expert slots per layer as the budget allows.
     `fused_attention`: whether a fused SDPA kernel serves masked grouped-query attention on the
     target GPU (`model.fused_attention_available`); without one the math path's scores are reserved."""
-    D, L, E = args.hidden_size, args.num_hidden_layers, args.num_local_experts
-    heads = 1 if args.tie_word_embeddings else 2
+    L, E = args.num_hidden_layers, args.num_local_experts
     one_slot = slot_bytes(args, spec, dense_bytes)
     ws = workspace(args, spec, ctx, dense_bytes, fused_attention)
     plan = MemoryPlan(
         budget=budget,
-        embeddings=(heads * args.vocab_size * D + D) * dense_bytes,
+        embeddings=args.embedding_params * dense_bytes,
         attention=L * args.attention_params * dense_bytes,
-        norms_and_routers=L * (2 * D + E * D) * dense_bytes,
+        norms_and_routers=L * (args.norm_params + args.router_params) * dense_bytes,
         kv_cache=kv_cache_bytes(args, ctx, dense_bytes),
         workspace=ws.total,
         cuda_context=CUDA_CONTEXT_BYTES,

@@ -1,4 +1,5 @@
-"""The memory planner on the real Mixtral-8x7B shapes, against hand computation."""
+"""The parameter counts, the byte accounting, the decode bound and the memory planner on the real
+Mixtral-8x7B shapes (and a toy config), against numbers worked out by hand."""
 
 from __future__ import annotations
 
@@ -9,21 +10,99 @@ import pytest
 
 from mixtral_cli.config import ModelArgs
 from mixtral_cli.errors import UserError
-from mixtral_cli.plan import expert_bytes, plan_memory, require_fit, slot_bytes, workspace
+from mixtral_cli.plan import (
+    all_experts_bytes,
+    bytes_per_token,
+    copy_wait_s,
+    decode_bound,
+    expert_bytes,
+    plan_memory,
+    require_fit,
+    shared_bytes,
+    slot_bytes,
+    weight_bytes,
+    workspace,
+)
 from quant.formats import spec_for_bits
 
 ARGS = ModelArgs.from_dict(json.loads((Path(__file__).parent / "data" / "mixtral-8x7b-instruct-v0.1.config.json").read_text()))
 GiB = 2**30
 
 
+# -- parameter counts ----------------------------------------------------------------------------
+def test_mixtral_8x7b_parameter_counts_by_hand():
+    # per layer: q and o 4096 x 4096, k and v 1024 x 4096 (8 KV heads of 128) = 41,943,040; router 8 x 4096 =
+    # 32,768; two norms 8,192 -> 41,984,000 shared per layer
+    assert ARGS.attention_params == 41_943_040 and ARGS.router_params == 32_768 and ARGS.norm_params == 8_192
+    assert ARGS.layer_shared_params == 41_984_000
+    assert ARGS.ffn_params == 3 * 4096 * 14336 == 176_160_768  # one expert
+    # embed_tokens and lm_head 32000 x 4096 = 131,072,000 each, final norm 4,096
+    assert ARGS.lm_head_params == 131_072_000 and ARGS.embedding_params == 262_148_096
+    # 262,148,096 + 32 x 41,984,000
+    assert ARGS.params_shared == 1_605_636_096
+    assert ARGS.params_experts == 32 * 8 * 176_160_768 == 45_097_156_608
+    # DESIGN.md: 46.70B total, 12.88B active (1,605,636,096 + 32 x 2 x 176,160,768)
+    assert ARGS.params_total == 46_702_792_704 and ARGS.params_active == 12_879_925_248
+    # a decoded token reads lm_head, its embedding row, the final norm and 32 layers' shared parts:
+    # 131,072,000 + 4,096 + 4,096 + 1,343,488,000
+    assert ARGS.params_shared_per_token == 1_474_568_192
+
+
+def test_tied_embeddings_are_counted_once():
+    tied = ModelArgs(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, vocab_size=10,
+                     tie_word_embeddings=True)
+    assert tied.embedding_params == 10 * 8 + 8  # one 10 x 8 table (embed_tokens = lm_head) + final norm
+    assert tied.params_shared_per_token == 8 + 240 + 8 + 80  # row, the layer, final norm, lm_head
+
+
+# -- bytes -----------------------------------------------------------------------------------------
 def test_expert_bytes_by_hand():
-    n = 14336 * 4096  # weights per matrix
-    # nf4: 4-bit codes, one 8-bit scale per 64 weights, one fp32 per 256 scales, one fp32 offset
-    nf4_matrix = n // 2 + n // 64 + 4 * (n // 64 // 256) + 4
-    assert expert_bytes(ARGS, spec_for_bits(4)) == 3 * nf4_matrix == 90_875_916
-    # int8, block 128: 1 byte per weight, one fp32 scale per 128 weights
-    assert expert_bytes(ARGS, spec_for_bits(8)) == 3 * (n + 4 * (n // 128))
-    assert expert_bytes(ARGS, None) == 3 * n * 2
+    # one 14336 x 4096 matrix: 58,720,256 weights
+    # nf4: 4-bit codes 29,360,128 + one 8-bit scale per 64 weights 917,504 + one fp32 per 256 scales 14,336
+    # + one fp32 offset 4 = 30,291,972
+    assert expert_bytes(ARGS, spec_for_bits(4)) == 3 * 30_291_972 == 90_875_916
+    # int8, block 128: 58,720,256 codes + 458,752 fp32 scales (1,835,008 bytes) = 60,555,264
+    assert expert_bytes(ARGS, spec_for_bits(8)) == 3 * 60_555_264 == 181_665_792
+    assert expert_bytes(ARGS, None) == 3 * 58_720_256 * 2 == 352_321_536
+
+
+def test_model_bytes_by_hand():
+    # the shared weights stay bf16: 2 x 1,605,636,096
+    assert shared_bytes(ARGS) == 3_211_272_192
+    # 32 layers x 8 experts = 256 experts
+    assert all_experts_bytes(ARGS, spec_for_bits(4)) == 256 * 90_875_916 == 23_264_234_496
+    assert weight_bytes(ARGS, spec_for_bits(4)) == 3_211_272_192 + 23_264_234_496 == 26_475_506_688
+    assert weight_bytes(ARGS, spec_for_bits(8)) == 3_211_272_192 + 256 * 181_665_792 == 49_717_714_944
+    assert weight_bytes(ARGS, None) == 2 * 46_702_792_704  # bf16 everywhere
+
+
+def test_bytes_per_token_by_hand():
+    a = ModelArgs(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, vocab_size=10)
+    # head_dim 4; q: 8x8, k: 4x8, v: 4x8, o: 8x8 -> 64 + 32 + 32 + 64 = 192 attention params
+    # router 4x8 = 32, two norms 16 -> 240 params per layer; one expert 3 x 8 x 16 = 384 params
+    # bf16: per layer 2 x 240 + 2 experts x 768 bytes = 2016; KV over 10 positions: 2 x 1 x 4 x 10 x 2 = 160
+    # head: embedding row 8 + final norm 8 + lm_head 80 = 96 params = 192 bytes
+    assert bytes_per_token(a, None, 2, 10) == 192 + 2 * (2016 + 160)
+    # int8, group 8: one 8x16 or 16x8 matrix = 128 int8 + 16 float32 scales = 192 bytes; expert 576
+    spec = spec_for_bits(8, group_size=8)
+    assert bytes_per_token(a, spec, 2, 0) == 192 + 2 * (480 + 2 * 576)
+    # a mean context of 2.5 positions: KV 2 x 1 x 4 x 2.5 x 2 = 40 bytes per layer
+    assert bytes_per_token(a, None, 2, 2.5) == 192 + 2 * (2016 + 40)
+    # 8x7B, 4-bit experts, empty context: 2 x 1,474,568,192 shared bytes + 64 experts x 90,875,916
+    assert bytes_per_token(ARGS, spec_for_bits(4), 2, 0) == 2_949_136_384 + 5_816_058_624
+
+
+def test_decode_bound_by_hand():
+    # 1 GB per token at 20 GB/s: 50 ms -> 20 tok/s
+    assert decode_bound(1e9, 20e9) == pytest.approx(20.0)
+    # plus 0.5 misses x 100 MB at 25 GB/s = 2 ms -> 1 / 0.052
+    assert copy_wait_s(0.5, 100e6, 25e9) == pytest.approx(0.002)
+    assert decode_bound(1e9, 20e9, 0.002) == pytest.approx(1 / 0.052)
+    # DESIGN.md section 6: 64 expert uses of 94 MB at h = 0 over 25 GB/s (0.24 s), resident reads free -> ~4.2 tok/s
+    assert copy_wait_s(64, 94e6, 25e9) == pytest.approx(0.24064)
+    assert decode_bound(1.0, float("inf"), 0.24064) == pytest.approx(4.2, rel=0.02)
 
 
 MiB = 2**20
@@ -36,7 +115,7 @@ def test_slot_bytes_by_hand():
     assert slot_bytes(ARGS, spec_for_bits(4)) == 3 * (29_360_128 + 917_504 + 14_336 + 64) == SLOT_4BIT
     # int8: 58,720,256 codes + 1,835,008 float32 scales, both aligned already
     assert slot_bytes(ARGS, spec_for_bits(8)) == 3 * (58_720_256 + 1_835_008) == 181_665_792
-    assert slot_bytes(ARGS, None) == expert_bytes(ARGS, None)
+    assert slot_bytes(ARGS, None) == 352_321_536  # bf16 matrices are aligned already
 
 
 def test_workspace_of_one_512_token_chunk_by_hand():
@@ -65,19 +144,19 @@ def test_workspace_of_one_512_token_chunk_by_hand():
 def test_plan_8x7b_4bit_24gib_4096_ctx_by_hand():
     budget = 24 * GiB
     plan = plan_memory(ARGS, spec_for_bits(4), 4096, budget)
-    assert plan.embeddings == (2 * 32000 * 4096 + 4096) * 2
-    assert plan.attention == 32 * 4096 * (2 * 4096 + 2 * 1024) * 2
-    assert plan.norms_and_routers == 32 * (2 * 4096 + 8 * 4096) * 2
+    assert plan.embeddings == (2 * 32000 * 4096 + 4096) * 2 == 524_296_192
+    assert plan.attention == 32 * 4096 * (2 * 4096 + 2 * 1024) * 2 == 2_684_354_560
+    assert plan.norms_and_routers == 32 * (2 * 4096 + 8 * 4096) * 2 == 2_621_440
     assert plan.kv_cache == 2 * 32 * 8 * 128 * 4096 * 2 == 512 * 2**20
-    assert plan.workspace == 199 * MiB + 5_120_000
+    assert plan.workspace == 199 * MiB + 5_120_000 == 213_786_624
+    assert plan.cuda_context == 512 * MiB and plan.allocator_slack == 1_288_490_188  # 5% of 24 GiB, rounded down
     assert plan.expert_bytes == SLOT_4BIT and plan.prefill_chunk == 512
-    resident = (plan.embeddings + plan.attention + plan.norms_and_routers + plan.kv_cache + plan.workspace
-                + 512 * 2**20 + int(budget * 0.05))
-    assert plan.resident == resident
-    slots = (budget - resident) // (32 * SLOT_4BIT)
-    assert plan.slots_per_layer == slots == 6
+    # 524,296,192 + 2,684,354,560 + 2,621,440 + 536,870,912 + 213,786,624 + 536,870,912 + 1,288,490,188
+    assert plan.resident == 5_787_290_828
+    # (25,769,803,776 - 5,787,290,828) // (32 x 90,876,096) = 19,982,512,948 // 2,908,035,072 = 6
+    assert plan.slots_per_layer == 6 and plan.experts_on_device == 192
     assert plan.offloaded and plan.fits
-    assert plan.total == resident + 32 * slots * SLOT_4BIT <= budget
+    assert plan.total == 5_787_290_828 + 192 * SLOT_4BIT == 23_235_501_260
     # 8-bit experts at the same budget: 3 slots of 181,665,792 bytes per layer
     assert plan_memory(ARGS, spec_for_bits(8), 4096, budget).slots_per_layer == 3
 
@@ -100,7 +179,9 @@ def test_too_small_budget_names_the_minimum():
     assert not plan.fits
     with pytest.raises(UserError) as err:
         require_fit(plan, 2, 4096)
-    assert f"{plan.minimum_budget / GiB:.2f} GiB" in err.value.hint
+    # resident without slack 4,498,800,640 + 32 x 2 slots x 90,876,096 = 10,314,870,784, over 95% (5% slack), + 1
+    assert plan.minimum_budget == 10_857_758_721
+    assert "10.11 GiB" in err.value.hint
     # the minimum is enough, and just below it is not
     assert plan_memory(ARGS, spec_for_bits(4), 4096, plan.minimum_budget).slots_per_layer == 2
     assert not plan_memory(ARGS, spec_for_bits(4), 4096, plan.minimum_budget - 2**20).fits
