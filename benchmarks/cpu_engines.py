@@ -48,9 +48,9 @@ def prepare(d: Path, layers: int, llama_src: Path | None) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from mixtral_cli.bench import PRESETS, SyntheticCheckpoint
     from mixtral_cli.checkpoint import EXPERT_PROJS, expert_prefix, layer_prefix, shared_shapes
     from mixtral_cli.config import ModelArgs
+    from mixtral_cli.synthetic import PRESETS, SyntheticCheckpoint
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from tiny import TINY_CONFIG, V1_TOKENIZER

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import json, resource, sys, time, torch
-from mixtral_cli.bench import SyntheticCheckpoint, preset_args
+from mixtral_cli.synthetic import SyntheticCheckpoint, preset_args
 from mixtral_cli.generate import Session
 from mixtral_cli.runtime import RuntimeOptions, build_engine
 n, threads = int(sys.argv[1]), int(sys.argv[2])

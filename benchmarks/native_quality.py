@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from mixtral_cli.bench import QuantizingCheckpoint
 from mixtral_cli.checkpoint import Checkpoint
 from mixtral_cli.evaluate import perplexity
 from mixtral_cli.runtime import RuntimeOptions, build_engine
+from mixtral_cli.synthetic import QuantizingCheckpoint
 from mixtral_cli.tokenizer import Tokenizer
 from quant import kernels, native
 from quant.formats import spec_for_bits

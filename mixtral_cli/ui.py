@@ -10,12 +10,15 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.theme import Theme
+
+if TYPE_CHECKING:
+    from .bench_result import BenchResult
 
 THEME = Theme({"error": "bold red", "hint": "dim", "stats": "dim", "key": "cyan", "notice": "yellow"})
 
@@ -232,66 +235,67 @@ def _gb(x: float | None) -> str:
     return "-" if x is None else f"{x / 1e9:.2f} GB"
 
 
-def bench_report(r: dict) -> None:
+def bench_report(r: BenchResult) -> None:
     """The `mixtral bench` result as tables on stdout (the same numbers as `--json`)."""
     from .sizes import format_bytes
 
-    cache, bw, bound, base = r["expert_cache"], r["bandwidth"], r["bound"], r["baseline"]
-    title = (f"{r['model']} · {r['expert_format']} experts · {r['device']} {r['dtype']} · {_plural(r['threads'], 'thread')} · "
-             f"{r['slots_per_layer']} expert slots/layer{'' if r['prefetch'] else ' · no prefetch'}")
+    cache, bw, bound, base = r.expert_cache, r.bandwidth, r.bound, r.baseline
+    title = (f"{r.model} · {r.expert_format} experts · {r.device} {r.dtype} · {_plural(r.threads, 'thread')} · "
+             f"{r.slots_per_layer} expert slots/layer{'' if r.prefetch else ' · no prefetch'}")
     table = Table(title=title, title_justify="left")
     table.add_column("metric", style="key", no_wrap=True)
     table.add_column("mixtral", justify="right")
     if base:
-        table.add_column(f"transformers {base['version']} ({base['dtype']})", justify="right")
+        table.add_column(f"transformers {base.info.version} ({base.info.dtype})", justify="right")
         table.add_column("ratio", justify="right")
     rows = [
-        (f"prefill ({r['prompt_tokens']} tokens)", _rate(r["prefill_tokens_per_s"], " tok/s"),
-         base and _rate(base["prefill_tokens_per_s"], " tok/s"), base and f"{base['prefill_ratio']:.2f}x"),
-        ("time to first token", f"{r['time_to_first_token_s'] * 1e3:,.0f} ms",
-         base and f"{base['time_to_first_token_s'] * 1e3:,.0f} ms", None),
-        (f"decode ({r['gen_tokens']} tokens)", _rate(r["decode_tokens_per_s"], " tok/s"),
-         base and _rate(base["decode_tokens_per_s"], " tok/s"), base and f"{base['decode_ratio']:.2f}x"),
+        (f"prefill ({r.prompt_tokens} tokens)", _rate(r.prefill_tokens_per_s, " tok/s"),
+         base and _rate(base.prefill_tokens_per_s, " tok/s"), base and f"{base.prefill_ratio:.2f}x"),
+        ("time to first token", f"{r.time_to_first_token_s * 1e3:,.0f} ms",
+         base and f"{base.time_to_first_token_s * 1e3:,.0f} ms", None),
+        (f"decode ({r.gen_tokens} tokens)", _rate(r.decode_tokens_per_s, " tok/s"),
+         base and _rate(base.decode_tokens_per_s, " tok/s"), base and f"{base.decode_ratio:.2f}x"),
     ]
     for name, ours, theirs, ratio in rows:
         table.add_row(name, ours, *((theirs or "", ratio or "") if base else ()))
     out.print(table)
+    hybrid = bound.hybrid
     rows2 = [
-        ("decode bound", f"{_rate(bound['decode_tokens_per_s'], ' tok/s')} (achieved {bound['achieved_fraction']:.0%}): "
-                         f"{format_bytes(bound['weight_bytes_per_token'])} read per token"
-                         + (f" + {bound['misses_per_token']:.2f} expert copies of {format_bytes(bound['expert_bytes'])}"
-                            if bound["misses_per_token"] else "")),
-        *([("hybrid bound", f"copying every miss {_rate(bound['hybrid']['copy_only_tokens_per_s'], ' tok/s')}, "
-                            f"misses split with the CPU {_rate(bound['hybrid']['hybrid_tokens_per_s'], ' tok/s')} "
-                            f"(one expert: copy {bound['hybrid']['copy_expert_s'] * 1e3:.1f} ms, CPU "
-                            f"{bound['hybrid']['cpu_expert_s'] * 1e3:.1f} ms; {bound['hybrid']['cpu_experts']} computed "
-                            f"on the CPU, --cpu-experts {bound['hybrid']['mode']})")]
-          if bound.get("hybrid") else []),
-        ("memory read bandwidth", f"{_gb(bw['memory_read_bytes_per_s'])}/s"),
-        ("expert copy bandwidth", f"{_gb(bw['host_to_device_bytes_per_s'])}/s ({bw['host_to_device_method']})"),
-        ("expert cache (decode)", f"hit rate {_pct(cache['hit_rate'])}, {cache['misses']} misses, "
-                                  f"prefetch accuracy {_pct(cache['prefetch_accuracy'])}, "
-                                  f"{format_bytes(cache['bytes_to_device'])} copied, {cache['stall_s'] * 1e3:.0f} ms stalled"),
-        ("peak RAM (RSS)", format_bytes(r["peak_rss_bytes"])),
-        ("peak GPU memory", "-" if r["peak_gpu_bytes"] is None else format_bytes(r["peak_gpu_bytes"])),
-        ("load", f"{r['load_s']:.1f} s"),
+        ("decode bound", f"{_rate(bound.decode_tokens_per_s, ' tok/s')} (achieved {bound.achieved_fraction:.0%}): "
+                         f"{format_bytes(bound.weight_bytes_per_token)} read per token"
+                         + (f" + {bound.misses_per_token:.2f} expert copies of {format_bytes(bound.expert_bytes)}"
+                            if bound.misses_per_token else "")),
+        *([("hybrid bound", f"copying every miss {_rate(hybrid.copy_only_tokens_per_s, ' tok/s')}, "
+                            f"misses split with the CPU {_rate(hybrid.hybrid_tokens_per_s, ' tok/s')} "
+                            f"(one expert: copy {hybrid.copy_expert_s * 1e3:.1f} ms, CPU "
+                            f"{hybrid.cpu_expert_s * 1e3:.1f} ms; {hybrid.cpu_experts} computed "
+                            f"on the CPU, --cpu-experts {hybrid.mode})")]
+          if hybrid else []),
+        ("memory read bandwidth", f"{_gb(bw.memory_read_bytes_per_s)}/s"),
+        ("expert copy bandwidth", f"{_gb(bw.host_to_device_bytes_per_s)}/s ({bw.host_to_device_method})"),
+        ("expert cache (decode)", f"hit rate {_pct(cache.hit_rate)}, {cache.misses} misses, "
+                                  f"prefetch accuracy {_pct(cache.prefetch_accuracy)}, "
+                                  f"{format_bytes(cache.bytes_to_device)} copied, {cache.stall_s * 1e3:.0f} ms stalled"),
+        ("peak RAM (RSS)", format_bytes(r.peak_rss_bytes)),
+        ("peak GPU memory", "-" if r.peak_gpu_bytes is None else format_bytes(r.peak_gpu_bytes)),
+        ("load", f"{r.load_s:.1f} s"),
     ]
     if base:
-        probes = ", ".join(f"{k} {v:.1f} tok/s" for k, v in base["probe_decode_tokens_per_s"].items())
-        rows2.append(("baseline", f"{base['weights']}; dtype probe: {probes}"))
+        probes = ", ".join(f"{k} {v:.1f} tok/s" for k, v in base.info.probe_decode_tokens_per_s.items())
+        rows2.append(("baseline", f"{base.info.weights}; dtype probe: {probes}"))
     key_value_table("", rows2)
-    if r.get("note"):
-        notice(r["note"])
-    if r.get("sweep"):
+    if r.note:
+        notice(r.note)
+    if r.sweep:
         sweep = Table(title="decode speed per expert slots per layer", title_justify="left")
         for col in ("slots", "tok/s", "bound tok/s", "hit rate", "misses/token", "prefetch accuracy", "copied"):
             sweep.add_column(col, justify="right")
-        for row in r["sweep"]:
-            sweep.add_row(str(row["slots_per_layer"]), _rate(row["decode_tokens_per_s"]),
-                          _rate(row["bound_tokens_per_s"]), _pct(row["hit_rate"]), f"{row['misses_per_token']:.2f}",
-                          _pct(row["prefetch_accuracy"]), format_bytes(row["bytes_to_device"]))
+        for row in r.sweep:
+            sweep.add_row(str(row.slots_per_layer), _rate(row.decode_tokens_per_s),
+                          _rate(row.bound_tokens_per_s), _pct(row.hit_rate), f"{row.misses_per_token:.2f}",
+                          _pct(row.prefetch_accuracy), format_bytes(row.bytes_to_device))
         out.print(sweep)
-        files = [r["sweep_csv"]] + ([r["sweep_png"]] if r.get("sweep_png") else [])
+        files = [r.sweep_csv] + ([r.sweep_png] if r.sweep_png else [])
         err.print(f"[stats]wrote {', '.join(files)}[/]")
 
 

@@ -7,7 +7,7 @@
 - the expert store is pinned (`is_pinned()`) and torch's caching host allocator holds no pinned bytes;
 - slot refills keep each slot's QuantState; stall time is measured and finite.
 
-Weights are synthetic (`mixtral_cli.bench.SyntheticCheckpoint`): the checks are about memory,
+Weights are synthetic (`mixtral_cli.synthetic.SyntheticCheckpoint`): the checks are about memory,
 placement and numerics, not text quality.
 """
 
@@ -22,13 +22,13 @@ import sys
 import pytest
 import torch
 
-from mixtral_cli.bench import PRESETS, SyntheticCheckpoint, preset_args
 from mixtral_cli.config import ModelArgs
 from mixtral_cli.experts import ExpertCache, ResidentExperts, mem_available
 from mixtral_cli.generate import Session, chunks
 from mixtral_cli.model import fused_attention_available
 from mixtral_cli.plan import CUDA_CONTEXT_BYTES, plan_memory
 from mixtral_cli.runtime import RuntimeOptions, build_engine
+from mixtral_cli.synthetic import PRESETS, SyntheticCheckpoint, preset_args
 from quant import kernels
 from quant.formats import quantize, spec_for_bits
 from quant.linear import QuantLinear
@@ -40,9 +40,11 @@ pytestmark = [
 
 GiB, MiB = 2**30, 2**20
 CHUNK_RTOL = 1e-4  # float32 on the GPU: chunked vs one pass differ by summation order and attention kernel
-# 4 layers, hidden 512, 8 experts of FFN 1024: both default group sizes (64, 128) divide every width
+# 4 layers, hidden 512, 8 experts of FFN 1024: both default group sizes (64, 128) divide every width;
+# 4096 positions (the tiny preset has 1024) for the chunked-prefill test's 1100-token prompt
 SMALL = ModelArgs(**(PRESETS["tiny"] | {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
-                                         "num_attention_heads": 8, "num_key_value_heads": 2}))
+                                         "num_attention_heads": 8, "num_key_value_heads": 2,
+                                         "max_position_embeddings": 4096}))
 
 
 def engine(args: ModelArgs, bits: int | None, **opts):

@@ -10,27 +10,18 @@ import mistral_common
 import torch
 from safetensors.torch import save_file
 
+from mixtral_cli.synthetic import PRESETS
+
 V1_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
+# the synthetic "tiny" preset's shapes (bench --preset tiny), as a Hub config.json
 TINY_CONFIG = {
     "architectures": ["MixtralForCausalLM"],
     "model_type": "mixtral",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "vocab_size": 32000,
-    "max_position_embeddings": 1024,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-5,
-    "sliding_window": None,
+    **PRESETS["tiny"],
     "bos_token_id": 1,
     "eos_token_id": 2,
     "hidden_act": "silu",
-    "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
 
