@@ -12,7 +12,19 @@ from typing import Annotated
 import typer
 
 from . import __version__, ui
-from .cli_options import CTX_NAMES, RUNTIME, SharedOption, default_of, generation_and_runtime, shared_options
+from .cli_options import (
+    CTX_NAMES,
+    DEVICE,
+    DTYPE,
+    EXPERTS_IN_GPU,
+    GPU_MEM,
+    RUNTIME,
+    SERVE_MAX_TOKENS,
+    THREADS,
+    default_of,
+    generation_and_runtime,
+    shared_options,
+)
 from .errors import UserError
 from .options import GenerationConfig, RuntimeOptions, ServeOptions
 
@@ -98,20 +110,16 @@ app.command("pull", help="Alias of download.")(download)
 @app.command()
 @shared_options(*generation_and_runtime())
 def run(
+    gen: GenerationConfig,
+    runtime: RuntimeOptions,
     prompt: Annotated[str | None, typer.Argument(metavar="PROMPT", help="The prompt; '-' or omitted with piped input reads stdin.")] = None,
     model: ModelOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: ids are [BOS] + encode(prompt).")] = False,
     json_out: JsonOpt = False,
     system: SystemOpt = None,
-    *,
-    gen: GenerationConfig,
-    runtime: RuntimeOptions,
     yes: YesOpt = False,
 ) -> None:
     """One-shot completion: stream the answer to PROMPT on stdout."""
-    _needs_torch(runtime.threads)
-    from .commands import run_once
-
     if prompt is None or prompt == "-":
         if prompt is None and sys.stdin.isatty():
             raise UserError("no prompt given", hint="pass a prompt argument, or '-' to read it from stdin")
@@ -120,19 +128,21 @@ def run(
         raise UserError("the prompt is empty", hint="pass a prompt argument, or pipe the prompt text into 'mixtral run -'")
     if raw and system:
         raise UserError("--system needs the chat template", hint="drop --raw or --system")
+    _needs_torch(runtime.threads)
+    from .commands import run_once
+
     engine = _load(model, runtime, yes)
     run_once(engine, prompt, gen, raw=raw, system=system, json_out=json_out)
 
 
 @app.command()
-@shared_options(*(o for o in RUNTIME if o.field not in ("prefetch", "cpu_experts")))
+@shared_options(DEVICE, DTYPE, GPU_MEM, EXPERTS_IN_GPU, THREADS)  # no --no-prefetch, no --cpu-experts
 def perplexity(
+    runtime: RuntimeOptions,
     file: Annotated[Path, typer.Argument(metavar="FILE", help="UTF-8 text file to score.")],
     model: ModelOpt = None,
     ctx: Annotated[int, typer.Option(*CTX_NAMES, metavar="N", help="Window length in tokens.")] = 512,
     json_out: JsonOpt = False,
-    *,
-    runtime: RuntimeOptions,
     yes: YesOpt = False,
 ) -> None:
     """Perplexity of FILE in independent windows of --ctx tokens."""
@@ -197,11 +207,10 @@ def quantize(
 @app.command()
 @shared_options(*generation_and_runtime())
 def chat(
-    model: ModelOpt = None,
-    system: SystemOpt = None,
-    *,
     gen: GenerationConfig,
     runtime: RuntimeOptions,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Multi-turn chat in the terminal (/help inside lists the commands); reads lines from a pipe too."""
@@ -211,15 +220,11 @@ def chat(
     chat_loop(_load(model, runtime, yes), gen, system=system)
 
 
-# serve's -n: with none, a chat request that sets no max_tokens may run to the end of the context
-SERVE_MAX_TOKENS = SharedOption(GenerationConfig, "max_tokens", int | None, typer.Option(
-    "-n", "--max-tokens", metavar="N", help="max_tokens of chat requests that set none (default: the rest of the context; /v1/completions: 16, as OpenAI)."),
-    default=None)
-
-
 @app.command()
 @shared_options(*generation_and_runtime(SERVE_MAX_TOKENS))
 def serve(
+    gen: GenerationConfig,
+    runtime: RuntimeOptions,
     model: ModelOpt = None,
     host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on; any but loopback (127.0.0.1, ::1, localhost) lets other machines in.")] = default_of(ServeOptions, "host"),
     port: Annotated[int, typer.Option("--port", metavar="PORT", help="TCP port; 0 picks a free one (the URL printed on stdout names it).")] = default_of(ServeOptions, "port"),
@@ -227,9 +232,6 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", metavar="N", help="Requests that may wait while one generates; more get 503 with Retry-After.")] = default_of(ServeOptions, "max_queue"),
     send_timeout: Annotated[float, typer.Option("--send-timeout", metavar="SECONDS", help="Cut a stream whose client has not read for this long.")] = default_of(ServeOptions, "send_timeout"),
     system: Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt for conversations that bring none (default: none).")] = None,
-    *,
-    gen: GenerationConfig,
-    runtime: RuntimeOptions,
     yes: YesOpt = False,
 ) -> None:
     """Serve the model on OpenAI's HTTP API: /v1/chat/completions (streaming too), /v1/completions, /v1/models, /health.
@@ -254,6 +256,7 @@ def serve(
 @app.command()
 @shared_options(*RUNTIME)
 def bench(
+    runtime: RuntimeOptions,
     model: ModelOpt = None,
     preset: Annotated[str | None, typer.Option("--preset", metavar="tiny|mini|8x7b", help="Synthetic random weights instead of a checkpoint (no download).")] = None,
     bits: Annotated[int | None, typer.Option("--bits", metavar="4|8|16", help="Expert weight bits  [default: 16 for presets, the checkpoint's for -m]")] = None,
@@ -265,8 +268,6 @@ def bench(
     rounds: Annotated[int, typer.Option("--rounds", metavar="N", help="Repeat the measurement (interleaved with the baseline); medians are reported.")] = 1,
     layers: Annotated[int | None, typer.Option("--layers", metavar="N", help="With --preset: only the first N layers, at the preset's real matrix sizes (e.g. --preset 8x7b --layers 2).")] = None,
     json_out: JsonOpt = False,
-    *,
-    runtime: RuntimeOptions,
     yes: YesOpt = False,
 ) -> None:
     """Prefill and decode speed, memory, expert-cache hit rate, and the bandwidth bound they imply."""

@@ -1,10 +1,9 @@
 """The options several commands share, declared once, and the decorator that gives them to a command.
 
 Each `SharedOption` is a typer option that fills one field of a settings object (`SamplingConfig`,
-`GenerationConfig`, `RuntimeOptions`); its default is that field's default. A command that takes a
-`gen: GenerationConfig` or `runtime: RuntimeOptions` parameter and is decorated with
-`@shared_options(...)` shows the options in `--help` where that parameter stands, and is called with
-the settings built from them and validated, before anything loads.
+`GenerationConfig`, `RuntimeOptions`); its default is that field's default. A command decorated with
+`@shared_options(...)` takes the settings (`gen: GenerationConfig`, `runtime: RuntimeOptions`) as
+parameters instead of the options, and gets them built and validated before anything loads.
 """
 
 from __future__ import annotations
@@ -74,6 +73,11 @@ def _size(text: str | None) -> int | None:
 
 MAX_TOKENS = SharedOption(GenerationConfig, "max_tokens", int, typer.Option(
     "-n", "--max-tokens", metavar="N", help="Maximum tokens to generate."))
+# serve's -n: with none, a chat request that sets no max_tokens may run to the end of the context
+SERVE_MAX_TOKENS = SharedOption(GenerationConfig, "max_tokens", int | None, typer.Option(
+    "-n", "--max-tokens", metavar="N",
+    help="max_tokens of chat requests that set none (default: the rest of the context; /v1/completions: 16, as OpenAI)."),
+    default=None)
 TEMPERATURE = SharedOption(SamplingConfig, "temperature", float, typer.Option(
     "--temperature", "--temp", metavar="T", help="Sampling temperature; 0 = greedy."))
 TOP_P = SharedOption(SamplingConfig, "top_p", float, typer.Option(
@@ -121,18 +125,20 @@ def generation_and_runtime(max_tokens: SharedOption = MAX_TOKENS) -> tuple[Share
     return (max_tokens, *SAMPLING, CTX_SIZE, STOP, *RUNTIME)
 
 
-def _build(settings: type, values: dict[SharedOption, Any]) -> GenerationConfig | RuntimeOptions:
+def _build(settings: type, values: list[tuple[SharedOption, Any]]) -> GenerationConfig | RuntimeOptions:
     def fields(of: type) -> dict[str, Any]:
-        return {o.field: o.parse(v) for o, v in values.items() if o.settings is of}
+        return {o.field: o.parse(v) for o, v in values if o.settings is of}
 
     if settings is GenerationConfig:
         return GenerationConfig(sampling=SamplingConfig(**fields(SamplingConfig)), **fields(GenerationConfig))
     return RuntimeOptions(**fields(RuntimeOptions))
 
 
-def shared_options(*options: SharedOption) -> Callable[[Command], Command]:
-    """Give `options` to a command: in `--help` where its first settings parameter (`gen:
-    GenerationConfig`, `runtime: RuntimeOptions`) stands; in the call, as those settings, validated.
+def shared_options(*options: SharedOption, before: str = "yes") -> Callable[[Command], Command]:
+    """Give `options` to a command whose first parameters are the settings they fill (`gen:
+    GenerationConfig`, `runtime: RuntimeOptions`): `--help` lists them just before the command's
+    parameter `before` (-y/--yes, the last option of every command that loads a model), and the
+    command is called with the settings built from them and validated.
 
     typer reads a command's parameters from `inspect.signature`, so the wrapper's `__signature__` is
     the command's own parameters with the options in place of the settings parameters."""
@@ -141,15 +147,15 @@ def shared_options(*options: SharedOption) -> Callable[[Command], Command]:
         params = list(inspect.signature(command, eval_str=True).parameters.values())
         settings = {p.name: p.annotation for p in params if p.annotation in (GenerationConfig, RuntimeOptions)}
         filled = {GenerationConfig: (GenerationConfig, SamplingConfig), RuntimeOptions: (RuntimeOptions,)}
-        if not settings or any(not any(o.settings in filled[s] for s in settings.values()) for o in options):
-            raise TypeError(f"{command.__name__} has no settings parameter for some of its shared options")
-        at = next(i for i, p in enumerate(params) if p.name in settings)
+        if any(not any(o.settings in filled[s] for s in settings.values()) for o in options):
+            raise TypeError(f"{command.__name__} takes no settings object for some of its shared options")
         own = [p for p in params if p.name not in settings]
+        at = next((i for i, p in enumerate(own) if p.name == before), len(own))
         signature = inspect.Signature([*own[:at], *(o.parameter() for o in options), *own[at:]])
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
-            values = {o: kwargs.pop(o.parameter_name) for o in options}
+            values = [(o, kwargs.pop(o.parameter_name)) for o in options]
             for name, kind in settings.items():
                 kwargs[name] = _build(kind, values)
                 kwargs[name].validate()

@@ -96,7 +96,8 @@ def test_fit_refuses_a_message_that_alone_is_too_long_and_changes_nothing(tok):
 def test_set_validates_and_leaves_settings_alone_on_bad_values(tok):
     gen, conv = greedy(), Conversation(tok)
     for name, value in [("temp", "abc"), ("temp", "-1"), ("top_p", "0"), ("top_p", "1.5"), ("top_k", "2.5"),
-                        ("min_p", "1"), ("seed", "x"), ("max_tokens", "0"), ("max_tokens", ""), ("bogus", "1")]:
+                        ("min_p", "1"), ("seed", "x"), ("seed", str(2**64)), ("temp", "inf"), ("repeat_penalty", "0"),
+                        ("max_tokens", "0"), ("max_tokens", ""), ("bogus", "1")]:
         with pytest.raises(UserError):
             apply_setting(gen, conv, name, value)
     assert gen == greedy()

@@ -253,11 +253,111 @@ def test_pickle_only_directory_is_refused(tmp_path, tiny_ckpt):
     assert_user_error(mixtral("run", "hi", "-m", str(d)), "safetensors")
 
 
-def test_bad_options_are_user_errors(tiny_ckpt):
-    assert_user_error(mixtral("run", "hi", "-m", str(tiny_ckpt), "--top-p", "0"), "top-p")
-    assert_user_error(mixtral("run", "hi", "-m", str(tiny_ckpt), "--dtype", "int3"), "dtype")
-    assert_user_error(mixtral("run", "hi", "-m", str(tiny_ckpt), "-t", "0"), "threads")
-    assert_user_error(mixtral("info", str(REAL_CONFIG), "--gpu-mem", "lots"), "size")
+# every refused value of every shared option, with the line that says so
+REFUSED = [
+    (["-n", "0"], "max-tokens must be at least 1, got 0"),
+    (["--max-tokens", "-3"], "max-tokens must be at least 1, got -3"),
+    (["--temp", "-1"], "temperature must be >= 0, got -1.0"),
+    (["--temperature", "nan"], "temperature must be a finite number, got nan"),
+    (["--temp", "inf"], "temperature must be a finite number, got inf"),
+    (["--top-p", "0"], "top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "top-p must be in (0, 1], got 1.5"),
+    (["--top-k", "-1"], "top-k must be >= 0, got -1"),
+    (["--min-p", "1"], "min-p must be in [0, 1), got 1.0"),
+    (["--min-p", "-0.1"], "min-p must be in [0, 1), got -0.1"),
+    (["--repeat-penalty", "0"], "repeat-penalty must be > 0, got 0.0"),
+    (["-s", str(2**64)], f"seed must be a 64-bit integer, got {2**64}"),
+    (["-c", "1"], "-c/--ctx-size must be at least 2, got 1"),
+    (["--device", "gpu"], "unknown device 'gpu' (use auto, cpu or cuda)"),
+    (["--dtype", "int3"], "unknown dtype 'int3' (use auto, float32, bfloat16 or float16)"),
+    (["--gpu-mem", "24"], "the size '24' has no unit"),
+    (["--gpu-mem", "0GiB"], "--gpu-mem must be more than 0 bytes, got 0"),
+    (["--experts-in-gpu", "0"], "--experts-in-gpu must be at least 1, got 0"),
+    (["--cpu-experts", "sometimes"], "unknown --cpu-experts 'sometimes' (use auto, never or always)"),
+    (["-t", "0"], "-t/--threads must be at least 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("args, line", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_run_refuses_each_bad_shared_option_before_looking_for_the_model(args, line):
+    # a model that does not exist: the option is refused first, before anything is resolved or loaded
+    assert_user_error(mixtral("run", "hi", "-m", "/nonexistent/model", *args), line)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--experts-in-gpu", "1"], "--experts-in-gpu must be between 2 and 8, got 1"),
+    (["--experts-in-gpu", "9"], "--experts-in-gpu must be between 2 and 8, got 9"),
+    (["-c", "1000000"], "context size 1000000 exceeds the model's"),
+])
+def test_run_refuses_options_beyond_the_model(tiny_ckpt, args, needle):
+    assert_user_error(mixtral("run", "hi", "-m", str(tiny_ckpt), "--device", "cpu", *args), needle)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["chat", "-n", "0"], "max-tokens must be at least 1, got 0"),
+    (["chat", "--top-k", "-1"], "top-k must be >= 0, got -1"),
+    (["chat", "-t", "0"], "-t/--threads must be at least 1, got 0"),
+    (["serve", "-n", "0"], "max-tokens must be at least 1, got 0"),
+    (["serve", "--temp", "-1"], "temperature must be >= 0, got -1.0"),
+    (["serve", "--dtype", "int3"], "unknown dtype 'int3'"),
+    (["perplexity", "missing.txt", "--experts-in-gpu", "0"], "--experts-in-gpu must be at least 1, got 0"),
+    (["perplexity", "missing.txt", "-c", "1"], "-c/--ctx-size must be at least 2, got 1"),
+    (["bench", "--cpu-experts", "sometimes"], "unknown --cpu-experts 'sometimes'"),
+    (["bench", "--gpu-mem", "0GiB"], "--gpu-mem must be more than 0 bytes, got 0"),
+])
+def test_chat_serve_perplexity_and_bench_refuse_on_the_same_path(args, line):
+    assert_user_error(mixtral(*args, "-m", "/nonexistent/model"), line)
+
+
+def test_run_and_chat_refuse_n_0_alike():
+    run, chat = mixtral("run", "hi", "-n", "0"), mixtral("chat", "-n", "0")
+    assert run.returncode == chat.returncode == 2
+    assert run.stderr == chat.stderr == "error: max-tokens must be at least 1, got 0\n"
+
+
+def test_serve_refuses_its_own_bad_options():
+    assert_user_error(mixtral("serve", "--max-queue", "-1", "-m", "/nonexistent"), "--max-queue must be at least 0, got -1")
+    assert_user_error(mixtral("serve", "--send-timeout", "0", "-m", "/nonexistent"), "--send-timeout must be positive")
+
+
+def help_defaults(command: str) -> dict[str, str]:
+    """`mixtral COMMAND --help` as {first flag of each option: the [default: ...] it shows, or ''}."""
+    entries: list[str] = []
+    for line in mixtral(command, "--help").stdout.splitlines():
+        if line.startswith("  -"):
+            entries.append(line)
+        elif entries and line.startswith("   "):
+            entries[-1] += " " + line.strip()
+    found = {}
+    for entry in entries:
+        default = re.search(r"\[default: ([^\]]*)\]", " ".join(entry.split()))
+        found[entry.split()[0].rstrip(",")] = default.group(1) if default else ""
+    return found
+
+
+# the defaults README's option table documents (and DESIGN.md's llama.cpp-like sampler)
+DOCUMENTED_DEFAULTS = {"-n": "512", "--temperature": "0.8", "--top-p": "0.95", "--top-k": "40", "--min-p": "0.05",
+                       "--repeat-penalty": "1.0", "-s": "random", "-c": "min(model max, 4096)", "--stop": "none",
+                       "--device": "auto", "--dtype": "auto", "--cpu-experts": "auto", "-t": "one per core"}
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "serve"])
+def test_help_shows_the_documented_defaults(command):
+    shown = help_defaults(command)
+    expected = DOCUMENTED_DEFAULTS | ({"-n": ""} if command == "serve" else {})  # serve: the rest of the context
+    assert {flag: shown.get(flag) for flag in expected} == expected
+    assert shown["--no-prefetch"] == "" and shown["--gpu-mem"] == "the GPU's free memory"
+    if command == "serve":
+        assert "(default: the rest of the context;" in mixtral("serve", "--help").stdout
+
+
+def test_readme_documents_the_defaults_the_help_shows():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    spelled = {"-n": "-n, --max-tokens", "--temperature": "--temperature, --temp", "--top-p": "--top-p",
+               "--top-k": "--top-k", "--min-p": "--min-p", "--repeat-penalty": "--repeat-penalty",
+               "--device": "--device", "--dtype": "--dtype", "--cpu-experts": "--cpu-experts"}
+    for flag, names in spelled.items():
+        assert f"| `{names}` | {DOCUMENTED_DEFAULTS[flag]} |" in readme, flag
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -318,6 +418,7 @@ def test_help_does_not_load_torch_and_threads_are_configured_first(tmp_path):
 
 
 def test_gpu_mem_needs_a_unit():
+    assert_user_error(mixtral("info", str(REAL_CONFIG), "--gpu-mem", "lots"), "cannot read the size 'lots'")
     assert_user_error(mixtral("info", str(REAL_CONFIG), "--gpu-mem", "24"), "the size '24' has no unit", "24GiB")
     assert mixtral("info", str(REAL_CONFIG), "--bits", "4", "--gpu-mem", "24GiB").returncode == 0
 

@@ -91,7 +91,7 @@ def server(tiny_ckpt, reference):
     from mixtral_cli.runtime import RuntimeOptions, load_engine
 
     engine = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32"))  # its own KV cache
-    opts = ServeOptions(model_name=MODEL, gen=GenerationConfig(max_tokens=0), host="127.0.0.1", port=0,
+    opts = ServeOptions(model_name=MODEL, gen=GenerationConfig(max_tokens=None), host="127.0.0.1", port=0,
                         api_key=KEY, max_queue=3, send_timeout=2.0)
     srv = Server(engine, opts, log=LOG.append)
     thread = threading.Thread(target=srv.run, name="test-server", daemon=True)
@@ -279,7 +279,7 @@ def test_harmless_fields_are_accepted(server, client):
             "n": 1, "logprobs": False, "response_format": {"type": "text"}, "user": "u1", "store": False,
             "metadata": {"a": "b"}, "tool_choice": "none", "parallel_tool_calls": True, "presence_penalty": 0,
             "frequency_penalty": 0, "service_tier": "auto", "some_future_field": {"x": 1}, "top_k": 5, "min_p": 0.1,
-            "repeat_penalty": 1.1, "seed": 7, "max_completion_tokens": 3}
+            "repeat_penalty": 1.1, "seed": 7, "max_completion_tokens": 3, "top_p": 0}  # OpenAI allows top_p 0
     status, _, raw = http(server, "POST", "/v1/chat/completions", body)
     assert status == 200, raw
     out = json.loads(raw)
@@ -323,6 +323,8 @@ BAD = [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}] + user()},
      "messages[1].tool_calls"),
     ("negative temperature", CHAT, {"messages": user(), "temperature": -1}, "temperature"),
+    ("infinite temperature", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+     "temperature"),
     ("temperature not a number", CHAT, {"messages": user(), "temperature": "hot"}, "temperature"),
     ("top_p above 1", CHAT, {"messages": user(), "top_p": 1.5}, "top_p"),
     ("negative top_k", CHAT, {"messages": user(), "top_k": -1}, "top_k"),
@@ -344,6 +346,8 @@ BAD = [
     ("stream_options without stream", CHAT, {"messages": user(), "stream_options": {"include_usage": True}},
      "stream_options"),
     ("seed too big", CHAT, {"messages": user(), "seed": 2**70}, "seed"),
+    ("seed too small", COMPLETIONS, {"prompt": "a", "seed": -2**63 - 1}, "seed"),
+    ("negative top_p", COMPLETIONS, {"prompt": "a", "top_p": -0.5}, "top_p"),
     ("stop not text", CHAT, {"messages": user(), "stop": 3}, "stop"),
     ("bad input while streaming", CHAT, {"messages": [], "stream": True}, "messages"),
     ("echo", COMPLETIONS, {"prompt": "a", "echo": True}, "echo"),
