@@ -284,7 +284,7 @@ def bench(
                         rounds=rounds, layers=layers, runtime=runtime)
     result = run_bench(opts, log=ui.bench_progress)
     if json_out:
-        ui.print_json(result)
+        ui.print_json(result.as_dict())
     else:
         ui.bench_report(result)
 
