@@ -201,7 +201,7 @@ def test_native_kernels_build_where_a_compiler_exists():
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("tokens", [1, 6, 64])  # 6: a tile of 4 tokens and a remainder of 2
 def test_every_path_matches_reference(expert_qts, bits, dtype, tokens, exercised):
     qt = expert_qts[bits]
     prep = prepare(qt)
@@ -247,7 +247,9 @@ def test_native_nf4_block_layouts(group_size, width, tokens, exercised):
 
 @pytest.mark.parametrize("tokens", [1, 3])  # the one-token (decode) kernel and the token-tiled one
 def test_native_isas_agree_bit_for_bit_on_integer_sums(expert_qts, tokens):
-    """Scalar and SIMD variants do the same integer arithmetic; only float summation order differs."""
+    """Scalar and SIMD variants do the same integer arithmetic; only float summation differs (its order,
+    and for nf4 on AVX2 the offset of the unsigned levels, taken off in float once per row), so the
+    tolerance is relative to the largest output."""
     isas = native.isas()
     if len(isas) < 2:
         pytest.skip(f"one instruction set here: {isas}")
@@ -255,7 +257,7 @@ def test_native_isas_agree_bit_for_bit_on_integer_sums(expert_qts, tokens):
     for bits in (4, 8):
         ys = [kernels.matmul(x, expert_qts[bits], path=f"native_{'nf4' if bits == 4 else 'int8'}", isa=i) for i in isas]
         for y in ys[1:]:
-            torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5 * float(ys[0].abs().max()))
 
 
 def test_aten_cpu_capability_default_forces_scalar(monkeypatch):
@@ -351,7 +353,7 @@ def test_native_kernels_read_unaligned_storage(bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [1, 3, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 42])  # the native GEMV, a 3-token tile, 10 tiles and 2 tokens
 def test_dense_paths_match_float64(dtype, tokens, exercised):
     """The native GEMV accumulates in float32 like torch's kernels: only rounding order differs."""
     gen = torch.Generator().manual_seed(tokens)

@@ -86,7 +86,7 @@ typedef struct {
     const float *codes;        /* nf4: 16 float codes (dequantize) */
     const int8_t *xq;          /* [T, I] quantized activations */
     const float *xd;           /* [T, I/32] activation scales (nf4: [T, I/64]) */
-    const float *xs;           /* nf4: [T, I/64] sums of the int8 activations of each 64-chunk */
+    const float *xs;           /* nf4: [T, I/64] xd times the sum of each 64-chunk's int8 activations */
     const int8_t *xa;          /* int8: [T, I] |xq| */
     const float *xf;           /* dense: [T, I] float32 activations */
     int wtype;                 /* dense, quantize: W_F32, W_BF16 or W_F16 */
@@ -300,35 +300,33 @@ __attribute__((target("avx2,fma"))) static inline __m256i dot32(__m256i w, __m25
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
 }
 
-/* Per-chunk float scales of row r for one token: s[c] = xd[c] * absmax of chunk c's block, for the
- * nch chunks of 64 weights; returns sum_c s[c] * xs[c] (the offset correction of the unsigned
- * levels). With one chunk per block (gs 64) eight absmax codes are decoded by one gather. */
-__attribute__((target("avx2,fma"))) static inline float nf4_row_scales(const job_t *j, int r, float *s) {
+/* Absmax of each 64-weight chunk of row r, in am[I/64] (eight blocks per gather when a block is
+ * one chunk). */
+__attribute__((target("avx2,fma"))) static inline void nf4_chunk_absmax(const job_t *j, int r, float *am) {
     const int cpb = j->gs / 64, nblk = j->I / j->gs;
     const size_t b0 = (size_t)r * nblk;
-    const float *xd = j->xd, *xs = j->xs;
-    int c = 0;
-    __m256 corr = _mm256_setzero_ps();
-    if (cpb == 1 && nblk % 8 == 0) {  /* 8 blocks never straddle a 256-block sabs group */
+    if (cpb == 1 && nblk % 8 == 0) {  /* 8 blocks of a row never straddle a 256-block sabs group */
         const __m256 off = _mm256_set1_ps(j->offset);
-        for (; c < nblk; c += 8) {
-            const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->scales + b0 + c)));
-            const __m256 am = _mm256_fmadd_ps(_mm256_i32gather_ps(j->dyn, codes, 4),
-                                              _mm256_set1_ps(j->sabs[(b0 + c) / 256]), off);
-            const __m256 sc = _mm256_mul_ps(am, _mm256_loadu_ps(xd + c));
-            _mm256_storeu_ps(s + c, sc);
-            corr = _mm256_fmadd_ps(sc, _mm256_loadu_ps(xs + c), corr);
+        for (int b = 0; b < nblk; b += 8) {
+            const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->scales + b0 + b)));
+            _mm256_storeu_ps(am + b, _mm256_fmadd_ps(_mm256_i32gather_ps(j->dyn, codes, 4),
+                                                     _mm256_set1_ps(j->sabs[(b0 + b) / 256]), off));
         }
-        return hsum256(corr);
+        return;
     }
-    float sum = 0.f;
-    for (int b = 0; b < nblk; b++) {
-        const float am = nf4_absmax(j, b0 + b);
-        for (int k = 0; k < cpb; k++, c++) {
-            s[c] = xd[c] * am;
-            sum += s[c] * xs[c];
-        }
+    for (int b = 0, c = 0; b < nblk; b++) {
+        const float v = nf4_absmax(j, b0 + b);
+        for (int k = 0; k < cpb; k++) am[c++] = v;
     }
+}
+
+/* sum_c am[c] * xs[c]: the offset correction of the unsigned levels for one token of one row. */
+__attribute__((target("avx2,fma"))) static inline float nf4_offset_correction(const float *am, const float *xs, int nch) {
+    __m256 acc = _mm256_setzero_ps();
+    int c = 0;
+    for (; c + 8 <= nch; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(am + c), _mm256_loadu_ps(xs + c), acc);
+    float sum = hsum256(acc);
+    for (; c < nch; c++) sum += am[c] * xs[c];
     return sum;
 }
 
@@ -351,11 +349,13 @@ __attribute__((target("avx2,fma"))) static void nf4_rows1_avx2(const job_t *j, i
     const int I = j->I, nch = I / 64;
     const __m256i table = _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels)),
                                           _mm256_set1_epi8(NF4_LEVEL_SCALE));
-    float *s = __builtin_alloca((size_t)nch * sizeof(float));
+    float *am = __builtin_alloca((size_t)nch * sizeof(float)), *s = __builtin_alloca((size_t)nch * sizeof(float));
     for (int r = r0; r < r1; r++) {
         const uint8_t *q = j->qweight + (size_t)r * I / 2;
         const int8_t *xq = j->xq;
-        const float corr = nf4_row_scales(j, r, s);
+        nf4_chunk_absmax(j, r, am);
+        for (int c = 0; c < nch; c++) s[c] = am[c] * j->xd[c];
+        const float corr = nf4_offset_correction(am, j->xs, nch);
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         int c = 0;
         for (; c + 2 <= nch; c += 2) {
@@ -369,32 +369,48 @@ __attribute__((target("avx2,fma"))) static void nf4_rows1_avx2(const job_t *j, i
     }
 }
 
+/* NT tokens (a compile-time constant after inlining, so the accumulators live in registers) through
+ * row r, whose chunk absmax values are am[]: the weight chunk is decoded once for all NT tokens. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void nf4_tile(const job_t *j, int r, int t0, const int NT,
+                                                                              const float *am) {
+    const int I = j->I, nch = I / 64;
+    const __m256i table = _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels)),
+                                          _mm256_set1_epi8(NF4_LEVEL_SCALE));
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[TOK_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    const uint8_t *q = j->qweight + (size_t)r * I / 2;
+    for (int c = 0; c < nch; c++, q += 32) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)q);
+        const __m256i uh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+        const __m256i ul = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
+        const __m256 a = _mm256_broadcast_ss(am + c);
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xq = j->xq + (size_t)(t0 + t) * I + (size_t)c * 64;
+            const __m256i p = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_loadu_si256((const __m256i *)xq)), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones));
+            const __m256 sc = _mm256_mul_ps(a, _mm256_broadcast_ss(j->xd + (size_t)(t0 + t) * nch + c));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        j->y[(size_t)(t0 + t) * j->O + r] = hsum256(acc[t]) * (1.f / NF4_LEVEL_SCALE)
+                                             - nf4_offset_correction(am, j->xs + (size_t)(t0 + t) * nch, nch);
+}
+
+/* Several tokens (small prefill chunks, grouped expert calls): tiles of TOK_TILE tokens per row. */
 __attribute__((target("avx2,fma"))) static void nf4_rows_avx2(const job_t *j, int r0, int r1) {
-    const int I = j->I, nch = I / 64, cpb = j->gs / 64;
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels));
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    float *am = __builtin_alloca((size_t)(j->I / 64) * sizeof(float));
     for (int r = r0; r < r1; r++) {
-        const uint8_t *qrow = j->qweight + (size_t)r * I / 2;
-        const size_t b0 = ((size_t)r * I) / j->gs;
+        nf4_chunk_absmax(j, r, am);
         for (int t0 = 0; t0 < j->T; t0 += TOK_TILE) {
-            const int nt = j->T - t0 < TOK_TILE ? j->T - t0 : TOK_TILE;
-            __m256 acc[TOK_TILE];
-            for (int t = 0; t < TOK_TILE; t++) acc[t] = _mm256_setzero_ps();
-            float am = 0.f;
-            for (int c = 0; c < nch; c++) {
-                if (c % cpb == 0) am = nf4_absmax(j, b0 + c / cpb);
-                const __m256i q = _mm256_loadu_si256((const __m256i *)(qrow + (size_t)c * 32));
-                const __m256i wh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(q, 4), low4));
-                const __m256i wl = _mm256_shuffle_epi8(table, _mm256_and_si256(q, low4));
-                for (int t = 0; t < nt; t++) {
-                    const int8_t *xq = j->xq + (size_t)(t0 + t) * I + (size_t)c * 64;
-                    const float xd = j->xd[(size_t)(t0 + t) * nch + c];
-                    const __m256i p = _mm256_add_epi32(dot32(wh, _mm256_loadu_si256((const __m256i *)xq)),
-                                                       dot32(wl, _mm256_loadu_si256((const __m256i *)(xq + 32))));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd * am), acc[t]);
-                }
+            switch (j->T - t0) {
+            case 1: nf4_tile(j, r, t0, 1, am); break;
+            case 2: nf4_tile(j, r, t0, 2, am); break;
+            case 3: nf4_tile(j, r, t0, 3, am); break;
+            default: nf4_tile(j, r, t0, TOK_TILE, am);
             }
-            for (int t = 0; t < nt; t++) j->y[(size_t)(t0 + t) * j->O + r] = hsum256(acc[t]) * (1.f / NF4_LEVEL_SCALE);
         }
     }
 }
@@ -429,30 +445,42 @@ __attribute__((target("avx2,fma"))) static void int8_rows1_avx2(const job_t *j, 
     }
 }
 
-__attribute__((target("avx2,fma"))) static void int8_rows_avx2(const job_t *j, int r0, int r1) {
+/* NT tokens (compile-time after inlining: accumulators in registers) through row r of int8 W. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void int8_tile(const job_t *j, int r, int t0, const int NT) {
     const int I = j->I, G = I / j->gs, bpg = j->gs / QBLOCK, nb = I / QBLOCK;
-    const float *scales = (const float *)j->scales;
-    for (int r = r0; r < r1; r++) {
-        const int8_t *wrow = (const int8_t *)j->qweight + (size_t)r * I;
-        for (int t0 = 0; t0 < j->T; t0 += TOK_TILE) {
-            const int nt = j->T - t0 < TOK_TILE ? j->T - t0 : TOK_TILE;
-            __m256 acc[TOK_TILE];
-            for (int t = 0; t < TOK_TILE; t++) acc[t] = _mm256_setzero_ps();
-            for (int g = 0; g < G; g++) {
-                const float s = scales[(size_t)r * G + g];
-                for (int b = g * bpg; b < (g + 1) * bpg; b++) {
-                    const __m256i w = _mm256_loadu_si256((const __m256i *)(wrow + (size_t)b * QBLOCK));
-                    for (int t = 0; t < nt; t++) {
-                        const int8_t *xq = j->xq + (size_t)(t0 + t) * I + (size_t)b * QBLOCK;
-                        const __m256i p = dot32(w, _mm256_loadu_si256((const __m256i *)xq));
-                        const float dx = j->xd[(size_t)(t0 + t) * nb + b];
-                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dx * s), acc[t]);
-                    }
-                }
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *wrow = (const int8_t *)j->qweight + (size_t)r * I;
+    __m256 acc[TOK_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int g = 0, b = 0; g < G; g++) {
+        __m256 part[TOK_TILE];
+        for (int t = 0; t < NT; t++) part[t] = _mm256_setzero_ps();
+        for (int k = 0; k < bpg; k++, b++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(wrow + (size_t)b * QBLOCK));
+            for (int t = 0; t < NT; t++) {
+                const size_t at = (size_t)(t0 + t) * I + (size_t)b * QBLOCK;
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(j->xq + at));
+                const __m256i ax = _mm256_loadu_si256((const __m256i *)(j->xa + at));
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), ones);
+                part[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(j->xd + (size_t)(t0 + t) * nb + b), part[t]);
             }
-            for (int t = 0; t < nt; t++) j->y[(size_t)(t0 + t) * j->O + r] = hsum256(acc[t]);
         }
+        const __m256 sg = _mm256_broadcast_ss((const float *)j->scales + (size_t)r * G + g);
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_fmadd_ps(part[t], sg, acc[t]);
     }
+    for (int t = 0; t < NT; t++) j->y[(size_t)(t0 + t) * j->O + r] = hsum256(acc[t]);
+}
+
+__attribute__((target("avx2,fma"))) static void int8_rows_avx2(const job_t *j, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int t0 = 0; t0 < j->T; t0 += TOK_TILE) {
+            switch (j->T - t0) {
+            case 1: int8_tile(j, r, t0, 1); break;
+            case 2: int8_tile(j, r, t0, 2); break;
+            case 3: int8_tile(j, r, t0, 3); break;
+            default: int8_tile(j, r, t0, TOK_TILE);
+            }
+        }
 }
 
 __attribute__((target("avx2,fma"))) static void nf4_dequant_rows_avx2(const job_t *j, int r0, int r1) {
@@ -475,14 +503,6 @@ __attribute__((target("avx2,fma"))) static void nf4_dequant_rows_avx2(const job_
             _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_blendv_ps(lo, hi, mask), am));
         }
     }
-}
-
-/* 8 weights of row-major W at element i, as float32 */
-__attribute__((target("avx2,fma,f16c"))) static inline __m256 load_w8(const job_t *j, size_t i) {
-    if (j->wtype == W_F32) return _mm256_loadu_ps((const float *)j->qweight + i);
-    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)j->qweight + i));
-    if (j->wtype == W_F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 /* One token, four rows at a time: four weight streams in flight (memory-level parallelism: one
@@ -519,28 +539,47 @@ DENSE_DOT4(dense_dot4_f32, LOAD_F32)
 DENSE_DOT4(dense_dot4_bf16, LOAD_BF16)
 DENSE_DOT4(dense_dot4_f16, LOAD_F16)
 
-__attribute__((target("avx2,fma,f16c"))) static void dense_rows_avx2(const job_t *j, int r0, int r1) {
+/* NT tokens through row r of a dense W of weight type WT (both compile-time after inlining: the
+ * accumulators live in registers and the conversion is not a branch in the loop). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void dense_tile(const job_t *j, int r, int t0,
+                                                                                     const int NT, const int WT) {
     const int I = j->I, main = I & ~7;
+    const size_t base = (size_t)r * I;
+    __m256 acc[TOK_TILE];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < main; i += 8) {
+        const __m256 w = WT == W_F32 ? LOAD_F32(base + i) : WT == W_F16 ? LOAD_F16(base + i) : LOAD_BF16(base + i);
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(j->xf + (size_t)(t0 + t) * I + i), acc[t]);
+    }
+    for (int t = 0; t < NT; t++) {
+        float sum = hsum256(acc[t]);
+        for (int i = main; i < I; i++) sum += dense_w(j, base + i) * j->xf[(size_t)(t0 + t) * I + i];
+        j->y[(size_t)(t0 + t) * j->O + r] = sum;
+    }
+}
+
+#define DENSE_TILES(WT)                                                 \
+    switch (j->T - t0) {                                                \
+    case 1: dense_tile(j, r, t0, 1, WT); break;                         \
+    case 2: dense_tile(j, r, t0, 2, WT); break;                         \
+    case 3: dense_tile(j, r, t0, 3, WT); break;                         \
+    default: dense_tile(j, r, t0, TOK_TILE, WT);                        \
+    }
+
+__attribute__((target("avx2,fma,f16c"))) static void dense_rows_avx2(const job_t *j, int r0, int r1) {
     for (int r = r0; r < r1; r++) {
-        const size_t base = (size_t)r * I;
         if (j->T == 1 && r + 4 <= r1) {
             (j->wtype == W_BF16 ? dense_dot4_bf16 : j->wtype == W_F16 ? dense_dot4_f16 : dense_dot4_f32)(j, r, j->xf, j->y);
             r += 3;
             continue;
         }
         for (int t0 = 0; t0 < j->T; t0 += TOK_TILE) {
-            const int nt = j->T - t0 < TOK_TILE ? j->T - t0 : TOK_TILE;
-            __m256 acc[TOK_TILE];
-            for (int t = 0; t < TOK_TILE; t++) acc[t] = _mm256_setzero_ps();
-            for (int i = 0; i < main; i += 8) {
-                const __m256 w = load_w8(j, base + i);
-                for (int t = 0; t < nt; t++)
-                    acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(j->xf + (size_t)(t0 + t) * I + i), acc[t]);
-            }
-            for (int t = 0; t < nt; t++) {
-                float sum = hsum256(acc[t]);
-                for (int i = main; i < I; i++) sum += dense_w(j, base + i) * j->xf[(size_t)(t0 + t) * I + i];
-                j->y[(size_t)(t0 + t) * j->O + r] = sum;
+            if (j->wtype == W_BF16) {
+                DENSE_TILES(W_BF16)
+            } else if (j->wtype == W_F16) {
+                DENSE_TILES(W_F16)
+            } else {
+                DENSE_TILES(W_F32)
             }
         }
     }
@@ -668,7 +707,7 @@ int mx_nf4_matmul(int isa, const float *x, int T, int O, int I, int gs, const ui
     for (size_t c = 0; c < (size_t)T * (I / NF4_QBLOCK); c++) {
         int32_t sum = 0;
         for (int k = 0; k < NF4_QBLOCK; k++) sum += xq[c * NF4_QBLOCK + k];
-        xs[c] = (float)sum;
+        xs[c] = xd[c] * (float)sum;
     }
     job_t j = {.fmt = FMT_NF4, .isa = isa, .T = T, .O = O, .I = I, .gs = gs, .qweight = qweight, .scales = scales,
                .sabs = sabs, .offset = offset, .dyn = dyn, .levels = levels, .xq = xq, .xd = xd, .xs = xs, .y = y};
