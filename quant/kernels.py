@@ -30,9 +30,9 @@ path                    format  when
                                 through the native kernel, exact), then ``F.linear``. Exact.
 ======================  ======  ===========================================================
 
-The native paths are preferred up to ``NATIVE_MAX_TOKENS`` tokens per call (decode and small
-batches); above it, one exact dequantize plus a dense GEMM is faster (measured by
-benchmarks/bench_quant.py). Nothing derived from the stored parts is kept on the CPU: the
+The native paths are preferred up to ``native_max_tokens()`` tokens per call (on CPUs without
+AVX512-BF16 that is a whole prefill chunk); above it, one exact dequantize plus torch's GEMM is
+faster (measured by benchmarks/bench_quant.py). Nothing derived from the stored parts is kept on the CPU: the
 native kernels read them where they lie (memory-mapped checkpoint or expert store).
 
 Not used: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` only represents evenly spaced 4-bit
@@ -45,8 +45,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +56,37 @@ import torch.nn.functional as F
 from . import native
 from .formats import DYNAMIC_CODE, NESTED_BLOCK, NF4_CODE, QuantizedTensor, dequantize
 
-# Above this many tokens per call, dequantize + dense matmul beats the native kernels
-# (benchmarks/bench_quant.py on 14336x4096, AVX2, 2 threads).
-NATIVE_MAX_TOKENS = 16
+# Set to force how many tokens per call the native kernels take (benchmarks do); None: measured
+# defaults per machine kind, see `native_max_tokens`.
+NATIVE_MAX_TOKENS: int | None = None
+
+
+@functools.cache
+def _torch_bf16_gemm_is_native() -> bool:
+    """Whether torch's bf16 GEMM runs natively here: only on CPUs with AVX512-BF16, and only when
+    ``ATEN_CPU_CAPABILITY`` does not send torch's kernels down their AVX2 or scalar paths."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
+        return False
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def native_max_tokens(dense_dtype: torch.dtype | None = None) -> int:
+    """The most tokens per call for which the native kernels beat dequantize (or convert) + torch's GEMM.
+
+    ``dense_dtype``: the weight dtype of a dense product; None for a quantized one. Measured on the
+    AVX2-only machine (docs/benchmarks.md 7.3, 14336x4096 and 4096x4096, 2 threads): without a native
+    bf16 GEMM, torch's bf16 ``F.linear`` is 2-3x slower than the native kernels at every size up to
+    a whole prefill chunk (512 tokens), quantized or 16-bit dense; torch's float32 GEMM overtakes the
+    native float32 GEMV above 64 tokens. With AVX512-BF16 the earlier crossover of 16 tokens is kept
+    (not re-measured with these kernels)."""
+    if NATIVE_MAX_TOKENS is not None:
+        return NATIVE_MAX_TOKENS
+    if _torch_bf16_gemm_is_native():
+        return 16
+    return 64 if dense_dtype == torch.float32 else 512
 
 # nf4 levels as int8 for the native kernel: round(code * 63); -1 and 1 map to -63 and 63. Seven bits
 # let the AVX2 kernel use level + 63 as the unsigned operand of its byte products (no sign trick);
@@ -230,7 +260,7 @@ class KernelPath:
     format: str | None  # None: any format
     device: str | None  # None: any device
     usable: Callable[[QuantizedTensor, Prepared], bool]
-    few_tokens: bool  # preferred only up to NATIVE_MAX_TOKENS tokens per call (read at each call)
+    few_tokens: bool  # preferred only up to native_max_tokens() tokens per call
     run: Callable[..., torch.Tensor]
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -278,7 +308,7 @@ def select_path(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared) -> str
     """The path ``matmul`` takes for input ``x``: the first available path preferred at this many tokens."""
     tokens = x.numel() // x.shape[-1] if x.numel() else 0
     for name in available_paths(x, qt, prepared):
-        if not _BY_NAME[name].few_tokens or tokens <= NATIVE_MAX_TOKENS:
+        if not _BY_NAME[name].few_tokens or tokens <= native_max_tokens():
             return name
     return "dequant"
 
@@ -286,7 +316,8 @@ def select_path(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared) -> str
 def dense_path(x: torch.Tensor, weight: torch.Tensor) -> str:
     """``native_dense`` (the native GEMV, float32 accumulation) for few tokens on the CPU, else ``torch``."""
     tokens = x.numel() // x.shape[-1] if x.numel() else 0
-    if (weight.device.type == "cpu" and 0 < tokens <= NATIVE_MAX_TOKENS and weight.dtype in native.DENSE_WEIGHT_TYPES
+    if (weight.device.type == "cpu" and 0 < tokens <= native_max_tokens(weight.dtype)
+            and weight.dtype in native.DENSE_WEIGHT_TYPES
             and weight.is_contiguous() and native.available()):
         return "native_dense"
     return "torch"

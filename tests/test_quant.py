@@ -219,12 +219,34 @@ def test_every_path_matches_reference(expert_qts, bits, dtype, tokens, exercised
             assert (y - ref).norm() <= rel_fro * ref.norm(), (path, isa)
             assert (y - ref).abs().max() <= rel_max * ref.abs().max(), (path, isa)
             exercised.add(f"{path}[{isa}]" if isa else path)
-    # the automatic choice: native kernels for few tokens, exact dequantize + GEMM for many
+    # the automatic choice: native kernels up to native_max_tokens(), exact dequantize + GEMM above
     chosen = kernels.select_path(x, qt, prep)
     if native.available():
-        assert chosen == (paths[0] if tokens <= kernels.NATIVE_MAX_TOKENS else "dequant")
+        assert chosen == (paths[0] if tokens <= kernels.native_max_tokens() else "dequant")
     y = kernels.matmul(x.view(1, tokens, -1), qt, prep).float().view(tokens, -1)
     assert (y - ref).norm() <= _tol(chosen, dtype)[0] * ref.norm()
+
+
+def test_native_token_limits_by_machine_kind(monkeypatch):
+    """Measured crossovers (docs/benchmarks.md 7.3): without a native bf16 GEMM in torch the native
+    kernels take whole prefill chunks, except float32 dense weights (torch's sgemm wins above 64)."""
+    monkeypatch.setattr(kernels, "_torch_bf16_gemm_is_native", lambda: False)
+    assert kernels.native_max_tokens() == 512 and kernels.native_max_tokens(torch.bfloat16) == 512
+    assert kernels.native_max_tokens(torch.float32) == 64
+    monkeypatch.setattr(kernels, "_torch_bf16_gemm_is_native", lambda: True)
+    assert kernels.native_max_tokens() == 16 and kernels.native_max_tokens(torch.float32) == 16
+    monkeypatch.setattr(kernels, "NATIVE_MAX_TOKENS", 3)
+    assert kernels.native_max_tokens() == 3 and kernels.native_max_tokens(torch.float32) == 3
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_forced_torch_capability_has_no_native_bf16_gemm(monkeypatch, capability):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+    kernels._torch_bf16_gemm_is_native.cache_clear()
+    try:
+        assert not kernels._torch_bf16_gemm_is_native()
+    finally:
+        kernels._torch_bf16_gemm_is_native.cache_clear()
 
 
 @pytest.mark.parametrize(("group_size", "width"), [(64, 768), (64, 1536), (128, 1024), (256, 512)])
@@ -360,7 +382,7 @@ def test_dense_paths_match_float64(dtype, tokens, exercised):
     w = (torch.randn(300, 520, generator=gen) * 0.05).to(dtype)  # 520: exercises the non-multiple-of-32 tail
     x = torch.randn(tokens, 520, generator=gen).to(dtype)
     ref = x.double() @ w.double().T
-    want = "native_dense" if native.available() and tokens <= kernels.NATIVE_MAX_TOKENS else "torch"
+    want = "native_dense" if native.available() and tokens <= kernels.native_max_tokens(dtype) else "torch"
     assert kernels.dense_path(x, w) == want
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for path in ["torch"] + (["native_dense"] if native.available() else []):
