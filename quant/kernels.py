@@ -286,11 +286,11 @@ def _dequant(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared | None = None
 
 
 PATHS: tuple[KernelPath, ...] = (
-    KernelPath("native_nf4", "nf4", "cpu", _native_nf4_usable, NATIVE_MAX_TOKENS, _native_nf4),
-    KernelPath("native_int8", "int8", "cpu", _native_int8_usable, NATIVE_MAX_TOKENS, _native_int8),
-    KernelPath("bnb_cuda_nf4", "nf4", "cuda", _bnb_cuda_usable, None, _bnb_cuda_nf4),
-    KernelPath("bnb_cuda_int8", "int8", "cuda", _bnb_cuda_usable, None, _bnb_cuda_int8),
-    KernelPath("dequant", None, None, lambda qt, prep: True, None, _dequant),
+    KernelPath("native_nf4", "nf4", "cpu", _native_nf4_usable, True, _native_nf4),
+    KernelPath("native_int8", "int8", "cpu", _native_int8_usable, True, _native_int8),
+    KernelPath("bnb_cuda_nf4", "nf4", "cuda", _bnb_cuda_usable, False, _bnb_cuda_nf4),
+    KernelPath("bnb_cuda_int8", "int8", "cuda", _bnb_cuda_usable, False, _bnb_cuda_int8),
+    KernelPath("dequant", None, None, lambda qt, prep: True, False, _dequant),
 )
 _BY_NAME = {p.name: p for p in PATHS}
 

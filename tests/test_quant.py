@@ -239,6 +239,17 @@ def test_native_token_limits_by_machine_kind(monkeypatch):
     assert kernels.native_max_tokens() == 3 and kernels.native_max_tokens(torch.float32) == 3
 
 
+def test_paths_hand_over_above_the_token_limit(expert_qts, monkeypatch):
+    monkeypatch.setattr(kernels, "NATIVE_MAX_TOKENS", 3)
+    w = torch.randn(16, 1024, dtype=torch.bfloat16)
+    for n, native_expected in ((3, True), (4, False)):
+        x = torch.randn(n, 1024, dtype=torch.bfloat16)
+        for bits, name in ((4, "native_nf4"), (8, "native_int8")):
+            want = name if native.available() and native_expected else "dequant"
+            assert kernels.select_path(x, expert_qts[bits], prepare(expert_qts[bits])) == want
+        assert kernels.dense_path(x, w) == ("native_dense" if native.available() and native_expected else "torch")
+
+
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_forced_torch_capability_has_no_native_bf16_gemm(monkeypatch, capability):
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
