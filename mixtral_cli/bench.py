@@ -86,6 +86,7 @@ def spec_from_bits(bits: int | None) -> QuantSpec | None:
 
 
 def _validate(o: BenchOptions) -> None:
+    o.runtime.validate()
     if (o.preset is None) == (o.model_dir is None):
         raise UserError("pass either -m MODEL or --preset", hint=f"presets: {', '.join(PRESETS)}")
     if o.prompt_tokens < 1 or o.gen_tokens < 1:

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import Expert, ExpertFn
-
-MODES = ("auto", "never", "always")
+from .options import CPU_EXPERT_MODES
 
 
 @dataclass(frozen=True)
@@ -36,14 +35,18 @@ class ExpertCosts:
     cpu_s: float
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in CPU_EXPERT_MODES:
+        raise ValueError(f"cpu experts mode must be one of {CPU_EXPERT_MODES}, got {mode!r}")
+
+
 def assign_misses(n_missing: int, costs: ExpertCosts, mode: str) -> list[bool]:
     """For each of `n_missing` experts, True to compute it on the CPU, False to copy it.
 
     `auto`: list scheduling onto two engines working in parallel, each taking its experts one after
     another; an expert goes to the engine that would finish it sooner (a tie copies: a copied
     expert stays cached for the next token)."""
-    if mode not in MODES:
-        raise ValueError(f"cpu experts mode must be one of {MODES}, got {mode!r}")
+    _check_mode(mode)
     if mode != "auto":
         return [mode == "always"] * n_missing
     cpu_done = copy_done = 0.0
@@ -86,8 +89,7 @@ class CpuExperts:
     """Experts computed on the CPU straight from the host store (no copy: modules view its buffers)."""
 
     def __init__(self, store, top_k: int, dtype: torch.dtype, mode: str, costs: ExpertCosts) -> None:
-        if mode not in MODES:
-            raise ValueError(f"cpu experts mode must be one of {MODES}, got {mode!r}")
+        _check_mode(mode)
         self.store, self.top_k, self.dtype, self.mode, self.costs = store, top_k, dtype, mode, costs
         self._modules: dict[tuple[int, int], Expert] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mixtral-cpu-experts")
