@@ -169,6 +169,7 @@ class MemoryPlan:
     offloaded: bool
     fits: bool  # at least top-k slots per layer fit
     minimum_budget: int  # smallest budget with top-k slots per layer
+    host_pinned: int = 0  # host RAM page-locked for the expert store (every expert) when offloaded
     prefill_chunk: int = PREFILL_CHUNK
     fused_attention: bool = True
     workspace_parts: dict | None = None
@@ -221,6 +222,8 @@ def plan_memory(args: ModelArgs, spec: QuantSpec | None, ctx: int, budget: int, 
         plan.experts_on_device = int(k) * L
         plan.offloaded = k < E
         plan.fits = True
+    if plan.offloaded:
+        plan.host_pinned = L * E * one_slot
     return plan
 
 

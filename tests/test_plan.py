@@ -157,6 +157,8 @@ def test_plan_8x7b_4bit_24gib_4096_ctx_by_hand():
     assert plan.slots_per_layer == 6 and plan.experts_on_device == 192
     assert plan.offloaded and plan.fits
     assert plan.total == 5_787_290_828 + 192 * SLOT_4BIT == 23_235_501_260
+    # offloaded: every expert sits in the pinned host store, 256 x 90,876,096 bytes
+    assert plan.host_pinned == 23_264_280_576
     # 8-bit experts at the same budget: 3 slots of 181,665,792 bytes per layer
     assert plan_memory(ARGS, spec_for_bits(8), 4096, budget).slots_per_layer == 3
 
@@ -171,7 +173,7 @@ def test_math_attention_reservation_costs_slots_at_long_context():
 
 def test_everything_fits_on_a_big_card():
     plan = plan_memory(ARGS, spec_for_bits(4), 4096, 80 * GiB)
-    assert plan.slots_per_layer == 8 and not plan.offloaded
+    assert plan.slots_per_layer == 8 and not plan.offloaded and plan.host_pinned == 0
 
 
 def test_too_small_budget_names_the_minimum():
