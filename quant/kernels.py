@@ -32,7 +32,8 @@ path                    format  when
 
 The native paths are preferred up to ``native_max_tokens()`` tokens per call (on CPUs without
 AVX512-BF16 that is a whole prefill chunk); above it, one exact dequantize plus torch's GEMM is
-faster (measured by benchmarks/bench_quant.py). Nothing derived from the stored parts is kept on the CPU: the
+faster (measured by benchmarks/bench_quant.py). Inference only: callers run the products under
+``torch.inference_mode`` (the model does); the native paths record no autograd graph. Nothing derived from the stored parts is kept on the CPU: the
 native kernels read them where they lie (memory-mapped checkpoint or expert store).
 
 Not used: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` only represents evenly spaced 4-bit
@@ -158,7 +159,7 @@ class Prepared:
     """Device-specific state for one ``QuantizedTensor``; never written to disk."""
 
     device: torch.device
-    cache: dict = field(default_factory=dict)  # small per-dtype derivatives (e.g. the nf4 offset)
+    cache: dict = field(default_factory=dict)  # small per-dtype derivatives (the nf4 offset, the usable paths)
     quant_state: object | None = None  # bitsandbytes QuantState on CUDA
 
 
@@ -307,7 +308,10 @@ def available_paths(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared) ->
 def select_path(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared) -> str:
     """The path ``matmul`` takes for input ``x``: the first available path preferred at this many tokens."""
     tokens = x.numel() // x.shape[-1] if x.numel() else 0
-    for name in available_paths(x, qt, prepared):
+    key = ("paths", x.dtype)  # what is available does not change for a prepared tensor and a dtype
+    if key not in prepared.cache:
+        prepared.cache[key] = available_paths(x, qt, prepared)
+    for name in prepared.cache[key]:
         if not _BY_NAME[name].few_tokens or tokens <= native_max_tokens():
             return name
     return "dequant"
@@ -323,7 +327,6 @@ def dense_path(x: torch.Tensor, weight: torch.Tensor) -> str:
     return "torch"
 
 
-@torch.no_grad()
 def dense_matmul(x: torch.Tensor, weight: torch.Tensor, *, path: str | None = None, isa: str | None = None
                  ) -> torch.Tensor:
     """``F.linear(x, weight)`` for a dense ``weight [out, in]``, in ``x.dtype``, on the faster path here."""
@@ -333,7 +336,6 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, *, path: str | None = No
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@torch.no_grad()
 def matmul(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared | None = None, *, path: str | None = None,
            isa: str | None = None) -> torch.Tensor:
     """``x [..., in] @ W.T -> [..., out]`` in ``x.dtype``, on the fastest correct path here.

@@ -23,25 +23,27 @@ class QuantLinear(nn.Module):
         for name, t in qt.parts.items():
             self.register_buffer(name, t)
         self._part_names = tuple(qt.parts)
+        self._qt: QuantizedTensor | None = None  # a view of the buffers, built once per placement
         self._prepared: Prepared | None = None
 
     @property
     def qt(self) -> QuantizedTensor:
-        parts = {name: getattr(self, name) for name in self._part_names}
-        return QuantizedTensor(self.spec, (self.out_features, self.in_features), parts)
+        if self._qt is None:
+            parts = {name: getattr(self, name) for name in self._part_names}
+            self._qt = QuantizedTensor(self.spec, (self.out_features, self.in_features), parts)
+        return self._qt
 
     def prepared(self) -> Prepared:
-        qt = self.qt
-        if self._prepared is None or self._prepared.device != qt.device:
-            self._prepared = prepare(qt)
+        if self._prepared is None or self._prepared.device != self.qt.device:
+            self._prepared = prepare(self.qt)
         return self._prepared
 
     def invalidate_prepared(self) -> None:
         """Drop the prepared form: the stored parts were overwritten in place (an offload slot refill)."""
         self._prepared = None
 
-    def _apply(self, fn, recurse=True):  # any move or cast invalidates the prepared form
-        self._prepared = None
+    def _apply(self, fn, recurse=True):  # a move or cast replaces the buffers: rebuild the view and the prepared form
+        self._qt = self._prepared = None
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

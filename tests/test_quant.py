@@ -356,6 +356,7 @@ def test_quant_linear_forward_move_and_state_dict():
         ql.to("meta")
         assert ql.qweight.device.type == "meta"
         assert ql._prepared is None
+        assert ql.qt.parts["qweight"] is ql.qweight  # the cached view follows the moved buffers
 
 
 def test_matmul_rejects_wrong_input_width(expert_qts):

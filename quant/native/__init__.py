@@ -148,9 +148,10 @@ def _check(rc: int, what: str) -> None:
 
 
 def _isa_id(isa: str | None) -> int:
-    isa = isa or best_isa()
-    if isa not in isas():
-        raise ValueError(f"instruction set {isa!r} is not available here (have {isas()})")
+    have = isas()
+    isa = isa or (have[-1] if have else None)
+    if isa not in have:
+        raise ValueError(f"instruction set {isa!r} is not available here (have {have})")
     return _ISA_ID[isa]
 
 
