@@ -74,7 +74,7 @@ def measure(model_dir: Path, ids: list[int], slots: int, depth: int) -> dict:
                                                 experts_in_gpu=slots, prefetch=depth > 0,
                                                 cpu_experts="never"))  # every miss is a copy, as on a GPU
     eng.model.prefetch_depth = max(depth, 1)
-    cache = eng.model.experts
+    cache = eng.experts
     tracker = Tracker(cache)
     m = eng.model
     m(torch.tensor(ids[:1]), 0)  # first token: cold cache, not counted

@@ -116,9 +116,9 @@ def measure_ours(engine: Engine, prompt: list[int], gen_tokens: int, warmup: int
                  ) -> tuple[RunTimes, CacheStats, CacheStats]:
     """Prefill `prompt`, decode `warmup` untimed tokens, then time `gen_tokens` greedy steps (EOS
     ignored). Returns the times and the expert-cache counters of the prefill and of the timed decode."""
-    model, dev = engine.model, engine.device
-    session = Session(model)  # chunked prefill, as in `run` and `chat`
-    model.experts.reset_stats()
+    experts, dev = engine.experts, engine.device
+    session = Session(engine.model)  # chunked prefill, as in `run` and `chat`
+    experts.reset_stats()
     sync(dev)
     t0 = time.perf_counter()
     logits, _ = session.prefill(prompt)
@@ -126,15 +126,15 @@ def measure_ours(engine: Engine, prompt: list[int], gen_tokens: int, warmup: int
     prefill_s = time.perf_counter() - t0
     token = int(torch.argmax(logits))
     ttft = time.perf_counter() - t0
-    prefill_stats = replace(model.experts.stats)  # a copy, read now: CUDA stall times are collected on reading
+    prefill_stats = replace(experts.stats)  # a copy, read now: CUDA stall times are collected on reading
     for _ in range(warmup):
         token = int(torch.argmax(session.step(token)))
-    model.experts.reset_stats()
+    experts.reset_stats()
     t0 = time.perf_counter()
     for _ in range(gen_tokens):
         token = int(torch.argmax(session.step(token)))
     decode_s = time.perf_counter() - t0
-    return RunTimes(prefill_s, ttft, decode_s, len(prompt), gen_tokens), prefill_stats, replace(model.experts.stats)
+    return RunTimes(prefill_s, ttft, decode_s, len(prompt), gen_tokens), prefill_stats, replace(experts.stats)
 
 
 def _copy_only_bound(bw: Bandwidth, weight_bytes: int, misses_per_token: float, one_expert: int) -> float:
@@ -147,7 +147,7 @@ def hybrid_bound(engine: Engine, weight_bytes: int, mem_bw: float, stats: CacheS
     """With offloaded experts and the CPU expert engine: the decode bound when every layer waits for
     its misses copied only, and when they are split between copies and the CPU (`cpu_experts`), from
     the measured per-expert costs and the measured miss rate."""
-    cpu = getattr(engine.model.experts, "cpu", None)
+    cpu = getattr(engine.experts, "cpu", None)
     uses = stats.hits + stats.misses
     if cpu is None or not uses:
         return None
@@ -161,12 +161,6 @@ def hybrid_bound(engine: Engine, weight_bytes: int, mem_bw: float, stats: CacheS
                        stats.cpu_experts, cpu.mode)
 
 
-def _swap_provider(engine: Engine, provider) -> None:
-    engine.model.experts = provider
-    for layer in engine.model.model.layers:
-        layer.block_sparse_moe.provider = provider
-
-
 def sweep_slots(engine: Engine, prompt: list[int], gen_tokens: int, bw: Bandwidth, weight_bytes: int,
                 one_expert: int, log: Callable[[str], None], k_max: int | None = None) -> list[SweepRow]:
     """Decode speed and hit rate for every slot count K from top-k to `k_max` (default: the number of
@@ -174,18 +168,18 @@ def sweep_slots(engine: Engine, prompt: list[int], gen_tokens: int, bw: Bandwidt
     cache of K slots per layer each time: the previous cache is dropped and its device memory returned
     first, so two caches never coexist."""
     args = engine.args
-    if not isinstance(engine.model.experts, ExpertCache):
+    if not isinstance(engine.experts, ExpertCache):
         raise UserError("--sweep-slots needs offloaded experts", hint="leave --experts-in-gpu unset")
-    store: ExpertStore = engine.model.experts.store
-    prefetch = engine.model.experts.prefetch_enabled
+    store: ExpertStore = engine.experts.store
+    prefetch = engine.experts.prefetch_enabled
     k_max = args.num_local_experts if k_max is None else min(k_max, args.num_local_experts)
     rows = []
     for k in range(args.num_experts_per_tok, k_max + 1):
-        _swap_provider(engine, None)
+        engine.experts = None  # the old cache goes before the new one is allocated
         gc.collect()
         if engine.device.type == "cuda":
             torch.cuda.empty_cache()
-        _swap_provider(engine, ExpertCache(store, k, engine.device, prefetch=prefetch))
+        engine.experts = ExpertCache(store, k, engine.device, prefetch=prefetch)
         log(f"sweep: {k} slots per layer")
         times, _, stats = measure_ours(engine, prompt, gen_tokens)
         misses = stats.misses / gen_tokens
@@ -224,7 +218,7 @@ def _runtime(o: BenchOptions, ckpt) -> tuple[RuntimeOptions, int | None]:
 def _probe_bandwidth(engine: Engine, one_expert: int) -> Bandwidth:
     device = engine.device
     mem_bw = memory_bandwidth(device)
-    store = getattr(engine.model.experts, "store", None)
+    store = getattr(engine.experts, "store", None)
     h2d_bw, method = host_to_device_bandwidth(device, one_expert, store=store)
     if device.type == "cuda":  # the probes' buffers count neither in the peaks nor in what stays reserved
         gc.collect()
@@ -290,7 +284,7 @@ def _result(o: BenchOptions, engine: Engine, load_s: float, m: _Measured, bw: Ba
         params_total=args.params_total,
         params_active=args.params_active,
         slots_per_layer=m.decode_stats.slots_per_layer,
-        prefetch=bool(engine.model.experts.prefetch_enabled),
+        prefetch=bool(engine.experts.prefetch_enabled),
         prompt_tokens=o.prompt_tokens,
         gen_tokens=o.gen_tokens,
         warmup_tokens=WARMUP_TOKENS,

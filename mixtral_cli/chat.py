@@ -274,7 +274,7 @@ class Chat:
 
     def _reply(self) -> None:
         """Stream the reply to the last user message and record it (Ctrl-C keeps the part shown)."""
-        stats = self.engine.model.experts.stats
+        stats = self.engine.experts.stats
         hits, misses = stats.hits, stats.misses
         completion = Completion(self.session, self.engine.tokenizer, self.conv.prompt_ids(), self.gen)
         stopped = False
@@ -304,9 +304,9 @@ class Chat:
             ui.notice(f"the reply reached the end of the {self.ctx}-token context")
 
     def stats_rows(self) -> list[tuple[str, str]]:
-        s = self.engine.model.experts.stats
+        s = self.engine.experts.stats
         rate = f"{s.hit_rate:.1%}" if s.hit_rate is not None else "n/a"
-        acc = self.engine.model.experts.stats.prefetch_accuracy
+        acc = s.prefetch_accuracy
         rows = [
             ("expert cache", f"{s.hits} hits, {s.misses} misses, hit rate {rate} ({s.slots_per_layer} slots per layer)"),
             ("prefetch", f"accuracy {acc:.1%} ({s.prefetch_hits} of {s.prefetches} prefetched experts used)"

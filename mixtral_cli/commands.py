@@ -37,8 +37,8 @@ def run_once(engine: Engine, prompt: str, gen: GenerationConfig, *, raw: bool, s
              json_out: bool) -> None:
     ids = prompt_ids(engine, prompt, raw=raw, system=system)
     completion = Completion(Session(engine.model), engine.tokenizer, ids, gen, continuation=raw)
-    engine.model.experts.reset_stats()
-    stats = engine.model.experts.stats
+    engine.experts.reset_stats()
+    stats = engine.experts.stats
     if not json_out:
         shown: list[str] = []
         try:

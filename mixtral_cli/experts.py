@@ -407,7 +407,7 @@ class ExpertCache:
 
     All slots of all layers are one device allocation (layers x K x `layout.nbytes`), so the
     allocator adds no per-slot rounding. Copy order: `run` issues the copies of the experts the
-    current call needs before it returns; `prefetch` is called after it (see `SparseMoeBlock`), so
+    current call needs before it returns; `prefetch` is called after it (see `model.Lookahead`), so
     speculative copies queue behind demand copies on the copy stream. While a call still has
     missing experts waiting for a slot (a prefill needing more experts than slots), prefetch does
     nothing: a wrong guess must never delay a needed expert."""

@@ -5,7 +5,9 @@ the sparse MoE block, the decoder layer and the transformer. No I/O, no device p
 Module attribute names follow the Hub checkpoint keys so weights load by name.
 
 The MoE block never owns its experts: it asks an ``ExpertProvider`` for them, so whether an expert
-is resident, quantized, or copied in from host memory is not the model's business.
+is resident, quantized, or copied in from host memory is not the model's business. The model holds
+the one reference to the provider; the layer loop hands it to every block on each pass, wrapped in
+the ``Lookahead`` that hints the provider what the next layers will probably need.
 
 Shape legend: T tokens in this call, S cached positions, D hidden, H query heads, K kv heads,
 Hd head dim, E experts, A active experts per token, I expert FFN width, V vocab.
@@ -14,13 +16,16 @@ Hd head dim, E experts, A active experts per token, I expert FFN width, V vocab.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+
+if TYPE_CHECKING:
+    from .experts import CacheStats
 
 
 class RMSNorm(nn.Module):
@@ -150,9 +155,16 @@ ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ExpertProvider(Protocol):
-    """Where experts live. The MoE block asks for the experts it needs and uses them in the given order."""
+    """Where experts live. The MoE block asks for the experts it needs and uses them in the given
+    order; the layer loop's `Lookahead` hints the ones the next layers will probably need. `stats`
+    counts the uses: `run --json`, chat's `/stats` and `bench` report them."""
 
     prefetch_enabled: bool
+
+    @property
+    def stats(self) -> CacheStats:
+        """The use counters since the last `reset_stats` (every provider counts hits and misses)."""
+        ...
 
     def run(self, layer: int, expert_ids: Sequence[int], uses: Sequence[int]) -> Iterator[tuple[int, ExpertFn]]:
         """An iterator of (expert id, callable) for each requested id, in an order of the provider's
@@ -178,42 +190,61 @@ def route(gate: nn.Linear, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
     return weights / weights.sum(dim=-1, keepdim=True), ids
 
 
+class Lookahead:
+    """The expert provider as the layer loop hands it to the MoE blocks for one pass, with speculative
+    prefetch: after layer L has asked for its experts, the provider is hinted the experts that the
+    routers of the next `depth` layers pick from L's input of the newest token. The hint comes after
+    the request, so the copies it starts queue behind L's own; the residual stream changes little
+    between layers, so the guess is often right (docs/offloading.md has the measurements)."""
+
+    def __init__(self, experts: ExpertProvider, routers: Sequence[nn.Linear], top_k: int, depth: int) -> None:
+        self.experts = experts
+        self.routers = routers  # every layer's, in order
+        self.top_k, self.depth = top_k, depth
+
+    def guess(self, layer: int, newest: torch.Tensor) -> list[torch.Tensor]:
+        """The ids [A] that each of the layers after `layer` would route `newest` [1, D] to (none when
+        the provider does not prefetch), left on the device: the block brings them to the host with
+        its own routing, in one sync."""
+        if not self.experts.prefetch_enabled:
+            return []
+        return [route(g, newest, self.top_k)[1][0] for g in self.routers[layer + 1:layer + 1 + self.depth]]
+
+    def run(self, layer: int, expert_ids: Sequence[int], uses: Sequence[int], guessed: Sequence[int]
+            ) -> Iterator[tuple[int, ExpertFn]]:
+        """The provider's `run`, then the hints: `guessed` holds `guess`'s ids on the host, A per layer."""
+        experts = self.experts.run(layer, expert_ids, uses)
+        A = self.top_k
+        for depth in range(len(guessed) // A):
+            self.experts.prefetch(layer + 1 + depth, guessed[depth * A:(depth + 1) * A])
+        return experts
+
+
 class SparseMoeBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, experts: ExpertProvider) -> None:
+    def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.top_k = args.num_experts_per_tok
         self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
-        self.provider = experts  # a plain object, not a submodule: experts are loaded and placed by it
 
-    def forward(self, x: torch.Tensor, next_gates: Sequence[nn.Linear] = ()) -> torch.Tensor:
-        """`next_gates`: the routers of the following layers to prefetch for (see `Mixtral.prefetch_depth`)."""
-        weights, ids = route(self.gate, x, self.top_k)  # [T, A]
-        guesses = []
-        if next_gates and self.provider.prefetch_enabled:
-            # Speculate: each following layer's router applied to this layer's hidden state of the newest token.
-            guesses = [route(g, x[-1:], self.top_k)[1][0] for g in next_gates]  # each [A]
+    def forward(self, x: torch.Tensor, experts: Lookahead) -> torch.Tensor:
+        A = self.top_k
+        weights, ids = route(self.gate, x, A)  # [T, A]
+        guesses = experts.guess(self.layer, x[-1:])  # each [A]
         if x.shape[0] == 1:
             # One token: touch only its A selected experts (one host sync for its ids and the guesses).
             picked = torch.cat([ids[0], *guesses]).tolist()
-            eids, guessed = picked[:self.top_k], picked[self.top_k:]
-            experts = self.provider.run(self.layer, eids, [1] * len(eids))
-            self._prefetch(guessed)
-            return self._decode(x, weights[0], eids, experts)
+            eids = picked[:A]
+            chosen = experts.run(self.layer, eids, [1] * A, guessed=picked[A:])
+            return self._decode(x, weights[0], eids, chosen)
         # Many tokens: group the (token, choice) pairs by expert and run each selected expert once.
         flat_ids = ids.flatten()  # [T*A]
         E = self.gate.out_features
         picked = torch.cat([torch.bincount(flat_ids, minlength=E), *guesses]).tolist()
-        counts, guessed = picked[:E], picked[E:]
+        counts = picked[:E]
         used = [e for e, c in enumerate(counts) if c]
-        experts = self.provider.run(self.layer, used, [counts[e] for e in used])
-        self._prefetch(guessed)
-        return self._prefill(x, weights, flat_ids, counts, experts)
-
-    def _prefetch(self, guessed: list[int]) -> None:
-        # Called after `run`: the copies this layer needs are queued first, the speculative ones behind.
-        for depth in range(len(guessed) // self.top_k):
-            self.provider.prefetch(self.layer + 1 + depth, guessed[depth * self.top_k:(depth + 1) * self.top_k])
+        chosen = experts.run(self.layer, used, [counts[e] for e in used], guessed=picked[E:])
+        return self._prefill(x, weights, flat_ids, counts, chosen)
 
     def _decode(self, x: torch.Tensor, weights: torch.Tensor, ids: list[int],
                 experts: Iterator[tuple[int, ExpertFn]]) -> torch.Tensor:
@@ -242,34 +273,36 @@ class SparseMoeBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, experts: ExpertProvider) -> None:
+    def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = Attention(args)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.block_sparse_moe = SparseMoeBlock(args, layer, experts)
+        self.block_sparse_moe = SparseMoeBlock(args, layer)
 
     def forward(
         self, h: torch.Tensor, pos: int, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None, next_gates: Sequence[nn.Linear] = (),
+        mask: torch.Tensor | None, experts: Lookahead,
     ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), pos, cache, rope, mask)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h), next_gates)
+        return h + self.block_sparse_moe(self.post_attention_layernorm(h), experts)
 
 
 class MixtralModel(nn.Module):
-    def __init__(self, args: ModelArgs, experts: ExpertProvider) -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, experts) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
 class Mixtral(nn.Module):
     """Batch-1 causal LM with a static KV cache of `max_len` positions.
 
-    `prefetch_depth`: how many following layers each MoE block hints to the expert provider (1: the
-    next layer only; docs/offloading.md has the measurements behind the choice)."""
+    `experts`: the expert provider, held here only (a plain object, not a submodule: it loads and
+    places the experts), so assigning another swaps it for every layer. `prefetch_depth`: how many
+    following layers the `Lookahead` hints after each layer's request (1: the next layer only;
+    docs/offloading.md has the measurements behind the choice)."""
 
     prefetch_depth = 1
 
@@ -277,7 +310,7 @@ class Mixtral(nn.Module):
         super().__init__()
         self.args = args
         self.experts = experts
-        self.model = MixtralModel(args, experts)
+        self.model = MixtralModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.caches: list[KVCache] = []
 
@@ -303,9 +336,10 @@ class Mixtral(nn.Module):
         rope = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta, h.dtype)
         mask = attention_mask(pos, T, self.args.sliding_window, tokens.device)
         layers = self.model.layers
-        gates = [layer.block_sparse_moe.gate for layer in layers]
+        experts = Lookahead(self.experts, [layer.block_sparse_moe.gate for layer in layers],
+                            self.args.num_experts_per_tok, self.prefetch_depth)
         for i, layer in enumerate(layers):
-            h = layer(h, pos, self.caches[i], rope, mask, gates[i + 1:i + 1 + self.prefetch_depth])
+            h = layer(h, pos, self.caches[i], rope, mask, experts)
         return h
 
     @torch.inference_mode()

@@ -22,7 +22,7 @@ from .config import ModelArgs
 from .cpu_experts import CpuExperts, measure_costs
 from .errors import UserError
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
-from .model import Mixtral, fused_attention_available
+from .model import ExpertProvider, Mixtral, fused_attention_available
 from .options import DTYPE_NAMES, RuntimeOptions
 from .plan import plan_memory, require_fit
 from .tokenizer import Tokenizer
@@ -77,6 +77,16 @@ class Engine:
     @property
     def args(self) -> ModelArgs:
         return self.model.args
+
+    @property
+    def experts(self) -> ExpertProvider:
+        """Where the experts live and how often they were hit (`stats`): the model's one reference to
+        its expert provider, so that assigning another here swaps it everywhere."""
+        return self.model.experts
+
+    @experts.setter
+    def experts(self, provider: ExpertProvider) -> None:
+        self.model.experts = provider
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -192,8 +192,8 @@ def test_offloaded_bound_counts_the_copies_by_hand(monkeypatch, tmp_path):
 def test_hybrid_bound_by_hand():
     """2 layers, top-2, 8 uses of which 2 missed: a miss rate of 1/4. One expert costs 2 ms to copy,
     1 ms on the CPU; 1 GB per token at 20 GB/s is 50 ms."""
-    engine = SimpleNamespace(args=preset_args("tiny", 2), model=SimpleNamespace(
-        experts=SimpleNamespace(cpu=SimpleNamespace(costs=ExpertCosts(copy_s=2e-3, cpu_s=1e-3), mode="auto"))))
+    engine = SimpleNamespace(args=preset_args("tiny", 2), experts=SimpleNamespace(
+        cpu=SimpleNamespace(costs=ExpertCosts(copy_s=2e-3, cpu_s=1e-3), mode="auto")))
     h = hybrid_bound(engine, 10**9, 20e9, CacheStats(slots_per_layer=2, hits=6, misses=2, cpu_experts=1))
     assert h.miss_rate == 0.25 and h.cpu_experts == 1 and h.mode == "auto"
     assert (h.copy_expert_s, h.cpu_expert_s) == (2e-3, 1e-3)
@@ -202,7 +202,7 @@ def test_hybrid_bound_by_hand():
     # split: one miss (probability 2 x 1/4 x 3/4 = 3/8) goes to the CPU, 1 ms; two misses (1/16) go one to
     # each engine, 2 ms: 3/8 ms + 1/8 ms = 0.5 ms per layer; 2 layers: 50 + 1 ms
     assert h.hybrid_tokens_per_s == pytest.approx(1 / 0.051)
-    resident = SimpleNamespace(args=engine.args, model=SimpleNamespace(experts=SimpleNamespace()))
+    resident = SimpleNamespace(args=engine.args, experts=SimpleNamespace())
     assert hybrid_bound(resident, 10**9, 20e9, CacheStats(slots_per_layer=8, hits=8)) is None
 
 
@@ -230,12 +230,12 @@ def test_sweep_is_capped_and_frees_each_cache(monkeypatch):
     ckpt = SyntheticCheckpoint(preset_args("tiny"), spec_for_bits(4))
     engine = build_engine(ckpt, None, RuntimeOptions(device="cpu", dtype="float32", ctx_size=32, experts_in_gpu=2))
     alive: list = []
-    caches: list = [weakref.ref(engine.model.experts)]  # the cache built with the engine
+    caches: list = [weakref.ref(engine.experts)]  # the cache built with the engine
     real = bench.measure_ours
 
     def measure(engine, prompt, gen_tokens, warmup=WARMUP_TOKENS):
         gc.collect()
-        caches.append(weakref.ref(engine.model.experts))
+        caches.append(weakref.ref(engine.experts))
         alive.append(sum(1 for ref in caches if ref() is not None))
         times, prefill, decode = real(engine, prompt, gen_tokens, 0)
         return times, prefill, replace(decode, misses=6)
@@ -245,7 +245,7 @@ def test_sweep_is_capped_and_frees_each_cache(monkeypatch):
                        k_max=5)
     assert [r.slots_per_layer for r in rows] == [2, 3, 4, 5]
     assert alive == [1, 1, 1, 1]  # the first cache (built with the engine) is gone too
-    assert isinstance(engine.model.experts, ExpertCache) and engine.model.experts.stats.slots_per_layer == 5
+    assert isinstance(engine.experts, ExpertCache) and engine.experts.stats.slots_per_layer == 5
     # 6 misses in 2 tokens: 1000 bytes / 1e10 + 3 x 100 bytes / 1e10 = 130 ns per token
     assert all(r.misses_per_token == 3 and r.bound_tokens_per_s == pytest.approx(1 / 130e-9) for r in rows)
 

@@ -55,7 +55,7 @@ class RecordingCpuExperts(CpuExperts):
 def test_cpu_experts_give_resident_tokens_and_counters_add_up(tiny_ckpt, resident, mode, costs):
     eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=2,
                                                 cpu_experts="never"))
-    cache = eng.model.experts
+    cache = eng.experts
     cpu = RecordingCpuExperts(cache.store, eng.args.num_experts_per_tok, torch.float32, mode, costs)
     cache.use_cpu_experts(cpu)
     try:
@@ -79,9 +79,9 @@ def test_cpu_experts_give_resident_tokens_and_counters_add_up(tiny_ckpt, residen
 def test_prefill_never_runs_experts_on_the_cpu(tiny_ckpt):
     eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=2,
                                                 cpu_experts="always"))
-    eng.model.experts.reset_stats()
+    eng.experts.reset_stats()
     Session(eng.model).prefill(PROMPT)
-    stats = eng.model.experts.stats
+    stats = eng.experts.stats
     assert stats.misses > 0 and stats.cpu_experts == 0
 
 

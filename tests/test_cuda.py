@@ -53,7 +53,7 @@ def engine(args: ModelArgs, bits: int | None, **opts):
 
 
 def greedy(eng, prompt: list[int], n: int) -> list[int]:
-    eng.model.experts.reset_stats()
+    eng.experts.reset_stats()
     session = Session(eng.model)
     logits, _ = session.prefill(prompt)
     out = []
@@ -71,14 +71,14 @@ def prompt(n: int, seed: int = 0) -> list[int]:
 def test_offloaded_generation_is_token_identical_to_resident(bits):
     ids = prompt(700)  # two prefill chunks
     resident = engine(SMALL, bits, ctx_size=800, experts_in_gpu=8)
-    assert isinstance(resident.model.experts, ResidentExperts)
+    assert isinstance(resident.experts, ResidentExperts)
     want = greedy(resident, ids, 24)
     del resident
     torch.cuda.empty_cache()
     for slots, prefetch in ((2, True), (3, True), (5, False)):
         # every miss copied: computing some on the CPU (--cpu-experts) is other arithmetic than the GPU's
         eng = engine(SMALL, bits, ctx_size=800, experts_in_gpu=slots, prefetch=prefetch, cpu_experts="never")
-        cache = eng.model.experts
+        cache = eng.experts
         assert isinstance(cache, ExpertCache)
         assert greedy(eng, ids, 24) == want, (bits, slots, prefetch)
         stats = cache.stats
@@ -127,7 +127,7 @@ def _within_budget_after_long_prompt(preset: str, budget: int, prompt_tokens: in
     free0, total = torch.cuda.mem_get_info()
     context = total - free0 - before  # what the process holds on the GPU outside torch's allocator
     eng = engine(args, 4, ctx_size=4096, gpu_mem=budget)
-    cache = eng.model.experts
+    cache = eng.experts
     assert isinstance(cache, ExpertCache)
     dev = torch.device("cuda")
     plan = plan_memory(args, spec_for_bits(4), 4096, budget, eng.dtype.itemsize,

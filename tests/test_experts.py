@@ -14,10 +14,10 @@ CPU = torch.device("cpu")
 
 
 def greedy(engine, prompt: list[int], n: int = 16):
-    engine.model.experts.reset_stats()
+    engine.experts.reset_stats()
     cfg = GenerationConfig(max_tokens=n, sampling=SamplingConfig(temperature=0))
     completion = Completion(Session(engine.model), engine.tokenizer, prompt, cfg)
-    return list(completion.tokens()), engine.model.experts.stats
+    return list(completion.tokens()), engine.experts.stats
 
 
 PROMPT = [1, 415, 5565, 302, 4843, 349, 264, 19555, 7540, 302, 9254, 28723]
@@ -42,9 +42,9 @@ def test_offloaded_generation_identical_to_resident(tiny_ckpt, resident_tokens, 
     assert stats.hits + stats.misses == args.num_hidden_layers * args.num_experts_per_tok * processed
     assert stats.slots_per_layer == slots
     if slots < args.num_local_experts:
-        assert isinstance(eng.model.experts, ExpertCache)
+        assert isinstance(eng.experts, ExpertCache)
         assert stats.misses > 0
-        assert stats.bytes_to_device == eng.model.experts.store.layout.nbytes * (stats.misses + stats.prefetches)
+        assert stats.bytes_to_device == eng.experts.store.layout.nbytes * (stats.misses + stats.prefetches)
         assert stats.prefetch_hits <= stats.prefetches
         assert (stats.prefetches > 0) == prefetch
 
@@ -262,7 +262,7 @@ def test_demand_copies_are_issued_before_speculative_ones(tiny_ckpt):
     for slots in (2, 3):
         eng = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=64, experts_in_gpu=slots,
                                                     cpu_experts="never"))
-        cache = eng.model.experts
+        cache = eng.experts
         log: list = []
         cache.transfer = RecordingTransfer(cache.store, log)
         run, prefetch = cache.run, cache.prefetch
