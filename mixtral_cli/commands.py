@@ -103,6 +103,7 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
     from quant.formats import spec_for_bits
 
     from .checkpoint import parse_quantization
+    from .experts import HOST_HEADROOM, mem_available
     from .plan import all_experts_bytes, plan_memory, require_fit, shared_bytes, weight_bytes
 
     args, raw, directory = _info_config(model)
@@ -139,6 +140,8 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
         "bytes_weights_by_format": {"bfloat16": weight_bytes(args, None)} | {
             s.name: weight_bytes(args, s) for s in map(spec_for_bits, (8, 4)) if _fits(s, args)},
         "plan": plan.as_dict() | {"ctx": ctx},
+        "host_ram": {"pinned": plan.host_pinned, "headroom": HOST_HEADROOM if plan.host_pinned else 0,
+                     "available": mem_available()},
     }
     if directory is not None and stored is not None:
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
@@ -165,4 +168,18 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
     ] + ([
         ("offloaded", "yes: the rest stay in CPU RAM" if p.offloaded else "no: every expert fits"),
         ("total", format_bytes(p.total)),
-    ] if p.fits else []))
+    ] if p.fits else []) + [("host RAM", _host_ram_line(result["host_ram"], result["bits"]))])
+
+
+def _host_ram_line(host: dict, bits: int) -> str:
+    """What the plan needs of host RAM, against what this machine has free now."""
+    if not host["pinned"]:
+        return "nothing pinned: every expert lives on the GPU"
+    need = host["pinned"] + host["headroom"]
+    line = (f"{format_bytes(host['pinned'])} pinned for the expert store, plus {format_bytes(host['headroom'])} "
+            f"left to the system: {format_bytes(need)}")
+    if host["available"] is None:
+        return line
+    verdict = "fits" if need <= host["available"] else (
+        "does NOT fit: loading would be refused (" + ("try --bits 4, or " if bits > 4 else "") + "a machine with more RAM)")
+    return f"{line}; {format_bytes(host['available'])} available here, {verdict}"

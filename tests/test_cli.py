@@ -53,6 +53,18 @@ def test_info_plan_for_24gib_at_4_bits():
     assert plan["total"] <= 24 * 2**30
 
 
+def test_info_accounts_for_host_ram():
+    """Offloaded experts all live in a pinned host store (256 x 90,876,096 bytes at 4 bits), and loading
+    keeps 2 GiB free for the system; with every expert on the GPU nothing is pinned."""
+    data = json.loads(mixtral("info", str(REAL_CONFIG), "--bits", "4", "--gpu-mem", "24GiB", "--json").stdout)
+    assert data["host_ram"]["pinned"] == data["plan"]["host_pinned"] == 23_264_280_576
+    assert data["host_ram"]["headroom"] == 2 * 2**30
+    table = mixtral("info", str(REAL_CONFIG), "--bits", "4", "--gpu-mem", "24GiB").stdout
+    assert "21.67 GiB pinned for the expert store" in " ".join(table.split())
+    data = json.loads(mixtral("info", str(REAL_CONFIG), "--bits", "4", "--gpu-mem", "80GiB", "--json").stdout)
+    assert data["host_ram"]["pinned"] == 0 and data["host_ram"]["headroom"] == 0
+
+
 def test_info_refuses_budget_below_top_k_slots():
     proc = mixtral("info", str(REAL_CONFIG), "--bits", "4", "--gpu-mem", "4GiB")
     assert_user_error(proc, "minimum")
