@@ -128,6 +128,24 @@ def test_bench_table_output_and_usage_errors():
         assert "Traceback" not in proc.stderr and needle in proc.stderr
 
 
+def test_bench_a_checkpoint_quantized_in_memory_over_two_rounds(tiny_ckpt):
+    """`-m MODEL --bits 4` quantizes the 16-bit checkpoint's experts in memory; `--rounds 2` repeats the
+    measurement; a 4-bit checkpoint cannot be benchmarked at another width."""
+    proc = mixtral("bench", "-m", str(tiny_ckpt), "--bits", "4", "--rounds", "2", "--device", "cpu",
+                   "--prompt-tokens", "6", "--gen-tokens", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert (r["bits"], r["expert_format"], r["rounds"], r["synthetic"]) == (4, "nf4", 2, False)
+    assert r["bound"]["expert_bytes"] == TINY_EXPERT_NF4
+    proc = mixtral("bench", "-m", str(tiny_ckpt), "--bits", "7", "--device", "cpu")
+    assert proc.returncode == 2 and "--bits must be 4, 8 or 16, got 7" in proc.stderr
+
+
+def test_run_bench_validates_the_runtime_options_as_the_command_line_does():
+    with pytest.raises(UserError, match="device"):
+        run_bench(BenchOptions(preset="tiny", runtime=RuntimeOptions(device="tpu")))
+
+
 # -- the bound and the speeds, from fixed measurements ---------------------------------------------
 def fix_measurements(monkeypatch, decode_s: list[float], hits: int | None = None, misses: int | None = None):
     """Bandwidths of 4 GB/s (memory) and 1 GB/s (copies); each measurement decodes in the next of

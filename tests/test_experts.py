@@ -123,6 +123,21 @@ def test_more_experts_than_slots_in_one_call():
     assert cache.stats.misses == 6
 
 
+def test_no_free_slot_is_a_clear_error_and_leaves_the_cache_usable(monkeypatch):
+    """The MoE block hands experts back in order, so a missing expert always finds a slot; if every
+    slot were still held (a caller interleaving runs of one layer), the run stops with one clear
+    error instead of overwriting an expert in use, and the cache stays consistent."""
+    cache = tiny_cache(slots=2, prefetch=False)
+    use(cache, 0, [0, 1])
+    slots = cache.layers[0]
+    monkeypatch.setattr(slots, "victim", lambda keep: None)  # every slot held by an expert in use
+    with pytest.raises(RuntimeError, match="no expert slot free"):
+        use(cache, 0, [0, 2])
+    assert slots.busy == set() and sorted(cache.resident(0)) == [0, 1]
+    monkeypatch.undo()
+    assert use(cache, 0, [2]) == [2] and 2 in cache.resident(0)
+
+
 def test_prefetch_hits_are_counted_once():
     cache = tiny_cache(slots=3)
     cache.prefetch(1, [4, 5])

@@ -432,5 +432,5 @@ def test_offloaded_quantized_experts_match_resident(quantized, bits):
 
     resident, _ = greedy(None)
     offloaded, eng = greedy(2)
-    assert isinstance(eng.model.experts, ExpertCache) and eng.model.experts.stats.misses > 0
+    assert isinstance(eng.experts, ExpertCache) and eng.experts.stats.misses > 0
     assert offloaded == resident
