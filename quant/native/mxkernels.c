@@ -300,18 +300,28 @@ __attribute__((target("avx2,fma"))) static inline __m256i dot32(__m256i w, __m25
     return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
 }
 
-/* Absmax of each 64-weight chunk of row r, in am[I/64] (eight blocks per gather when a block is
- * one chunk). */
+/* out[i] = dyn[codes[i]] (n a multiple of 4) with plain loads: the empty asm statement keeps the
+ * vectoriser from turning the loop into AVX2 gathers, which made the whole nf4 product ~7% slower
+ * on Zen 3. */
+static inline void dyn_lookup(const float *dyn, const uint8_t *codes, int n, float *out) {
+    for (int i = 0; i < n; i += 4) {
+        out[i] = dyn[codes[i]];
+        out[i + 1] = dyn[codes[i + 1]];
+        out[i + 2] = dyn[codes[i + 2]];
+        out[i + 3] = dyn[codes[i + 3]];
+        __asm__ volatile("" ::: "memory");
+    }
+}
+
+/* Absmax of each 64-weight chunk of row r, in am[I/64]. */
 __attribute__((target("avx2,fma"))) static inline void nf4_chunk_absmax(const job_t *j, int r, float *am) {
     const int cpb = j->gs / 64, nblk = j->I / j->gs;
     const size_t b0 = (size_t)r * nblk;
     if (cpb == 1 && nblk % 8 == 0) {  /* 8 blocks of a row never straddle a 256-block sabs group */
         const __m256 off = _mm256_set1_ps(j->offset);
-        for (int b = 0; b < nblk; b += 8) {
-            const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(j->scales + b0 + b)));
-            _mm256_storeu_ps(am + b, _mm256_fmadd_ps(_mm256_i32gather_ps(j->dyn, codes, 4),
-                                                     _mm256_set1_ps(j->sabs[(b0 + b) / 256]), off));
-        }
+        dyn_lookup(j->dyn, j->scales + b0, nblk, am);
+        for (int b = 0; b < nblk; b += 8)
+            _mm256_storeu_ps(am + b, _mm256_fmadd_ps(_mm256_loadu_ps(am + b), _mm256_set1_ps(j->sabs[(b0 + b) / 256]), off));
         return;
     }
     for (int b = 0, c = 0; b < nblk; b++) {
