@@ -63,7 +63,7 @@ NATIVE_MAX_TOKENS: int | None = None
 
 
 @functools.cache
-def _torch_bf16_gemm_is_native() -> bool:
+def torch_bf16_is_native() -> bool:
     """Whether torch's bf16 GEMM runs natively here: only on CPUs with AVX512-BF16, and only when
     ``ATEN_CPU_CAPABILITY`` does not send torch's kernels down their AVX2 or scalar paths."""
     if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):
@@ -85,7 +85,7 @@ def native_max_tokens(dense_dtype: torch.dtype | None = None) -> int:
     (not re-measured with these kernels)."""
     if NATIVE_MAX_TOKENS is not None:
         return NATIVE_MAX_TOKENS
-    if _torch_bf16_gemm_is_native():
+    if torch_bf16_is_native():
         return 16
     return 64 if dense_dtype == torch.float32 else 512
 

@@ -230,10 +230,10 @@ def test_every_path_matches_reference(expert_qts, bits, dtype, tokens, exercised
 def test_native_token_limits_by_machine_kind(monkeypatch):
     """Measured crossovers (docs/benchmarks.md 7.3): without a native bf16 GEMM in torch the native
     kernels take whole prefill chunks, except float32 dense weights (torch's sgemm wins above 64)."""
-    monkeypatch.setattr(kernels, "_torch_bf16_gemm_is_native", lambda: False)
+    monkeypatch.setattr(kernels, "torch_bf16_is_native", lambda: False)
     assert kernels.native_max_tokens() == 512 and kernels.native_max_tokens(torch.bfloat16) == 512
     assert kernels.native_max_tokens(torch.float32) == 64
-    monkeypatch.setattr(kernels, "_torch_bf16_gemm_is_native", lambda: True)
+    monkeypatch.setattr(kernels, "torch_bf16_is_native", lambda: True)
     assert kernels.native_max_tokens() == 16 and kernels.native_max_tokens(torch.float32) == 16
     monkeypatch.setattr(kernels, "NATIVE_MAX_TOKENS", 3)
     assert kernels.native_max_tokens() == 3 and kernels.native_max_tokens(torch.float32) == 3
@@ -253,11 +253,11 @@ def test_paths_hand_over_above_the_token_limit(expert_qts, monkeypatch):
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_forced_torch_capability_has_no_native_bf16_gemm(monkeypatch, capability):
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
-    kernels._torch_bf16_gemm_is_native.cache_clear()
+    kernels.torch_bf16_is_native.cache_clear()
     try:
-        assert not kernels._torch_bf16_gemm_is_native()
+        assert not kernels.torch_bf16_is_native()
     finally:
-        kernels._torch_bf16_gemm_is_native.cache_clear()
+        kernels.torch_bf16_is_native.cache_clear()
 
 
 @pytest.mark.parametrize(("group_size", "width"), [(64, 768), (64, 1536), (128, 1024), (256, 512)])
