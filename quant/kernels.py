@@ -36,6 +36,10 @@ faster (measured by benchmarks/bench_quant.py). Inference only: callers run the 
 ``torch.inference_mode`` (the model does); the native paths record no autograd graph. Nothing derived from the stored parts is kept on the CPU: the
 native kernels read them where they lie (memory-mapped checkpoint or expert store).
 
+``swiglu(x, (w1, w3, w2))`` runs a SwiGLU expert: one native call (``native.swiglu``) when each of
+its three products would take the native path, else three ``matmul`` calls; ``fused_swiglu_ok``
+decides.
+
 Not used: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` only represents evenly spaced 4-bit
 levels, which cannot express NF4's code book; bitsandbytes' CPU 4-bit kernel needs a repacked
 copy of every weight (and AVX512-BF16); ``_weight_int8pack_mm`` is per-row only, so block scales
@@ -358,6 +362,44 @@ def matmul(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared | None = Non
         raise ValueError(f"path {path!r} is not available for {qt.spec.name} on {qt.device} with {x.dtype}")
     y = _BY_NAME[path].run(x2, qt, prepared, isa)
     return y.reshape(*lead, qt.shape[0])
+
+
+def fused_swiglu_ok(x: torch.Tensor, qts: tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor],
+                    preps: tuple[Prepared, Prepared, Prepared]) -> bool:
+    """Whether ``swiglu`` takes the one-call native kernel: all three weights in one format and group size
+    on the CPU, and the native path the one ``matmul`` would choose for each of them."""
+    w1, w3, w2 = qts
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0 or len({(q.spec.name, q.spec.group_size) for q in qts}) != 1:
+        return False
+    if w1.shape != w3.shape or w2.shape != (w1.shape[1], w1.shape[0]) or x.shape[-1] != w1.shape[1]:
+        return False
+    want = "native_nf4" if w1.spec.name == "nf4" else "native_int8"
+    return all(select_path(x2, q, p) == want for q, p in zip(qts, preps, strict=True))
+
+
+def swiglu(x: torch.Tensor, qts: tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor],
+           preps: tuple[Prepared, Prepared, Prepared] | None = None, *, fused: bool | None = None,
+           isa: str | None = None) -> torch.Tensor:
+    """The SwiGLU expert ``w2(silu(w1 x) * (w3 x))`` for ``qts = (w1, w3, w2)``, in ``x.dtype``.
+
+    One native call when ``fused_swiglu_ok`` (silu and the product in float32 there), else three
+    ``matmul`` calls with torch's silu and product in ``x.dtype``. ``fused`` forces either (True must be
+    possible here); ``isa`` as for ``matmul``."""
+    if preps is None:
+        preps = tuple(prepare(q) for q in qts)
+    ok = fused_swiglu_ok(x, qts, preps)
+    if fused and not ok:
+        raise ValueError("the fused SwiGLU kernel cannot run these weights and input here")
+    if not (ok if fused is None else fused):
+        (w1, w3, w2), (p1, p3, p2) = qts, preps
+        return matmul(F.silu(matmul(x, w1, p1, isa=isa)) * matmul(x, w3, p3, isa=isa), w2, p2, isa=isa)
+    w1 = qts[0]
+    nf4 = w1.spec.name == "nf4"
+    offsets = tuple(_nf4_offset(q, p) if nf4 else 0.0 for q, p in zip(qts, preps, strict=True))
+    y = native.swiglu(x.reshape(-1, x.shape[-1]), w1.spec.name, tuple(q.parts for q in qts), offsets, w1.shape[0],
+                      w1.spec.group_size, DYNAMIC_CODE if nf4 else None, NF4_LEVELS_I8 if nf4 else None, isa)
+    return y.to(x.dtype).reshape(x.shape)
 
 
 def _plain_weight(qt: QuantizedTensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Bias-free linear layers for inference: ``QuantLinear`` (a ``QuantizedTensor`` weight) and
-``DenseLinear`` (a dense weight, multiplied on the fastest path for the call: the native GEMV for a
+"""Bias-free linear layers for inference: ``QuantLinear`` (a ``QuantizedTensor`` weight), ``QuantSwiGLU``
+(an expert of three of them) and ``DenseLinear`` (a dense weight, multiplied on the fastest path for the call: the native GEMV for a
 few tokens on the CPU, torch otherwise)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .formats import QuantizedTensor, QuantSpec
-from .kernels import Prepared, dense_matmul, matmul, prepare
+from .kernels import Prepared, dense_matmul, matmul, prepare, swiglu
 
 
 class QuantLinear(nn.Module):
@@ -54,6 +54,21 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"format={self.spec.name}, group_size={self.spec.group_size}"
         )
+
+
+class QuantSwiGLU(nn.Module):
+    """The SwiGLU expert ``w2(silu(w1 x) * (w3 x))`` over three ``QuantLinear``s (kept as ``w1``, ``w2``,
+    ``w3``: the state dict and every use of the layers are those of a plain expert), computed by
+    ``kernels.swiglu``: one native call on the CPU where it applies. Each call reads the layers'
+    current parts and prepared forms, so in-place refills and ``invalidate_prepared`` carry over."""
+
+    def __init__(self, w1: QuantLinear, w2: QuantLinear, w3: QuantLinear) -> None:
+        super().__init__()
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin = (self.w1, self.w3, self.w2)
+        return swiglu(x, tuple(m.qt for m in lin), tuple(m.prepared() for m in lin))
 
 
 class DenseLinear(nn.Linear):

@@ -432,3 +432,78 @@ def test_native_quantize_equals_reference_bit_for_bit(dtype, bits, group_size, w
     ref = quantize(w, spec_for_bits(bits, group_size), reference=True)
     for name, t in ref.parts.items():
         assert torch.equal(fast.parts[name], t), name
+
+
+@pytest.fixture(scope="module")
+def swiglu_qts():
+    """(w1, w3, w2) of a small expert (D 256, I 512) for each bit width."""
+    gen = torch.Generator().manual_seed(7)
+    ws = [_student_t4(shape, gen).mul_(0.05).to(torch.bfloat16) for shape in ((512, 256), (512, 256), (256, 512))]
+    return {bits: tuple(quantize(w, spec_for_bits(bits)) for w in ws) for bits in (4, 8)}
+
+
+def _swiglu_reference(x, qts):
+    w1, w3, w2 = (kernels._plain_weight(q) for q in qts)
+    x = x.double()
+    return torch.nn.functional.silu(x @ w1.T) * (x @ w3.T) @ w2.T
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+def test_fused_swiglu_matches_reference_and_unfused(swiglu_qts, bits, dtype, tokens, exercised):
+    """One native call per expert: within the native tolerance of the float64 SwiGLU (two quantized
+    activations in series, so twice one product's), and close to the three separate native products."""
+    if not native.available():
+        pytest.skip("native kernels not built")
+    qts = swiglu_qts[bits]
+    preps = tuple(prepare(q) for q in qts)
+    x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    ref = _swiglu_reference(x.float(), qts)
+    assert kernels.fused_swiglu_ok(x, qts, preps)
+    rel_fro, rel_max = _tol("native", dtype)
+    for isa in native.isas():
+        y = kernels.swiglu(x, qts, preps, isa=isa)
+        assert y.dtype == dtype and y.shape == x.shape
+        y = y.double()
+        assert (y - ref).norm() <= 2 * rel_fro * ref.norm(), isa
+        assert (y - ref).abs().max() <= 2 * rel_max * ref.abs().max(), isa
+        unfused = kernels.swiglu(x, qts, preps, fused=False, isa=isa).double()
+        # float32 silu * mul instead of x.dtype's: only bf16's rounding of h apart
+        assert (y - unfused).norm() <= (1e-5 if dtype == torch.float32 else 1e-2) * ref.norm(), isa
+        exercised.add(f"native_swiglu[{isa}]")
+
+
+def test_fused_swiglu_hands_over_above_the_token_limit(swiglu_qts, monkeypatch):
+    monkeypatch.setattr(kernels, "NATIVE_MAX_TOKENS", 3)
+    calls = []
+    monkeypatch.setattr(native, "swiglu", lambda *a, **k: calls.append(1) or torch.zeros(a[0].shape))
+    for bits in (4, 8):
+        qts = swiglu_qts[bits]
+        preps = tuple(prepare(q) for q in qts)
+        for n, fused in ((3, native.available()), (4, False)):
+            x = torch.randn(n, 256)
+            assert kernels.fused_swiglu_ok(x, qts, preps) == fused
+            calls.clear()
+            kernels.swiglu(x, qts, preps)
+            assert len(calls) == int(fused)
+        with pytest.raises(ValueError, match="fused"):
+            kernels.swiglu(torch.randn(4, 256), qts, preps, fused=True)
+
+
+def test_quant_swiglu_module_reads_refilled_parts(swiglu_qts):
+    """Same state dict keys as a plain expert; an in-place refill of the parts is what the next call uses."""
+    from quant.linear import QuantSwiGLU
+
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(1))
+    a, b = swiglu_qts[4], swiglu_qts[8]
+    w1, w3, w2 = (QuantLinear(q) for q in a)
+    mod = QuantSwiGLU(w1, w2, w3)
+    assert set(mod.state_dict()) == {f"{n}.{p}" for n in ("w1", "w2", "w3") for p in a[0].parts}
+    torch.testing.assert_close(mod(x), kernels.swiglu(x, a))
+    c = tuple(quantize(-kernels._plain_weight(q).float(), spec_for_bits(4)) for q in b)  # other weights, same layout
+    for lin, q in zip((w1, w3, w2), c, strict=True):
+        for name, t in q.parts.items():
+            getattr(lin, name).copy_(t)
+        lin.invalidate_prepared()
+    torch.testing.assert_close(mod(x), kernels.swiglu(x, c))

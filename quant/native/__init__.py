@@ -93,9 +93,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.mx_nf4_dequant.argtypes = [i, i, i, i, p, p, p, f, p, p, p]
     lib.mx_dense_matmul.argtypes = [i, p, i, i, i, i, p, p]
     lib.mx_quantize.argtypes = [i, i, i, i, i, p, p, p, p]
+    lib.mx_swiglu.argtypes = [i, i, p, i, i, i, i, *[p, p, p, f] * 3, p, p, p]
     lib.mx_use_threads.argtypes = [i]
-    for fn in (lib.mx_nf4_matmul, lib.mx_int8_matmul, lib.mx_nf4_dequant, lib.mx_dense_matmul, lib.mx_quantize, lib.mx_use_threads,
-               lib.mx_cpu_has_avx2):
+    for fn in (lib.mx_nf4_matmul, lib.mx_int8_matmul, lib.mx_nf4_dequant, lib.mx_dense_matmul, lib.mx_quantize, lib.mx_swiglu,
+               lib.mx_use_threads, lib.mx_cpu_has_avx2):
         fn.restype = ctypes.c_int
     lib.mx_use_threads(torch.get_num_threads())
     return lib
@@ -181,6 +182,26 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     rc = _lib().mx_int8_matmul(_isa_id(isa), _ptr(xf), xf.shape[0], O, I, group_size, _ptr(qweight),
                                _ptr(scales), _ptr(y))
     _check(rc, "int8 matmul")
+    return y
+
+
+def swiglu(x: torch.Tensor, fmt: str, mats: tuple[dict, dict, dict], offsets: tuple[float, float, float],
+           inter: int, group_size: int, dyn_code: torch.Tensor | None = None, levels: torch.Tensor | None = None,
+           isa: str | None = None) -> torch.Tensor:
+    """The SwiGLU expert ``w2(silu(w1 x) * (w3 x)) -> [T, D]`` float32 in one call, for ``x [T, D]`` and
+    the stored parts of ``w1, w3 [inter, D]`` and ``w2 [D, inter]`` (all nf4 or all int8, one group size);
+    ``offsets``: the nf4 absmax offsets (ignored for int8)."""
+    xf = _as_f32_rows(x)
+    T, D = xf.shape
+    y = torch.empty(T, D, dtype=torch.float32)
+    args = []
+    for parts, off in zip(mats, offsets, strict=True):
+        sabs = parts.get("scales_absmax")
+        args += [_ptr(parts["qweight"]), _ptr(parts["scales"]), sabs if sabs is None else _ptr(sabs), float(off)]
+    rc = _lib().mx_swiglu(0 if fmt == "nf4" else 1, _isa_id(isa), _ptr(xf), T, D, inter, group_size, *args,
+                          dyn_code if dyn_code is None else _ptr(dyn_code),
+                          levels if levels is None else _ptr(levels), _ptr(y))
+    _check(rc, f"{fmt} swiglu")
     return y
 
 

@@ -12,6 +12,9 @@
  * The nf4 activation blocks follow the nibble order: within every 64 elements, the 32 even
  * elements (high nibbles) form one block and the 32 odd ones (low nibbles) the next.
  *
+ * A SwiGLU expert (mx_swiglu) is one call: x is quantized once for w1 and w3, silu(w1 x) * (w3 x) is
+ * formed in float32 and quantized as the activations of w2.
+ *
  * Every kernel has a portable scalar variant and an AVX2+FMA variant compiled with per-function
  * target attributes (no -march flags), chosen at run time by the caller. Work is split over a
  * small pthread pool in chunks of rows taken from an atomic counter, so a descheduled thread
@@ -703,28 +706,70 @@ static void run_job(const job_t *j) {
 
 /* ---- entry points ------------------------------------------------------------------------- */
 
+/* Quantized activations of T rows of n floats for a product with nf4 (fmt FMT_NF4) or int8 weights:
+ * xq and xd always; nf4: xs, the scaled sum of each 64-chunk (nibble order); int8: xa = |xq|. */
+typedef struct {
+    int8_t *xq, *xa;
+    float *xd, *xs;
+} act_t;
+
+static void act_free(act_t *a) {
+    free(a->xq);
+    free(a->xa);
+    free(a->xd);
+    free(a->xs);
+    memset(a, 0, sizeof *a);
+}
+
+static int act_prepare(int fmt, const float *x, int T, int n, act_t *a) {
+    const int bs = fmt == FMT_NF4 ? NF4_QBLOCK : QBLOCK;
+    const size_t nb = (size_t)T * (n / bs);
+    memset(a, 0, sizeof *a);
+    a->xq = malloc((size_t)T * n);
+    a->xd = malloc(nb * sizeof(float));
+    if (fmt == FMT_NF4) a->xs = malloc(nb * sizeof(float));
+    else a->xa = malloc((size_t)T * n);
+    if (!a->xq || !a->xd || !(a->xs || a->xa)) { act_free(a); return -2; }
+    quantize_act(x, T, n, bs, fmt == FMT_NF4, a->xq, a->xd);
+    if (fmt == FMT_NF4) {
+        for (size_t c = 0; c < nb; c++) {
+            int32_t sum = 0;
+            for (int k = 0; k < NF4_QBLOCK; k++) sum += a->xq[c * NF4_QBLOCK + k];
+            a->xs[c] = a->xd[c] * (float)sum;
+        }
+    } else {
+        for (size_t i = 0; i < (size_t)T * n; i++) a->xa[i] = (int8_t)abs(a->xq[i]);
+    }
+    return 0;
+}
+
+/* One quantized weight [O, I] as the entry points receive it (nf4 or int8, see the header). */
+typedef struct {
+    const uint8_t *qweight;
+    const void *scales;
+    const float *sabs;
+    float offset;
+} qmat_t;
+
+/* y [T, O] = the quantized activations a [T, I] @ W.T. */
+static void run_quant(int fmt, int isa, const act_t *a, int T, int O, int I, int gs, const qmat_t *w,
+                      const float *dyn, const int8_t *levels, float *y) {
+    job_t j = {.fmt = fmt, .isa = isa, .T = T, .O = O, .I = I, .gs = gs, .qweight = w->qweight,
+               .scales = (const uint8_t *)w->scales, .sabs = w->sabs, .offset = w->offset, .dyn = dyn,
+               .levels = levels, .xq = a->xq, .xd = a->xd, .xs = a->xs, .xa = a->xa, .y = y};
+    run_job(&j);
+}
+
 /* y [T, O] = x [T, I] @ W.T for nf4 W (gs a multiple of 64, I a multiple of 64). Returns 0 on success. */
 int mx_nf4_matmul(int isa, const float *x, int T, int O, int I, int gs, const uint8_t *qweight,
                   const uint8_t *scales, const float *sabs, float offset, const float *dyn,
                   const int8_t *levels, float *y) {
     if (gs % 64 || I % 64 || T < 1) return -1;
-    int8_t *xq = malloc((size_t)T * I);
-    float *xd = malloc((size_t)T * (I / NF4_QBLOCK) * sizeof(float));
-    if (!xq || !xd) { free(xq); free(xd); return -2; }
-    quantize_act(x, T, I, NF4_QBLOCK, 1, xq, xd);
-    float *xs = malloc((size_t)T * (I / NF4_QBLOCK) * sizeof(float));
-    if (!xs) { free(xq); free(xd); return -2; }
-    for (size_t c = 0; c < (size_t)T * (I / NF4_QBLOCK); c++) {
-        int32_t sum = 0;
-        for (int k = 0; k < NF4_QBLOCK; k++) sum += xq[c * NF4_QBLOCK + k];
-        xs[c] = xd[c] * (float)sum;
-    }
-    job_t j = {.fmt = FMT_NF4, .isa = isa, .T = T, .O = O, .I = I, .gs = gs, .qweight = qweight, .scales = scales,
-               .sabs = sabs, .offset = offset, .dyn = dyn, .levels = levels, .xq = xq, .xd = xd, .xs = xs, .y = y};
-    run_job(&j);
-    free(xq);
-    free(xd);
-    free(xs);
+    act_t a;
+    if (act_prepare(FMT_NF4, x, T, I, &a)) return -2;
+    const qmat_t w = {qweight, scales, sabs, offset};
+    run_quant(FMT_NF4, isa, &a, T, O, I, gs, &w, dyn, levels, y);
+    act_free(&a);
     return 0;
 }
 
@@ -732,19 +777,40 @@ int mx_nf4_matmul(int isa, const float *x, int T, int O, int I, int gs, const ui
 int mx_int8_matmul(int isa, const float *x, int T, int O, int I, int gs, const int8_t *qweight,
                    const float *scales, float *y) {
     if (gs % QBLOCK || I % gs || T < 1) return -1;
-    int8_t *xq = malloc((size_t)T * I);
-    float *xd = malloc((size_t)T * (I / QBLOCK) * sizeof(float));
-    if (!xq || !xd) { free(xq); free(xd); return -2; }
-    quantize_act(x, T, I, QBLOCK, 0, xq, xd);
-    int8_t *xa = malloc((size_t)T * I);
-    if (!xa) { free(xq); free(xd); return -2; }
-    for (size_t i = 0; i < (size_t)T * I; i++) xa[i] = (int8_t)abs(xq[i]);
-    job_t j = {.fmt = FMT_INT8, .isa = isa, .T = T, .O = O, .I = I, .gs = gs, .qweight = (const uint8_t *)qweight,
-               .scales = (const uint8_t *)scales, .xq = xq, .xd = xd, .xa = xa, .y = y};
-    run_job(&j);
-    free(xq);
-    free(xd);
-    free(xa);
+    act_t a;
+    if (act_prepare(FMT_INT8, x, T, I, &a)) return -2;
+    const qmat_t w = {(const uint8_t *)qweight, scales, NULL, 0.f};
+    run_quant(FMT_INT8, isa, &a, T, O, I, gs, &w, NULL, NULL, y);
+    act_free(&a);
+    return 0;
+}
+
+/* The SwiGLU expert y [T, D] = w2(silu(w1 x) * (w3 x)) for x [T, D], w1, w3 [I, D] and w2 [D, I], all
+ * nf4 (fmt 0) or all int8 (fmt 1) with one group size (the layouts and limits of mx_nf4_matmul and
+ * mx_int8_matmul). x is quantized once for w1 and w3; h = silu(h1) * h3 is computed in float32 and
+ * quantized as w2's activations, exactly as two separate calls would. sabs/offset/dyn/levels: nf4 only. */
+int mx_swiglu(int fmt, int isa, const float *x, int T, int D, int I, int gs,
+              const uint8_t *q1, const void *s1, const float *sabs1, float off1,
+              const uint8_t *q3, const void *s3, const float *sabs3, float off3,
+              const uint8_t *q2, const void *s2, const float *sabs2, float off2,
+              const float *dyn, const int8_t *levels, float *y) {
+    const int f = fmt == 0 ? FMT_NF4 : FMT_INT8;
+    if (T < 1 || (fmt != 0 && fmt != 1)) return -1;
+    if (f == FMT_NF4 ? gs % 64 || D % 64 || I % 64 : gs % QBLOCK || D % gs || I % gs) return -1;
+    const qmat_t w1 = {q1, s1, sabs1, off1}, w3 = {q3, s3, sabs3, off3}, w2 = {q2, s2, sabs2, off2};
+    float *h1 = malloc((size_t)T * I * sizeof(float)), *h3 = malloc((size_t)T * I * sizeof(float));
+    act_t a;
+    if (!h1 || !h3 || act_prepare(f, x, T, D, &a)) { free(h1); free(h3); return -2; }
+    run_quant(f, isa, &a, T, I, D, gs, &w1, dyn, levels, h1);
+    run_quant(f, isa, &a, T, I, D, gs, &w3, dyn, levels, h3);
+    act_free(&a);
+    for (size_t i = 0; i < (size_t)T * I; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
+    free(h3);
+    const int rc = act_prepare(f, h1, T, I, &a);
+    free(h1);
+    if (rc) return rc;
+    run_quant(f, isa, &a, T, D, I, gs, &w2, dyn, levels, y);
+    act_free(&a);
     return 0;
 }
 
