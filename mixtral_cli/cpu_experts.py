@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import Expert, ExpertFn
+from .model import ExpertFn
 from .options import CPU_EXPERT_MODES
 
 
@@ -91,7 +91,7 @@ class CpuExperts:
     def __init__(self, store, top_k: int, dtype: torch.dtype, mode: str, costs: ExpertCosts) -> None:
         _check_mode(mode)
         self.store, self.top_k, self.dtype, self.mode, self.costs = store, top_k, dtype, mode, costs
-        self._modules: dict[tuple[int, int], Expert] = {}
+        self._modules: dict[tuple[int, int], ExpertFn] = {}  # Expert or QuantSwiGLU modules
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mixtral-cpu-experts")
 
     def applies(self, uses: Sequence[int]) -> bool:
@@ -102,7 +102,7 @@ class CpuExperts:
         """The missing experts to compute on the CPU."""
         return [e for e, cpu in zip(missing, assign_misses(len(missing), self.costs, self.mode), strict=True) if cpu]
 
-    def module(self, layer: int, eid: int) -> Expert:
+    def module(self, layer: int, eid: int) -> ExpertFn:
         key = (layer, eid)
         if key not in self._modules:
             from .experts import make_expert  # experts.py imports this module
