@@ -296,11 +296,10 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* int32x8 lane sums of w . x for 32 int8 pairs (|x| unsigned times w carrying x's sign: no saturation
- * since |x|, |w| <= 127). */
-__attribute__((target("avx2,fma"))) static inline __m256i dot32(__m256i w, __m256i x) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x)), ones);
+/* int32x8 lane sums of w . x for 32 int8 pairs, given ax = |x| (computed once per call): ax is
+ * maddubs' unsigned operand and w carries x's sign (no saturation since |x|, |w| <= 127). */
+__attribute__((target("avx2,fma"))) static inline __m256i int8_dot32(__m256i w, __m256i x, __m256i ax) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
 }
 
 /* out[i] = dyn[codes[i]] (n a multiple of 4) with plain loads: the empty asm statement keeps the
@@ -343,16 +342,26 @@ __attribute__((target("avx2,fma"))) static inline float nf4_offset_correction(co
     return sum;
 }
 
-/* float32x8 lane sums of one 64-weight nf4 chunk (32 packed bytes at q, unsigned levels in table)
- * with its 64 nibble-ordered int8 activations at xq. */
+/* The 64 unsigned levels (u = level + 63, table) of one nf4 chunk of 32 packed bytes at q: high
+ * nibbles (even elements) in *uh, low nibbles (odd elements) in *ul. */
+__attribute__((target("avx2,fma"))) static inline void nf4_unpack(const uint8_t *q, __m256i table, __m256i *uh, __m256i *ul) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), b = _mm256_loadu_si256((const __m256i *)q);
+    *uh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+    *ul = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
+}
+
+/* int32x8 lane sums of one unpacked chunk with its 64 nibble-ordered int8 activations at xq. */
+__attribute__((target("avx2,fma"))) static inline __m256i nf4_dot_u(__m256i uh, __m256i ul, const int8_t *xq) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_loadu_si256((const __m256i *)xq)), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones));
+}
+
+/* float32x8 lane sums of one 64-weight nf4 chunk (32 packed bytes at q) with its activations at xq. */
 __attribute__((target("avx2,fma"))) static inline __m256 nf4_chunk_u(const uint8_t *q, const int8_t *xq, __m256i table) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    const __m256i b = _mm256_loadu_si256((const __m256i *)q);
-    const __m256i uh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
-    const __m256i ul = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(
-        _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_loadu_si256((const __m256i *)xq)), ones),
-        _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones)));
+    __m256i uh, ul;
+    nf4_unpack(q, table, &uh, &ul);
+    return _mm256_cvtepi32_ps(nf4_dot_u(uh, ul, xq));
 }
 
 /* One token (decode). Levels as unsigned bytes u = level + 63, so maddubs(u, x) needs no sign
@@ -389,20 +398,15 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void nf4_tile(c
     const int I = j->I, nch = I / 64;
     const __m256i table = _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels)),
                                           _mm256_set1_epi8(NF4_LEVEL_SCALE));
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 acc[TOK_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     const uint8_t *q = j->qweight + (size_t)r * I / 2;
     for (int c = 0; c < nch; c++, q += 32) {
-        const __m256i b = _mm256_loadu_si256((const __m256i *)q);
-        const __m256i uh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
-        const __m256i ul = _mm256_shuffle_epi8(table, _mm256_and_si256(b, low4));
+        __m256i uh, ul;
+        nf4_unpack(q, table, &uh, &ul);
         const __m256 a = _mm256_broadcast_ss(am + c);
         for (int t = 0; t < NT; t++) {
-            const int8_t *xq = j->xq + (size_t)(t0 + t) * I + (size_t)c * 64;
-            const __m256i p = _mm256_add_epi32(
-                _mm256_madd_epi16(_mm256_maddubs_epi16(uh, _mm256_loadu_si256((const __m256i *)xq)), ones),
-                _mm256_madd_epi16(_mm256_maddubs_epi16(ul, _mm256_loadu_si256((const __m256i *)(xq + 32))), ones));
+            const __m256i p = nf4_dot_u(uh, ul, j->xq + (size_t)(t0 + t) * I + (size_t)c * 64);
             const __m256 sc = _mm256_mul_ps(a, _mm256_broadcast_ss(j->xd + (size_t)(t0 + t) * nch + c));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc[t]);
         }
@@ -434,7 +438,6 @@ __attribute__((target("avx2,fma"))) static void nf4_rows_avx2(const job_t *j, in
 __attribute__((target("avx2,fma"))) static void int8_rows1_avx2(const job_t *j, int r0, int r1) {
     const int I = j->I, G = I / j->gs, bpg = j->gs / QBLOCK;
     const float *scales = (const float *)j->scales;
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int r = r0; r < r1; r++) {
         const int8_t *w = (const int8_t *)j->qweight + (size_t)r * I;
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -444,7 +447,7 @@ __attribute__((target("avx2,fma"))) static void int8_rows1_avx2(const job_t *j, 
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(j->xq + (size_t)b * QBLOCK));
                 const __m256i ax = _mm256_loadu_si256((const __m256i *)(j->xa + (size_t)b * QBLOCK));
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)b * QBLOCK));
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, x)), ones);
+                const __m256i p = int8_dot32(wv, x, ax);
                 if (k & 1)
                     part1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(j->xd + b), part1);
                 else
@@ -461,7 +464,6 @@ __attribute__((target("avx2,fma"))) static void int8_rows1_avx2(const job_t *j, 
 /* NT tokens (compile-time after inlining: accumulators in registers) through row r of int8 W. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void int8_tile(const job_t *j, int r, int t0, const int NT) {
     const int I = j->I, G = I / j->gs, bpg = j->gs / QBLOCK, nb = I / QBLOCK;
-    const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *wrow = (const int8_t *)j->qweight + (size_t)r * I;
     __m256 acc[TOK_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -474,7 +476,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void int8_tile(
                 const size_t at = (size_t)(t0 + t) * I + (size_t)b * QBLOCK;
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(j->xq + at));
                 const __m256i ax = _mm256_loadu_si256((const __m256i *)(j->xa + at));
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x)), ones);
+                const __m256i p = int8_dot32(w, x, ax);
                 part[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(j->xd + (size_t)(t0 + t) * nb + b), part[t]);
             }
         }
