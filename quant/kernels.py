@@ -33,8 +33,9 @@ path                    format  when
 The native paths are preferred up to ``native_max_tokens()`` tokens per call (on CPUs without
 AVX512-BF16 that is a whole prefill chunk); above it, one exact dequantize plus torch's GEMM is
 faster (measured by benchmarks/bench_quant.py). Inference only: callers run the products under
-``torch.inference_mode`` (the model does); the native paths record no autograd graph. Nothing derived from the stored parts is kept on the CPU: the
-native kernels read them where they lie (memory-mapped checkpoint or expert store).
+``torch.inference_mode`` (the model does); the native paths record no autograd graph. Nothing
+derived from the stored parts is kept on the CPU: the native kernels read them where they lie
+(memory-mapped checkpoint or expert store).
 
 ``swiglu(x, (w1, w3, w2))`` runs a SwiGLU expert: one native call (``native.swiglu``) when each of
 its three products would take the native path, else three ``matmul`` calls; ``fused_swiglu_ok``
