@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.kernels import decode_attention
+
 from .config import ModelArgs
 
 if TYPE_CHECKING:
@@ -120,6 +122,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv * Hd, bias=False)
         self.v_proj = nn.Linear(D, self.n_kv * Hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * Hd, D, bias=False)
+        self.window = args.sliding_window
 
     def forward(
         self, x: torch.Tensor, pos: int, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor],
@@ -132,6 +135,12 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(pos, k, v)  # [K, S, Hd]
+        if T == 1:
+            # One token: the window (if any) is a contiguous range of positions, so no mask is needed.
+            S = keys.shape[1]
+            start = max(0, S - self.window) if self.window else 0
+            out = decode_attention(q[:, 0], keys, values, start)  # [H, Hd]
+            return self.o_proj(out.reshape(1, self.n_heads * self.head_dim))
         # 4-D [1, heads, T|S, Hd]: the fused kernels (flash, memory-efficient, cuDNN; on the CPU its
         # flash kernel) take only 4-D inputs; 3-D ones fall back to the math path, which repeats K/V
         # to H heads and materialises the [H, T, S] scores in fp32.

@@ -41,6 +41,9 @@ derived from the stored parts is kept on the CPU: the native kernels read them w
 its three products would take the native path, else three ``matmul`` calls; ``fused_swiglu_ok``
 decides.
 
+``decode_attention(q, keys, values)`` is one decode step's attention over the KV cache: the native
+one-token kernel on the CPU (``attention_path``; float32 scores, softmax and sums), SDPA elsewhere.
+
 Not used: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` only represents evenly spaced 4-bit
 levels, which cannot express NF4's code book; bitsandbytes' CPU 4-bit kernel needs a repacked
 copy of every weight (and AVX512-BF16); ``_weight_int8pack_mm`` is per-row only, so block scales
@@ -339,6 +342,27 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, *, path: str | None = No
         return F.linear(x, weight)
     y = native.dense_matmul(x.reshape(-1, x.shape[-1]), weight, isa)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def attention_path(keys: torch.Tensor) -> str:
+    """``native_attention`` (the native one-token attention, float32 softmax and sums) for a CPU cache
+    of float32/bfloat16/float16, else ``sdpa``. Measured on the AVX2-only machine (docs/benchmarks.md
+    7.4): torch's bfloat16/float16 SDPA for one query token is 4-19x slower than the native kernel
+    (its flash kernel is built for many queries), float32 SDPA about as fast up to 2000 positions."""
+    if keys.device.type == "cpu" and keys.dtype in native.DENSE_WEIGHT_TYPES and native.available():
+        return "native_attention"
+    return "sdpa"
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int = 0, *,
+                     path: str | None = None, isa: str | None = None) -> torch.Tensor:
+    """Attention of one query token, ``q [H, D]`` over ``keys, values [K, S, D]`` (grouped: query head i
+    reads kv head i // (H / K)), attending to positions ``start .. S-1``; ``[H, D]`` in ``q.dtype``."""
+    if (path or attention_path(keys)) == "native_attention":
+        return native.attention_decode(q, keys, values, start, isa).to(q.dtype)
+    out = F.scaled_dot_product_attention(q[None, :, None], keys[None, :, start:], values[None, :, start:],
+                                         enable_gqa=True)  # [1, H, 1, D]
+    return out[0, :, 0]
 
 
 def matmul(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared | None = None, *, path: str | None = None,

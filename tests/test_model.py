@@ -10,6 +10,7 @@ from mixtral_cli.evaluate import perplexity, window_nll
 from mixtral_cli.generate import Completion, GenerationConfig, SamplingConfig, Session, chunks
 from mixtral_cli.model import attention_mask
 from mixtral_cli.runtime import RuntimeOptions, load_engine
+from quant import kernels, native
 
 RTOL = 1e-4
 
@@ -180,7 +181,27 @@ def test_attention_gets_4d_inputs_and_a_mask_only_for_later_chunks(engine_fp32, 
     ids = prompt(12)
     m(ids[:8], 0)  # first chunk: causal, no mask
     m(ids[8:11], 8)  # later chunk: explicit mask
-    m(ids[11:], 11)  # decode step: neither
+    m(ids[11:], 11)  # decode step: the native one-token kernel on the CPU, else SDPA with neither
     n, H, Hd = m.args.num_hidden_layers, m.args.num_attention_heads, m.args.head_dim
-    assert calls == ([(4, 4, (1, H, 8, Hd), False, True)] * n + [(4, 4, (1, H, 3, Hd), True, False)] * n
-                     + [(4, 4, (1, H, 1, Hd), False, False)] * n)
+    decode = [] if kernels.attention_path(m.caches[0].k) == "native_attention" else [(4, 4, (1, H, 1, Hd), False, False)] * n
+    assert calls == ([(4, 4, (1, H, 8, Hd), False, True)] * n + [(4, 4, (1, H, 3, Hd), True, False)] * n + decode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_paths_agree_with_a_cutting_window(tmp_path, dtype, monkeypatch):
+    """Decode steps through the native one-token attention and through SDPA give the same logits, past
+    a sliding window too (the native kernel attends to the window's contiguous range)."""
+    cfg = dict(TINY_CONFIG, sliding_window=6, num_hidden_layers=2)
+    d = write_checkpoint(tmp_path / "sw", cfg, shards=1)
+    eng = load_engine(d, RuntimeOptions(device="cpu", dtype=dtype.__repr__().split(".")[-1], ctx_size=64))
+    ids = prompt(20, seed=8)
+
+    def decode_all() -> torch.Tensor:
+        eng.model(ids[:4], 0)
+        return torch.cat([eng.model(ids[i:i + 1], i) for i in range(4, 20)])
+
+    native_path = decode_all()
+    assert kernels.attention_path(eng.model.caches[0].k) == ("native_attention" if native.available() else "sdpa")
+    monkeypatch.setattr(kernels, "attention_path", lambda keys: "sdpa")
+    sdpa_path = decode_all()
+    assert rel_err(native_path, sdpa_path) < (1e-5 if dtype == torch.float32 else 2e-2)

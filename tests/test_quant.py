@@ -407,6 +407,58 @@ def test_dense_paths_match_float64(dtype, tokens, exercised):
             exercised.add(f"{path}[{isa}]" if isa else path)
 
 
+def _attention_float64(q, keys, values, start):
+    """softmax(q k^T / sqrt(D)) v per query head in float64, kv head i // (H / K), positions start.."""
+    H, D = q.shape
+    G = H // keys.shape[0]
+    k = keys[:, start:].double().repeat_interleave(G, dim=0)  # [H, S', D]
+    v = values[:, start:].double().repeat_interleave(G, dim=0)
+    p = torch.softmax(torch.einsum("hd,hsd->hs", q.double(), k) / D ** 0.5, dim=-1)
+    return torch.einsum("hs,hsd->hd", p, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("H", "K", "D", "S", "start"), [
+    (8, 2, 64, 1, 0),      # the first decode step: one position
+    (8, 2, 128, 37, 0),    # Mixtral's head size, a few positions
+    (6, 6, 72, 300, 0),    # no grouping; 72: the AVX2 output loop's partial 64-float block
+    (8, 4, 16, 50, 41),    # a sliding window: positions 41..49 only
+    (4, 1, 12, 9, 3),      # D not a multiple of 8: the scalar loop on every instruction set
+])
+def test_decode_attention_matches_float64(dtype, H, K, D, S, start, exercised):
+    """The native one-token attention (float32 scores, softmax and sums) against float64, on views of a
+    longer cache as the model passes them, and SDPA (the fallback) against the same reference."""
+    gen = torch.Generator().manual_seed(S + D)
+    cache_k = torch.randn(K, S + 20, D, generator=gen).to(dtype)  # the cache holds more positions than used
+    cache_v = torch.randn(K, S + 20, D, generator=gen).to(dtype)
+    keys, values = cache_k[:, :S], cache_v[:, :S]
+    q = (torch.randn(H, D, generator=gen) * 2).to(dtype)
+    ref = _attention_float64(q, keys, values, start)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the result is rounded to dtype
+    y = kernels.decode_attention(q, keys, values, start, path="sdpa")
+    assert y.dtype == dtype and y.shape == (H, D)
+    assert (y.double() - ref).norm() <= tol * ref.norm()
+    exercised.add("sdpa")
+    assert kernels.attention_path(keys) == ("native_attention" if native.available() else "sdpa")
+    for isa in native.isas():
+        y = kernels.decode_attention(q, keys, values, start, path="native_attention", isa=isa)
+        assert y.dtype == dtype and y.shape == (H, D)
+        assert (y.double() - ref).norm() <= tol * ref.norm(), isa
+        exact = native.attention_decode(q, keys, values, start, isa)  # float32, before rounding to dtype
+        assert (exact.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), isa
+        exercised.add(f"native_attention[{isa if D % 8 == 0 else 'scalar'}]")
+
+
+def test_decode_attention_refuses_bad_layouts():
+    q, kv = torch.randn(8, 16), torch.randn(2, 10, 16)
+    with pytest.raises(ValueError, match="unsupported"):
+        native.attention_decode(q, kv.transpose(1, 2).contiguous().transpose(1, 2), kv)  # positions not D apart
+    with pytest.raises(ValueError, match="unsupported"):
+        native.attention_decode(torch.randn(6, 16), torch.randn(4, 10, 16), torch.randn(4, 10, 16))  # 6 heads, 4 kv heads
+    with pytest.raises(ValueError, match="unsupported"):
+        native.attention_decode(q, kv, kv, start=10)  # nothing to attend to
+
+
 def test_use_dense_linears_swaps_in_place_and_skips():
     from quant.linear import DenseLinear, use_dense_linears
 

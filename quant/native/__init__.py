@@ -94,9 +94,10 @@ def _lib() -> ctypes.CDLL | None:
     lib.mx_dense_matmul.argtypes = [i, p, i, i, i, i, p, p]
     lib.mx_quantize.argtypes = [i, i, i, i, i, p, p, p, p]
     lib.mx_swiglu.argtypes = [i, i, p, i, i, i, i, *[p, p, p, f] * 3, p, p, p]
+    lib.mx_attn_decode.argtypes = [i, p, i, i, i, p, p, ctypes.c_size_t, i, i, i, f, p]
     lib.mx_use_threads.argtypes = [i]
     for fn in (lib.mx_nf4_matmul, lib.mx_int8_matmul, lib.mx_nf4_dequant, lib.mx_dense_matmul, lib.mx_quantize, lib.mx_swiglu,
-               lib.mx_use_threads, lib.mx_cpu_has_avx2):
+               lib.mx_attn_decode, lib.mx_use_threads, lib.mx_cpu_has_avx2):
         fn.restype = ctypes.c_int
     lib.mx_use_threads(torch.get_num_threads())
     return lib
@@ -228,6 +229,27 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, isa: str | None = None) 
     rc = _lib().mx_dense_matmul(_isa_id(isa), _ptr(xf), xf.shape[0], O, I, DENSE_WEIGHT_TYPES[weight.dtype],
                                 _ptr(weight), _ptr(y))
     _check(rc, "dense matmul")
+    return y
+
+
+def attention_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int = 0,
+                     isa: str | None = None) -> torch.Tensor:
+    """Attention of one query token: ``q [H, D]`` over ``keys, values [K, S, D]`` (float32, bfloat16 or
+    float16, H a multiple of K: query head i reads kv head i // (H / K)), attending to positions
+    ``start .. S-1`` with scale ``1 / sqrt(D)``; returns ``[H, D]`` float32. ``keys`` and ``values`` may be
+    views of a longer cache (positions ``D`` elements apart, the same strides for both)."""
+    H, D = q.shape
+    K, S, Dk = keys.shape
+    if (Dk != D or values.shape != keys.shape or values.dtype != keys.dtype or H % K
+            or keys.stride()[1:] != (D, 1) or values.stride() != keys.stride()
+            or keys.dtype not in DENSE_WEIGHT_TYPES or not 0 <= start < S):
+        raise ValueError(f"attention_decode: unsupported shapes/layout q {tuple(q.shape)}, keys {tuple(keys.shape)} "
+                         f"{keys.dtype} strides {keys.stride()}, values strides {values.stride()}, start {start}")
+    qf = _as_f32_rows(q)
+    y = torch.empty(H, D, dtype=torch.float32)
+    rc = _lib().mx_attn_decode(_isa_id(isa), _ptr(qf), H, K, D, _ptr(keys), _ptr(values), keys.stride(0),
+                               DENSE_WEIGHT_TYPES[keys.dtype], start, S, D ** -0.5, _ptr(y))
+    _check(rc, "attention")
     return y
 
 

@@ -12,12 +12,15 @@
  * The nf4 activation blocks follow the nibble order: within every 64 elements, the 32 even
  * elements (high nibbles) form one block and the 32 odd ones (low nibbles) the next.
  *
+ * One decode step's grouped-query attention (mx_attn_decode) reads the KV cache (float32, bfloat16 or
+ * float16) where it lies and computes scores, softmax and the weighted sum in float32.
+ *
  * A SwiGLU expert (mx_swiglu) is one call: x is quantized once for w1 and w3, silu(w1 x) * (w3 x) is
  * formed in float32 and quantized as the activations of w2.
  *
  * Every kernel has a portable scalar variant and an AVX2+FMA variant compiled with per-function
  * target attributes (no -march flags), chosen at run time by the caller. Work is split over a
- * small pthread pool in chunks of rows taken from an atomic counter, so a descheduled thread
+ * small pthread pool in chunks of rows (attention: kv heads) taken from an atomic counter, so a descheduled thread
  * delays only the chunk it holds. Callers release the GIL (ctypes does).
  */
 #include <immintrin.h>
@@ -600,9 +603,122 @@ __attribute__((target("avx2,fma,f16c"))) static void dense_rows_avx2(const job_t
     }
 }
 
+/* ---- attention of one query token --------------------------------------------------------- */
+
+/* Grouped-query attention of one query token over cached keys and values: query heads
+ * h*G .. h*G+G-1 (G = H / K) share kv head h. Scores, softmax and the weighted sum in float32. */
+typedef struct {
+    int H, K, S, s0, D, wtype; /* keys s0 .. S-1 are attended; wtype: W_F32, W_BF16 or W_F16 */
+    size_t hstride;            /* elements between kv heads in k and v; positions are D apart */
+    const void *k, *v;
+    const float *q;            /* [H, D] */
+    float scale;
+    float *p;                  /* [H, S] scratch: scores, then unnormalised probabilities */
+    float *y;                  /* [H, D] */
+} attn_t;
+
+static inline float cache_at(const attn_t *a, const void *base, size_t i) {
+    if (a->wtype == W_F32) return ((const float *)base)[i];
+    const uint16_t h = ((const uint16_t *)base)[i];
+    return a->wtype == W_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+/* p[s] = exp(p[s] - max p) for s in [s0, S); returns their sum. */
+static float softmax_unnormalised(float *p, int s0, int S) {
+    float m = -INFINITY, sum = 0.f;
+    for (int s = s0; s < S; s++) m = p[s] > m ? p[s] : m;
+    for (int s = s0; s < S; s++) {
+        p[s] = expf(p[s] - m);
+        sum += p[s];
+    }
+    return sum;
+}
+
+static void attn_heads_scalar(const attn_t *a, int h0, int h1) {
+    const int G = a->H / a->K, D = a->D;
+    for (int h = h0; h < h1; h++) {
+        const size_t base = (size_t)h * a->hstride;
+        for (int qh = h * G; qh < (h + 1) * G; qh++) {
+            const float *q = a->q + (size_t)qh * D;
+            float *p = a->p + (size_t)qh * a->S, *y = a->y + (size_t)qh * D;
+            for (int s = a->s0; s < a->S; s++) {
+                float dot = 0.f;
+                for (int d = 0; d < D; d++) dot += q[d] * cache_at(a, a->k, base + (size_t)s * D + d);
+                p[s] = dot * a->scale;
+            }
+            const float inv = 1.f / softmax_unnormalised(p, a->s0, a->S);
+            for (int d = 0; d < D; d++) y[d] = 0.f;
+            for (int s = a->s0; s < a->S; s++)
+                for (int d = 0; d < D; d++) y[d] += p[s] * cache_at(a, a->v, base + (size_t)s * D + d);
+            for (int d = 0; d < D; d++) y[d] *= inv;
+        }
+    }
+}
+
+/* 8 cached values from element i as float32 (WT compile-time after inlining). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 cache8(const void *base, size_t i, const int WT) {
+    if (WT == W_F32) return _mm256_loadu_ps((const float *)base + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    if (WT == W_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* kv head h (D a multiple of 8): each key row is read once per query head from L1; the output is
+ * accumulated 64 floats at a time in registers. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void attn_head_avx2(const attn_t *a, int h, const int WT) {
+    const int G = a->H / a->K, D = a->D;
+    const size_t base = (size_t)h * a->hstride;
+    for (int qh = h * G; qh < (h + 1) * G; qh++) {
+        const float *q = a->q + (size_t)qh * D;
+        float *p = a->p + (size_t)qh * a->S, *y = a->y + (size_t)qh * D;
+        for (int s = a->s0; s < a->S; s++) {
+            const size_t row = base + (size_t)s * D;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            int d = 0;
+            for (; d + 16 <= D; d += 16) {
+                acc0 = _mm256_fmadd_ps(cache8(a->k, row + d, WT), _mm256_loadu_ps(q + d), acc0);
+                acc1 = _mm256_fmadd_ps(cache8(a->k, row + d + 8, WT), _mm256_loadu_ps(q + d + 8), acc1);
+            }
+            if (d < D) acc0 = _mm256_fmadd_ps(cache8(a->k, row + d, WT), _mm256_loadu_ps(q + d), acc0);
+            p[s] = hsum256(_mm256_add_ps(acc0, acc1)) * a->scale;
+        }
+        const __m256 inv = _mm256_set1_ps(1.f / softmax_unnormalised(p, a->s0, a->S));
+        for (int d0 = 0; d0 < D; d0 += 64) {
+            const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            for (int s = a->s0; s < a->S; s++) {
+                const __m256 w = _mm256_broadcast_ss(p + s);
+                const size_t row = base + (size_t)s * D + d0;
+                if (nv == 8) {
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(w, cache8(a->v, row + 8 * i, WT), acc[i]);
+                } else {
+                    for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(w, cache8(a->v, row + 8 * i, WT), acc[i]);
+                }
+            }
+            for (int i = 0; i < nv; i++) _mm256_storeu_ps(y + d0 + 8 * i, _mm256_mul_ps(acc[i], inv));
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void attn_heads_avx2(const attn_t *a, int h0, int h1) {
+    for (int h = h0; h < h1; h++) {
+        if (a->wtype == W_BF16)
+            attn_head_avx2(a, h, W_BF16);
+        else if (a->wtype == W_F16)
+            attn_head_avx2(a, h, W_F16);
+        else
+            attn_head_avx2(a, h, W_F32);
+    }
+}
+
+static void attn_task_scalar(const void *arg, int h0, int h1) { attn_heads_scalar(arg, h0, h1); }
+static void attn_task_avx2(const void *arg, int h0, int h1) { attn_heads_avx2(arg, h0, h1); }
+
 /* ---- thread pool --------------------------------------------------------------------------- */
 
 typedef void (*rows_fn)(const job_t *, int, int);
+typedef void (*task_fn)(const void *, int, int);  /* units [u0, u1) of a task */
 
 static rows_fn pick(const job_t *j) {
     if (j->fmt == FMT_NF4) return j->isa != ISA_AVX2 ? nf4_rows_scalar : j->T == 1 ? nf4_rows1_avx2 : nf4_rows_avx2;
@@ -619,13 +735,14 @@ static struct {
     pthread_mutex_t mu;
     pthread_cond_t wake;
     int n_workers;                 /* threads besides the caller */
-    const job_t *job;              /* valid while its chunks are not all done */
-    int n_chunks;
+    task_fn fn;                    /* the task, valid while its chunks are not all done */
+    const void *arg;
+    int n_units, chunk, n_chunks;
     _Atomic uint64_t next;         /* generation << 32 | next chunk */
     _Atomic int done;              /* chunks finished in the current generation */
     _Atomic uint32_t generation;
     pthread_mutex_t call_mu;       /* one job at a time */
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, 0, 0, 0, 0, PTHREAD_MUTEX_INITIALIZER};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, NULL, NULL, 0, 0, 0, 0, 0, 0, PTHREAD_MUTEX_INITIALIZER};
 
 /* Take and run chunks of generation `gen` until none are left. */
 static void work(uint32_t gen) {
@@ -633,10 +750,9 @@ static void work(uint32_t gen) {
         uint64_t v = atomic_load(&pool.next);
         if ((uint32_t)(v >> 32) != gen || (int)(uint32_t)v >= pool.n_chunks) return;
         if (!atomic_compare_exchange_weak(&pool.next, &v, v + 1)) continue;
-        const job_t *j = pool.job;
         const int c = (int)(uint32_t)v;
-        const int r0 = c * ROWS_CHUNK, r1 = r0 + ROWS_CHUNK < j->O ? r0 + ROWS_CHUNK : j->O;
-        pick(j)(j, r0, r1);
+        const int u0 = c * pool.chunk, u1 = u0 + pool.chunk < pool.n_units ? u0 + pool.chunk : pool.n_units;
+        pool.fn(pool.arg, u0, u1);
         atomic_fetch_add(&pool.done, 1);
     }
 }
@@ -685,14 +801,18 @@ int mx_use_threads(int n) {
     return active_threads;
 }
 
-static void run_job(const job_t *j) {
-    const int n_chunks = (j->O + ROWS_CHUNK - 1) / ROWS_CHUNK;
-    if (active_threads <= 1 || n_chunks == 1) {
-        pick(j)(j, 0, j->O);
+/* fn(arg, u0, u1) over units [0, n) in chunks of `chunk` units, on the pool's threads. */
+static void run_task(task_fn fn, const void *arg, int n, int chunk) {
+    const int n_chunks = (n + chunk - 1) / chunk;
+    if (active_threads <= 1 || n_chunks <= 1) {
+        fn(arg, 0, n);
         return;
     }
     pthread_mutex_lock(&pool.call_mu);
-    pool.job = j;
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.n_units = n;
+    pool.chunk = chunk;
     pool.n_chunks = n_chunks;
     atomic_store(&pool.done, 0);
     const uint32_t gen = atomic_load(&pool.generation) + 1;
@@ -705,6 +825,14 @@ static void run_job(const job_t *j) {
     while (atomic_load(&pool.done) < n_chunks) sched_yield();  /* only chunks still in other hands */
     pthread_mutex_unlock(&pool.call_mu);
 }
+
+static void job_rows(const void *arg, int r0, int r1) {
+    const job_t *j = arg;
+    pick(j)(j, r0, r1);
+}
+
+/* A matmul-like job: its O rows in chunks of ROWS_CHUNK. */
+static void run_job(const job_t *j) { run_task(job_rows, j, j->O, ROWS_CHUNK); }
 
 /* ---- entry points ------------------------------------------------------------------------- */
 
@@ -844,5 +972,20 @@ int mx_quantize(int fmt, int O, int I, int gs, int wtype, const void *w, const f
     job_t j = {.fmt = fmt == 0 ? FMT_QUANT_NF4 : FMT_QUANT_INT8, .O = O, .I = I, .gs = gs, .qweight = (const uint8_t *)w,
                .wtype = wtype, .mids = mids, .qout = codes, .y = scales};
     run_job(&j);
+    return 0;
+}
+
+/* Attention of one query token: y [H, D] = softmax(scale * q k^T) v per query head, over the keys and
+ * values of positions s0 .. S-1 of kv head h = query head / (H / K). k and v: element type wtype
+ * (0 float32, 1 bfloat16, 2 float16), kv head h at element h * hstride, position s at s * D after it. */
+int mx_attn_decode(int isa, const float *q, int H, int K, int D, const void *k, const void *v, size_t hstride,
+                   int wtype, int s0, int S, float scale, float *y) {
+    if (H < 1 || K < 1 || H % K || D < 1 || S < 1 || s0 < 0 || s0 >= S || wtype < 0 || wtype > 2) return -1;
+    float *p = malloc((size_t)H * S * sizeof(float));
+    if (!p) return -2;
+    const attn_t a = {.H = H, .K = K, .S = S, .s0 = s0, .D = D, .wtype = wtype, .hstride = hstride, .k = k, .v = v,
+                      .q = q, .scale = scale, .p = p, .y = y};
+    run_task(isa == ISA_AVX2 && D % 8 == 0 ? attn_task_avx2 : attn_task_scalar, &a, K, 1);
+    free(p);
     return 0;
 }
