@@ -435,33 +435,38 @@ __attribute__((target("avx2,fma"))) static void nf4_rows_avx2(const job_t *j, in
     }
 }
 
-/* One token (decode): |x| is computed once per call (xa), so each 32-byte block costs one sign, one
- * maddubs, one madd and one FMA against its activation scale; the weight group's scale multiplies
- * the group's partial sum once. Two accumulators in registers. */
-__attribute__((target("avx2,fma"))) static void int8_rows1_avx2(const job_t *j, int r0, int r1) {
+/* One token (decode), NR rows at a time (NR compile-time after inlining): NR weight streams in
+ * flight per core (one sequential stream reads well below the memory bandwidth: 4 rows read ~30%
+ * faster on Zen 3) and each activation block loaded once for NR rows. |x| is computed once per call
+ * (xa), so each 32-byte block costs one sign, one maddubs, one madd and one FMA against its
+ * activation scale; the weight group's scale multiplies the group's partial sum once. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void int8_rows1_tile(const job_t *j, int r, const int NR) {
     const int I = j->I, G = I / j->gs, bpg = j->gs / QBLOCK;
     const float *scales = (const float *)j->scales;
-    for (int r = r0; r < r1; r++) {
-        const int8_t *w = (const int8_t *)j->qweight + (size_t)r * I;
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        for (int g = 0, b = 0; g < G; g++) {
-            __m256 part0 = _mm256_setzero_ps(), part1 = _mm256_setzero_ps();
-            for (int k = 0; k < bpg; k++, b++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(j->xq + (size_t)b * QBLOCK));
-                const __m256i ax = _mm256_loadu_si256((const __m256i *)(j->xa + (size_t)b * QBLOCK));
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)b * QBLOCK));
-                const __m256i p = int8_dot32(wv, x, ax);
-                if (k & 1)
-                    part1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(j->xd + b), part1);
-                else
-                    part0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(j->xd + b), part0);
+    const int8_t *w = (const int8_t *)j->qweight + (size_t)r * I;
+    __m256 acc[4];
+    for (int i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
+    for (int g = 0, b = 0; g < G; g++) {
+        __m256 part[4];
+        for (int i = 0; i < NR; i++) part[i] = _mm256_setzero_ps();
+        for (int k = 0; k < bpg; k++, b++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(j->xq + (size_t)b * QBLOCK));
+            const __m256i ax = _mm256_loadu_si256((const __m256i *)(j->xa + (size_t)b * QBLOCK));
+            const __m256 xd = _mm256_broadcast_ss(j->xd + b);
+            for (int i = 0; i < NR; i++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)i * I + (size_t)b * QBLOCK));
+                part[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int8_dot32(wv, x, ax)), xd, part[i]);
             }
-            const __m256 sg = _mm256_set1_ps(scales[(size_t)r * G + g]);
-            acc0 = _mm256_fmadd_ps(part0, sg, acc0);
-            acc1 = _mm256_fmadd_ps(part1, sg, acc1);
         }
-        j->y[r] = hsum256(_mm256_add_ps(acc0, acc1));
+        for (int i = 0; i < NR; i++) acc[i] = _mm256_fmadd_ps(part[i], _mm256_set1_ps(scales[(size_t)(r + i) * G + g]), acc[i]);
     }
+    for (int i = 0; i < NR; i++) j->y[r + i] = hsum256(acc[i]);
+}
+
+__attribute__((target("avx2,fma"))) static void int8_rows1_avx2(const job_t *j, int r0, int r1) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) int8_rows1_tile(j, r, 4);
+    for (; r < r1; r++) int8_rows1_tile(j, r, 1);
 }
 
 /* NT tokens (compile-time after inlining: accumulators in registers) through row r of int8 W. */
