@@ -318,15 +318,26 @@ static inline void dyn_lookup(const float *dyn, const uint8_t *codes, int n, flo
     }
 }
 
+/* Whether each 64-weight chunk has its own absmax and 8 blocks of a row never straddle a 256-block
+ * sabs group: the case where a row's absmax is its looked-up codes scaled as one vector pass. */
+static inline int nf4_one_block_per_chunk(const job_t *j) { return j->gs == 64 && (j->I / 64) % 8 == 0; }
+
+/* am[b] = am[b] * sabs + offset for the codes of row r already looked up in am (one block per chunk). */
+__attribute__((target("avx2,fma"))) static inline void nf4_absmax_scale(const job_t *j, int r, float *am) {
+    const int nblk = j->I / 64;
+    const size_t b0 = (size_t)r * nblk;
+    const __m256 off = _mm256_set1_ps(j->offset);
+    for (int b = 0; b < nblk; b += 8)
+        _mm256_storeu_ps(am + b, _mm256_fmadd_ps(_mm256_loadu_ps(am + b), _mm256_set1_ps(j->sabs[(b0 + b) / 256]), off));
+}
+
 /* Absmax of each 64-weight chunk of row r, in am[I/64]. */
 __attribute__((target("avx2,fma"))) static inline void nf4_chunk_absmax(const job_t *j, int r, float *am) {
     const int cpb = j->gs / 64, nblk = j->I / j->gs;
     const size_t b0 = (size_t)r * nblk;
-    if (cpb == 1 && nblk % 8 == 0) {  /* 8 blocks of a row never straddle a 256-block sabs group */
-        const __m256 off = _mm256_set1_ps(j->offset);
+    if (nf4_one_block_per_chunk(j)) {
         dyn_lookup(j->dyn, j->scales + b0, nblk, am);
-        for (int b = 0; b < nblk; b += 8)
-            _mm256_storeu_ps(am + b, _mm256_fmadd_ps(_mm256_loadu_ps(am + b), _mm256_set1_ps(j->sabs[(b0 + b) / 256]), off));
+        nf4_absmax_scale(j, r, am);
         return;
     }
     for (int b = 0, c = 0; b < nblk; b++) {
@@ -369,24 +380,39 @@ __attribute__((target("avx2,fma"))) static inline __m256 nf4_chunk_u(const uint8
 
 /* One token (decode). Levels as unsigned bytes u = level + 63, so maddubs(u, x) needs no sign
  * trick: sum(level * x) = sum(u * x) - 63 * sum(x), the second term folded in per row from the
- * activation sums. Two accumulators in registers keep the FMA latency out of the loop. */
+ * activation sums. Two accumulators in registers keep the FMA latency out of the loop. With one
+ * absmax per chunk, the next row's absmax codes are looked up inside this row's chunk loop: the
+ * scalar table loads ride along the vector work instead of stalling between rows. */
 __attribute__((target("avx2,fma"))) static void nf4_rows1_avx2(const job_t *j, int r0, int r1) {
-    const int I = j->I, nch = I / 64;
+    const int I = j->I, nch = I / 64, piped = nf4_one_block_per_chunk(j);
     const __m256i table = _mm256_add_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)j->levels)),
                                           _mm256_set1_epi8(NF4_LEVEL_SCALE));
     float *am = __builtin_alloca((size_t)nch * sizeof(float)), *s = __builtin_alloca((size_t)nch * sizeof(float));
+    float *next = __builtin_alloca((size_t)nch * sizeof(float));
+    if (piped) dyn_lookup(j->dyn, j->scales + (size_t)r0 * nch, nch, next);
     for (int r = r0; r < r1; r++) {
         const uint8_t *q = j->qweight + (size_t)r * I / 2;
         const int8_t *xq = j->xq;
-        nf4_chunk_absmax(j, r, am);
+        if (piped) {
+            float *t = am;
+            am = next, next = t;
+            nf4_absmax_scale(j, r, am);
+        } else {
+            nf4_chunk_absmax(j, r, am);
+        }
         for (int c = 0; c < nch; c++) s[c] = am[c] * j->xd[c];
         const float corr = nf4_offset_correction(am, j->xs, nch);
+        const uint8_t *codes = j->scales + (size_t)(r + 1 < r1 ? r + 1 : r) * nch;  /* the last row: its own, unused */
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         int c = 0;
         for (; c + 2 <= nch; c += 2) {
             acc0 = _mm256_fmadd_ps(nf4_chunk_u(q + (size_t)c * 32, xq + (size_t)c * 64, table), _mm256_broadcast_ss(s + c), acc0);
             acc1 = _mm256_fmadd_ps(nf4_chunk_u(q + (size_t)c * 32 + 32, xq + (size_t)c * 64 + 64, table),
                                    _mm256_broadcast_ss(s + c + 1), acc1);
+            if (piped) {
+                next[c] = j->dyn[codes[c]];
+                next[c + 1] = j->dyn[codes[c + 1]];
+            }
         }
         if (c < nch)
             acc0 = _mm256_fmadd_ps(nf4_chunk_u(q + (size_t)c * 32, xq + (size_t)c * 64, table), _mm256_broadcast_ss(s + c), acc0);
