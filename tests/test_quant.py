@@ -21,7 +21,7 @@ from quant import (
     reference_matmul,
     spec_for_bits,
 )
-from quant.formats import DYNAMIC_CODE, NF4_CODE, nf4_absmax
+from quant.formats import DYNAMIC_CODE, NESTED_BLOCK, NF4_CODE, nf4_absmax
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -276,6 +276,42 @@ def test_native_nf4_block_layouts(group_size, width, tokens, exercised):
         y = kernels.matmul(x, qt, prepare(qt), path="native_nf4", isa=isa)
         assert (y - ref).norm() <= _tol("native_nf4", torch.float32)[0] * ref.norm(), isa
         exercised.add(f"native_nf4[{isa}]")
+
+
+def _first_rows(qt: QuantizedTensor, n: int) -> QuantizedTensor:
+    """The first ``n`` rows of ``qt`` as a tensor of their own, sharing its stored values (nf4: the
+    row's blocks keep their second-level absmax group when the rows start at row 0)."""
+    out_f, in_f = qt.shape
+    p = qt.parts
+    if qt.spec.name == "int8":
+        parts = {"qweight": p["qweight"][:n], "scales": p["scales"][:n]}
+    else:
+        blocks = n * in_f // qt.spec.group_size
+        parts = {"qweight": p["qweight"][:n * in_f // 2], "scales": p["scales"][:blocks],
+                 "scales_absmax": p["scales_absmax"][:-(-blocks // NESTED_BLOCK)], "scales_offset": p["scales_offset"]}
+    return QuantizedTensor(qt.spec, (n, in_f), parts)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_one_token_row_remainders(bits, exercised):
+    """Row counts that leave partial groups give each row exactly what it gets inside a larger matrix:
+    the int8 one-token kernel takes four rows at a time, the nf4 one looks up the next row's absmax
+    inside each row, and chunks hold at least 16 rows and about 64 KiB (1030 rows of 512 or 1024
+    bytes: a partial last chunk)."""
+    if not native.available():
+        pytest.skip("native kernels not built")
+    gen = torch.Generator().manual_seed(bits)
+    qt = quantize(torch.randn(1030, 1024, generator=gen) * 0.02, spec_for_bits(bits))
+    x = torch.randn(1, 1024, generator=gen)
+    path = "native_nf4" if bits == 4 else "native_int8"
+    ref = reference_matmul(x, qt)
+    for isa in native.isas():
+        y = kernels.matmul(x, qt, prepare(qt), path=path, isa=isa)
+        assert (y - ref).norm() <= _tol(path, torch.float32)[0] * ref.norm(), isa
+        for rows in (1, 2, 3, 5, 7, 17, 50):
+            sub = _first_rows(qt, rows)
+            assert torch.equal(kernels.matmul(x, sub, prepare(sub), path=path, isa=isa), y[:, :rows]), (isa, rows)
+        exercised.add(f"{path}[{isa}]")
 
 
 @pytest.mark.parametrize("tokens", [1, 3])  # the one-token (decode) kernel and the token-tiled one
