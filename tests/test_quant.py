@@ -460,6 +460,8 @@ def _attention_float64(q, keys, values, start):
     (6, 6, 72, 300, 0),    # no grouping; 72: the AVX2 output loop's partial 64-float block
     (8, 4, 16, 50, 41),    # a sliding window: positions 41..49 only
     (4, 1, 12, 9, 3),      # D not a multiple of 8: the scalar loop on every instruction set
+    (8, 1, 32, 20, 0),     # 8 query heads per kv head: two groups of 4 in the AVX2 kernel
+    (6, 2, 24, 11, 2),     # groups of 3; D = 16 + 8
 ])
 def test_decode_attention_matches_float64(dtype, H, K, D, S, start, exercised):
     """The native one-token attention (float32 scores, softmax and sums) against float64, on views of a

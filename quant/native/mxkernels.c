@@ -700,40 +700,106 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 cac
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* kv head h (D a multiple of 8): each key row is read once per query head from L1; the output is
- * accumulated 64 floats at a time in registers. */
-__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void attn_head_avx2(const attn_t *a, int h, const int WT) {
-    const int G = a->H / a->K, D = a->D;
+/* e^x for x <= 0 (softmax after subtracting the maximum), 8 at a time: x = n ln2 + r with |r| <= ln2/2,
+ * e^r from its degree-7 Taylor-like polynomial (Cephes' expf coefficients), times 2^n built in the
+ * exponent bits. Relative error ~2e-7; below -87 (e^x < 2e-38, nothing next to the maximum's 1) it
+ * returns e^-87. */
+__attribute__((target("avx2,fma"))) static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.3981999507e-3f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(8.3334519073e-3f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(4.1665795894e-2f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.6666665459e-1f));
+    poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(5.0000001201e-1f));
+    poly = _mm256_add_ps(_mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(poly, _mm256_castsi256_ps(e));
+}
+
+/* softmax_unnormalised with the maximum, the exponentials and their sum 8 at a time. */
+__attribute__((target("avx2,fma"))) static float softmax_unnormalised_avx2(float *p, int s0, int S) {
+    float m = -INFINITY;
+    int s = s0;
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (; s + 8 <= S; s += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(p + s));
+    for (; s < S; s++) m = p[s] > m ? p[s] : m;
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mv);
+    for (int i = 0; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
+    const __m256 mb = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    for (s = s0; s + 8 <= S; s += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), mb));
+        _mm256_storeu_ps(p + s, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum256(sum);
+    for (; s < S; s++) {
+        p[s] = expf(p[s] - m);
+        total += p[s];
+    }
+    return total;
+}
+
+/* Query heads qh0 .. qh0+NG-1 (NG <= 4, compile-time after inlining) of kv head h, D a multiple of 8.
+ * Scores: each key row is converted once, 8 floats at a time, for all NG heads (two accumulators
+ * per head keep the FMA latency off the critical path). Output: 16 floats of every head at a time
+ * over all positions, each value row converted once per block. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void attn_group_avx2(const attn_t *a, int h, int qh0,
+                                                                                          const int NG, const int WT) {
+    const int D = a->D, S = a->S;
     const size_t base = (size_t)h * a->hstride;
-    for (int qh = h * G; qh < (h + 1) * G; qh++) {
-        const float *q = a->q + (size_t)qh * D;
-        float *p = a->p + (size_t)qh * a->S, *y = a->y + (size_t)qh * D;
-        for (int s = a->s0; s < a->S; s++) {
-            const size_t row = base + (size_t)s * D;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            int d = 0;
-            for (; d + 16 <= D; d += 16) {
-                acc0 = _mm256_fmadd_ps(cache8(a->k, row + d, WT), _mm256_loadu_ps(q + d), acc0);
-                acc1 = _mm256_fmadd_ps(cache8(a->k, row + d + 8, WT), _mm256_loadu_ps(q + d + 8), acc1);
-            }
-            if (d < D) acc0 = _mm256_fmadd_ps(cache8(a->k, row + d, WT), _mm256_loadu_ps(q + d), acc0);
-            p[s] = hsum256(_mm256_add_ps(acc0, acc1)) * a->scale;
+    const float *q = a->q + (size_t)qh0 * D;
+    float *p = a->p + (size_t)qh0 * S;
+    for (int s = a->s0; s < S; s++) {
+        const size_t row = base + (size_t)s * D;
+        __m256 acc[4][2];
+        for (int g = 0; g < NG; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8) {
+            const __m256 k8 = cache8(a->k, row + d, WT);
+            for (int g = 0; g < NG; g++)
+                acc[g][(d >> 3) & 1] = _mm256_fmadd_ps(k8, _mm256_loadu_ps(q + (size_t)g * D + d), acc[g][(d >> 3) & 1]);
         }
-        const __m256 inv = _mm256_set1_ps(1.f / softmax_unnormalised(p, a->s0, a->S));
-        for (int d0 = 0; d0 < D; d0 += 64) {
-            const int nv = (D - d0 < 64 ? D - d0 : 64) / 8;
-            __m256 acc[8];
-            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-            for (int s = a->s0; s < a->S; s++) {
-                const __m256 w = _mm256_broadcast_ss(p + s);
-                const size_t row = base + (size_t)s * D + d0;
-                if (nv == 8) {
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(w, cache8(a->v, row + 8 * i, WT), acc[i]);
-                } else {
-                    for (int i = 0; i < nv; i++) acc[i] = _mm256_fmadd_ps(w, cache8(a->v, row + 8 * i, WT), acc[i]);
-                }
+        for (int g = 0; g < NG; g++) p[(size_t)g * S + s] = hsum256(_mm256_add_ps(acc[g][0], acc[g][1])) * a->scale;
+    }
+    float inv[4];
+    for (int g = 0; g < NG; g++) inv[g] = 1.f / softmax_unnormalised_avx2(p + (size_t)g * S, a->s0, S);
+    for (int d0 = 0; d0 < D; d0 += 16) {
+        const int two = d0 + 16 <= D;  /* else the last 8 floats */
+        __m256 acc[4][2];
+        for (int g = 0; g < NG; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+        for (int s = a->s0; s < S; s++) {
+            const size_t row = base + (size_t)s * D + d0;
+            const __m256 v0 = cache8(a->v, row, WT), v1 = two ? cache8(a->v, row + 8, WT) : _mm256_setzero_ps();
+            for (int g = 0; g < NG; g++) {
+                const __m256 w = _mm256_broadcast_ss(p + (size_t)g * S + s);
+                acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
+                acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);
             }
-            for (int i = 0; i < nv; i++) _mm256_storeu_ps(y + d0 + 8 * i, _mm256_mul_ps(acc[i], inv));
+        }
+        for (int g = 0; g < NG; g++) {
+            float *y = a->y + (size_t)(qh0 + g) * D + d0;
+            const __m256 ig = _mm256_set1_ps(inv[g]);
+            _mm256_storeu_ps(y, _mm256_mul_ps(acc[g][0], ig));
+            if (two) _mm256_storeu_ps(y + 8, _mm256_mul_ps(acc[g][1], ig));
+        }
+    }
+}
+
+/* kv head h: its query heads in groups of up to 4. */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void attn_head_avx2(const attn_t *a, int h, const int WT) {
+    const int G = a->H / a->K;
+    for (int g0 = 0; g0 < G; g0 += 4) {
+        const int qh0 = h * G + g0;
+        switch (G - g0) {
+        case 1: attn_group_avx2(a, h, qh0, 1, WT); break;
+        case 2: attn_group_avx2(a, h, qh0, 2, WT); break;
+        case 3: attn_group_avx2(a, h, qh0, 3, WT); break;
+        default: attn_group_avx2(a, h, qh0, 4, WT);
         }
     }
 }
