@@ -347,8 +347,8 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, *, path: str | None = No
 def attention_path(keys: torch.Tensor) -> str:
     """``native_attention`` (the native one-token attention, float32 softmax and sums) for a CPU cache
     of float32/bfloat16/float16, else ``sdpa``. Measured on the AVX2-only machine (docs/benchmarks.md
-    7.4): torch's bfloat16/float16 SDPA for one query token is 4-19x slower than the native kernel
-    (its flash kernel is built for many queries), float32 SDPA about as fast up to 2000 positions."""
+    7.4): torch's bfloat16/float16 SDPA for one query token is 6-21x slower than the native kernel
+    from 40 positions on (its flash kernel is built for many queries), float32 SDPA up to 2x slower."""
     if keys.device.type == "cpu" and keys.dtype in native.DENSE_WEIGHT_TYPES and native.available():
         return "native_attention"
     return "sdpa"
