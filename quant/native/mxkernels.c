@@ -194,11 +194,14 @@ static inline float f16_to_f32(uint16_t h) {
     return f;
 }
 
-static inline float dense_w(const job_t *j, size_t i) {
-    if (j->wtype == W_F32) return ((const float *)j->qweight)[i];
-    const uint16_t h = ((const uint16_t *)j->qweight)[i];
-    return j->wtype == W_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+/* Element i of a float32 (W_F32), bfloat16 (W_BF16) or float16 (W_F16) array, as float32. */
+static inline float elem_f32(const void *base, int wtype, size_t i) {
+    if (wtype == W_F32) return ((const float *)base)[i];
+    const uint16_t h = ((const uint16_t *)base)[i];
+    return wtype == W_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
 }
+
+static inline float dense_w(const job_t *j, size_t i) { return elem_f32(j->qweight, j->wtype, i); }
 
 static void dense_rows_scalar(const job_t *j, int r0, int r1) {
     const int I = j->I;
@@ -560,11 +563,19 @@ __attribute__((target("avx2,fma"))) static void nf4_dequant_rows_avx2(const job_
     }
 }
 
+/* Elements i .. i+7 of a float32/bfloat16/float16 array as float32 (WT compile-time after inlining). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8_f32(const void *base, size_t i, const int WT) {
+    if (WT == W_F32) return _mm256_loadu_ps((const float *)base + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    if (WT == W_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 /* One token, four rows at a time: four weight streams in flight (memory-level parallelism: one
  * sequential stream per core reads well below the memory bandwidth) and one activation load per
  * four FMAs; one loop per weight type, so the conversion is not a branch in the hot loop.
  * y[r..r+3] for rows r..r+3 (all valid). */
-#define DENSE_DOT4(NAME, LOAD8)                                                                     \
+#define DENSE_DOT4(NAME, WT)                                                                        \
     __attribute__((target("avx2,fma,f16c"))) static void NAME(const job_t *j, int r, const float *x, float *y) { \
         const int I = j->I, main8 = I & ~7;                                                         \
         const size_t b0 = (size_t)r * I, b1 = b0 + I, b2 = b1 + I, b3 = b2 + I;                   \
@@ -572,10 +583,10 @@ __attribute__((target("avx2,fma"))) static void nf4_dequant_rows_avx2(const job_
         int i = 0;                                                                                  \
         for (; i < main8; i += 8) {                                                                 \
             const __m256 xv = _mm256_loadu_ps(x + i);                                               \
-            a0 = _mm256_fmadd_ps(LOAD8(b0 + i), xv, a0);                                            \
-            a1 = _mm256_fmadd_ps(LOAD8(b1 + i), xv, a1);                                            \
-            a2 = _mm256_fmadd_ps(LOAD8(b2 + i), xv, a2);                                            \
-            a3 = _mm256_fmadd_ps(LOAD8(b3 + i), xv, a3);                                            \
+            a0 = _mm256_fmadd_ps(load8_f32(j->qweight, b0 + i, WT), xv, a0);                      \
+            a1 = _mm256_fmadd_ps(load8_f32(j->qweight, b1 + i, WT), xv, a1);                      \
+            a2 = _mm256_fmadd_ps(load8_f32(j->qweight, b2 + i, WT), xv, a2);                      \
+            a3 = _mm256_fmadd_ps(load8_f32(j->qweight, b3 + i, WT), xv, a3);                      \
         }                                                                                           \
         float s0 = hsum256(a0), s1 = hsum256(a1), s2 = hsum256(a2), s3 = hsum256(a3);               \
         for (; i < I; i++) {                                                                        \
@@ -586,13 +597,9 @@ __attribute__((target("avx2,fma"))) static void nf4_dequant_rows_avx2(const job_
         }                                                                                           \
         y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;                                     \
     }
-#define LOAD_F32(i) _mm256_loadu_ps((const float *)j->qweight + (i))
-#define LOAD_BF16(i) \
-    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)j->qweight + (i)))), 16))
-#define LOAD_F16(i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)j->qweight + (i))))
-DENSE_DOT4(dense_dot4_f32, LOAD_F32)
-DENSE_DOT4(dense_dot4_bf16, LOAD_BF16)
-DENSE_DOT4(dense_dot4_f16, LOAD_F16)
+DENSE_DOT4(dense_dot4_f32, W_F32)
+DENSE_DOT4(dense_dot4_bf16, W_BF16)
+DENSE_DOT4(dense_dot4_f16, W_F16)
 
 /* NT tokens through row r of a dense W of weight type WT (both compile-time after inlining: the
  * accumulators live in registers and the conversion is not a branch in the loop). */
@@ -603,7 +610,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void dense
     __m256 acc[TOK_TILE];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < main; i += 8) {
-        const __m256 w = WT == W_F32 ? LOAD_F32(base + i) : WT == W_F16 ? LOAD_F16(base + i) : LOAD_BF16(base + i);
+        const __m256 w = load8_f32(j->qweight, base + i, WT);
         for (int t = 0; t < NT; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(j->xf + (size_t)(t0 + t) * I + i), acc[t]);
     }
     for (int t = 0; t < NT; t++) {
@@ -654,12 +661,6 @@ typedef struct {
     float *y;                  /* [H, D] */
 } attn_t;
 
-static inline float cache_at(const attn_t *a, const void *base, size_t i) {
-    if (a->wtype == W_F32) return ((const float *)base)[i];
-    const uint16_t h = ((const uint16_t *)base)[i];
-    return a->wtype == W_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
-}
-
 /* p[s] = exp(p[s] - max p) for s in [s0, S); returns their sum. */
 static float softmax_unnormalised(float *p, int s0, int S) {
     float m = -INFINITY, sum = 0.f;
@@ -680,24 +681,16 @@ static void attn_heads_scalar(const attn_t *a, int h0, int h1) {
             float *p = a->p + (size_t)qh * a->S, *y = a->y + (size_t)qh * D;
             for (int s = a->s0; s < a->S; s++) {
                 float dot = 0.f;
-                for (int d = 0; d < D; d++) dot += q[d] * cache_at(a, a->k, base + (size_t)s * D + d);
+                for (int d = 0; d < D; d++) dot += q[d] * elem_f32(a->k, a->wtype, base + (size_t)s * D + d);
                 p[s] = dot * a->scale;
             }
             const float inv = 1.f / softmax_unnormalised(p, a->s0, a->S);
             for (int d = 0; d < D; d++) y[d] = 0.f;
             for (int s = a->s0; s < a->S; s++)
-                for (int d = 0; d < D; d++) y[d] += p[s] * cache_at(a, a->v, base + (size_t)s * D + d);
+                for (int d = 0; d < D; d++) y[d] += p[s] * elem_f32(a->v, a->wtype, base + (size_t)s * D + d);
             for (int d = 0; d < D; d++) y[d] *= inv;
         }
     }
-}
-
-/* 8 cached values from element i as float32 (WT compile-time after inlining). */
-__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 cache8(const void *base, size_t i, const int WT) {
-    if (WT == W_F32) return _mm256_loadu_ps((const float *)base + i);
-    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
-    if (WT == W_F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 /* e^x for x <= 0 (softmax after subtracting the maximum), 8 at a time: x = n ln2 + r with |r| <= ln2/2,
@@ -760,7 +753,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void attn_
         __m256 acc[4][2];
         for (int g = 0; g < NG; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
         for (int d = 0; d < D; d += 8) {
-            const __m256 k8 = cache8(a->k, row + d, WT);
+            const __m256 k8 = load8_f32(a->k, row + d, WT);
             for (int g = 0; g < NG; g++)
                 acc[g][(d >> 3) & 1] = _mm256_fmadd_ps(k8, _mm256_loadu_ps(q + (size_t)g * D + d), acc[g][(d >> 3) & 1]);
         }
@@ -774,7 +767,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void attn_
         for (int g = 0; g < NG; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
         for (int s = a->s0; s < S; s++) {
             const size_t row = base + (size_t)s * D + d0;
-            const __m256 v0 = cache8(a->v, row, WT), v1 = two ? cache8(a->v, row + 8, WT) : _mm256_setzero_ps();
+            const __m256 v0 = load8_f32(a->v, row, WT), v1 = two ? load8_f32(a->v, row + 8, WT) : _mm256_setzero_ps();
             for (int g = 0; g < NG; g++) {
                 const __m256 w = _mm256_broadcast_ss(p + (size_t)g * S + s);
                 acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
@@ -946,7 +939,7 @@ static size_t row_bytes(const job_t *j) {
  * hardware prefetcher (a `mini` nf4 expert, 512-byte rows: ~730 -> ~530 us per call). */
 static void run_job(const job_t *j) {
     int chunk = ROWS_CHUNK;
-    if (j->fmt <= FMT_DENSE) {
+    if (j->fmt != FMT_QUANT_NF4 && j->fmt != FMT_QUANT_INT8) {
         const size_t want = CHUNK_BYTES / row_bytes(j);
         if (want > (size_t)chunk) chunk = (int)(want / 4 * 4);
     }
