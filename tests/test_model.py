@@ -187,13 +187,13 @@ def test_attention_gets_4d_inputs_and_a_mask_only_for_later_chunks(engine_fp32, 
     assert calls == ([(4, 4, (1, H, 8, Hd), False, True)] * n + [(4, 4, (1, H, 3, Hd), True, False)] * n + decode)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_attention_paths_agree_with_a_cutting_window(tmp_path, dtype, monkeypatch):
     """Decode steps through the native one-token attention and through SDPA give the same logits, past
     a sliding window too (the native kernel attends to the window's contiguous range)."""
     cfg = dict(TINY_CONFIG, sliding_window=6, num_hidden_layers=2)
     d = write_checkpoint(tmp_path / "sw", cfg, shards=1)
-    eng = load_engine(d, RuntimeOptions(device="cpu", dtype=dtype.__repr__().split(".")[-1], ctx_size=64))
+    eng = load_engine(d, RuntimeOptions(device="cpu", dtype=dtype, ctx_size=64))
     ids = prompt(20, seed=8)
 
     def decode_all() -> torch.Tensor:
@@ -204,4 +204,4 @@ def test_decode_attention_paths_agree_with_a_cutting_window(tmp_path, dtype, mon
     assert kernels.attention_path(eng.model.caches[0].k) == ("native_attention" if native.available() else "sdpa")
     monkeypatch.setattr(kernels, "attention_path", lambda keys: "sdpa")
     sdpa_path = decode_all()
-    assert rel_err(native_path, sdpa_path) < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert rel_err(native_path, sdpa_path) < (1e-5 if dtype == "float32" else 2e-2)
