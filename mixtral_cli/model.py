@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.kernels import decode_attention
+from quant import kernels
+from quant.pointwise import apply_rope, rms_norm
 
 from .config import ModelArgs
 
@@ -37,10 +38,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, scale in the compute dtype (as the reference implementation does).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # normalised in fp32, scaled in the compute dtype
 
 
 def rope_cos_sin(
@@ -51,13 +49,6 @@ def rope_cos_sin(
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, Hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, Hd]
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [heads, T, Hd]; cos/sin [T, Hd]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class KVCache(nn.Module):
@@ -139,7 +130,7 @@ class Attention(nn.Module):
             # One token: the window (if any) is a contiguous range of positions, so no mask is needed.
             S = keys.shape[1]
             start = max(0, S - self.window) if self.window else 0
-            out = decode_attention(q[:, 0], keys, values, start)  # [H, Hd]
+            out = kernels.decode_attention(q[:, 0], keys, values, start)  # [H, Hd]
             return self.o_proj(out.reshape(1, self.n_heads * self.head_dim))
         # 4-D [1, heads, T|S, Hd]: the fused kernels (flash, memory-efficient, cuDNN; on the CPU its
         # flash kernel) take only 4-D inputs; 3-D ones fall back to the math path, which repeats K/V
@@ -194,9 +185,7 @@ class ExpertProvider(Protocol):
 
 def route(gate: nn.Linear, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Router: fp32 softmax over E logits, top-k, renormalised. Returns weights [T, A] fp32, ids [T, A]."""
-    probs = F.softmax(gate(x).float(), dim=-1)  # [T, E]
-    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, A]
-    return weights / weights.sum(dim=-1, keepdim=True), ids
+    return kernels.route(x, gate.weight, top_k)
 
 
 class Lookahead:
@@ -242,7 +231,7 @@ class SparseMoeBlock(nn.Module):
         guesses = experts.guess(self.layer, x[-1:])  # each [A]
         if x.shape[0] == 1:
             # One token: touch only its A selected experts (one host sync for its ids and the guesses).
-            picked = torch.cat([ids[0], *guesses]).tolist()
+            picked = (torch.cat([ids[0], *guesses]) if guesses else ids[0]).tolist()
             eids = picked[:A]
             chosen = experts.run(self.layer, eids, [1] * A, guessed=picked[A:])
             return self._decode(x, weights[0], eids, chosen)

@@ -170,7 +170,7 @@ def build_engine(
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
-    use_dense_linears(model, skip=("gate",))  # the router stays on torch's kernel, as in the reference
+    use_dense_linears(model, skip=("gate",))  # the router's product is part of `kernels.route`
     model.setup_cache(ctx)
     if on_progress:
         on_progress(total, total)

@@ -304,7 +304,7 @@ def _quantize_native(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor
 
 
 def native_quantize_usable(w: torch.Tensor, spec: QuantSpec) -> bool:
-    return (w.dtype in native.DENSE_WEIGHT_TYPES and (spec.name != "nf4" or spec.group_size <= 4096)
+    return (w.dtype in native.TYPES and (spec.name != "nf4" or spec.group_size <= 4096)
             and native.available())
 
 

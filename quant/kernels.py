@@ -223,14 +223,13 @@ def prepare(qt: QuantizedTensor) -> Prepared:
 
 def _native_nf4(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared | None = None, isa: str | None = None) -> torch.Tensor:
     p = qt.parts
-    y = native.nf4_matmul(x2, p["qweight"], p["scales"], p["scales_absmax"], _nf4_offset(qt, prep), qt.shape,
-                          qt.spec.group_size, DYNAMIC_CODE, NF4_LEVELS_I8, isa)
-    return y.to(x2.dtype)
+    return native.nf4_matmul(x2, p["qweight"], p["scales"], p["scales_absmax"], _nf4_offset(qt, prep), qt.shape,
+                             qt.spec.group_size, DYNAMIC_CODE, NF4_LEVELS_I8, isa, out_dtype=x2.dtype)
 
 
 def _native_int8(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared | None = None, isa: str | None = None) -> torch.Tensor:
-    y = native.int8_matmul(x2, qt.parts["qweight"], qt.parts["scales"], qt.spec.group_size, isa)
-    return y.to(x2.dtype)
+    return native.int8_matmul(x2, qt.parts["qweight"], qt.parts["scales"], qt.spec.group_size, isa,
+                              out_dtype=x2.dtype)
 
 
 def _nf4_offset(qt: QuantizedTensor, prep: Prepared | None) -> float:
@@ -329,7 +328,7 @@ def dense_path(x: torch.Tensor, weight: torch.Tensor) -> str:
     """``native_dense`` (the native GEMV, float32 accumulation) for few tokens on the CPU, else ``torch``."""
     tokens = x.numel() // x.shape[-1] if x.numel() else 0
     if (weight.device.type == "cpu" and 0 < tokens <= native_max_tokens(weight.dtype)
-            and weight.dtype in native.DENSE_WEIGHT_TYPES
+            and weight.dtype in native.TYPES
             and weight.is_contiguous() and native.available()):
         return "native_dense"
     return "torch"
@@ -340,8 +339,23 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor, *, path: str | None = No
     """``F.linear(x, weight)`` for a dense ``weight [out, in]``, in ``x.dtype``, on the faster path here."""
     if (path or dense_path(x, weight)) == "torch":
         return F.linear(x, weight)
-    y = native.dense_matmul(x.reshape(-1, x.shape[-1]), weight, isa)
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    if x.dim() == 2:
+        return native.dense_matmul(x, weight, isa, out_dtype=x.dtype)
+    y = native.dense_matmul(x.reshape(-1, x.shape[-1]), weight, isa, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, *, path: str | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE router for ``x [T, D]`` and the gate's ``[E, D]`` weight: logits in ``x.dtype``, float32 softmax,
+    top-k, renormalised; weights ``[T, k]`` float32 and ids ``[T, k]``. ``native_router`` (one call for the
+    product, softmax and selection, ~5 us against ~55 us of torch ops for a decode step) where
+    ``dense_path`` takes the native GEMV, else ``torch``. Ties between logits may be broken differently."""
+    if (path or ("native_router" if dense_path(x, gate_weight) == "native_dense" else "torch")) == "native_router":
+        return native.route(x, gate_weight, top_k)
+    probs = F.softmax(F.linear(x, gate_weight).float(), dim=-1)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, A]
+    return weights / weights.sum(dim=-1, keepdim=True), ids
 
 
 def attention_path(keys: torch.Tensor) -> str:
@@ -349,7 +363,7 @@ def attention_path(keys: torch.Tensor) -> str:
     of float32/bfloat16/float16, else ``sdpa``. Measured on the AVX2-only machine (docs/benchmarks.md
     7.4): torch's bfloat16/float16 SDPA for one query token is 6-21x slower than the native kernel
     from 40 positions on (its flash kernel is built for many queries), float32 SDPA up to 2x slower."""
-    if keys.device.type == "cpu" and keys.dtype in native.DENSE_WEIGHT_TYPES and native.available():
+    if keys.device.type == "cpu" and keys.dtype in native.TYPES and native.available():
         return "native_attention"
     return "sdpa"
 
@@ -359,7 +373,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """Attention of one query token, ``q [H, D]`` over ``keys, values [K, S, D]`` (grouped: query head i
     reads kv head i // (H / K)), attending to positions ``start .. S-1``; ``[H, D]`` in ``q.dtype``."""
     if (path or attention_path(keys)) == "native_attention":
-        return native.attention_decode(q, keys, values, start, isa).to(q.dtype)
+        return native.attention_decode(q, keys, values, start, isa, out_dtype=q.dtype)
     out = F.scaled_dot_product_attention(q[None, :, None], keys[None, :, start:], values[None, :, start:],
                                          enable_gqa=True)  # [1, H, 1, D]
     return out[0, :, 0]
@@ -403,6 +417,27 @@ def fused_swiglu_ok(x: torch.Tensor, qts: tuple[QuantizedTensor, QuantizedTensor
     return all(select_path(x2, q, p) == want for q, p in zip(qts, preps, strict=True))
 
 
+def _fused_weights(x: torch.Tensor, qts: tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor],
+                   preps: tuple[Prepared, Prepared, Prepared]) -> native.SwiGLUWeights | None:
+    """The weights as the one-call kernel takes them when ``fused_swiglu_ok``, else None. Kept in w1's
+    prepared form per input dtype and token class, and used while w3's and w2's prepared forms are the
+    ones it was made with (a refill or a move rebuilds them)."""
+    few = x.numel() // x.shape[-1] <= native_max_tokens() if x.numel() else None
+    key = ("swiglu", x.dtype, few)
+    got = preps[0].cache.get(key)
+    if got is None or got[0][0] is not preps[1] or got[0][1] is not preps[2]:
+        w = None
+        if fused_swiglu_ok(x, qts, preps):
+            w1 = qts[0]
+            nf4 = w1.spec.name == "nf4"
+            offsets = tuple(_nf4_offset(q, p) if nf4 else 0.0 for q, p in zip(qts, preps, strict=True))
+            w = native.swiglu_weights(w1.spec.name, tuple(q.parts for q in qts), offsets, w1.shape[1], w1.shape[0],
+                                      w1.spec.group_size, DYNAMIC_CODE if nf4 else None,
+                                      NF4_LEVELS_I8 if nf4 else None)
+        got = preps[0].cache[key] = ((preps[1], preps[2]), w)
+    return got[1]
+
+
 def swiglu(x: torch.Tensor, qts: tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor],
            preps: tuple[Prepared, Prepared, Prepared] | None = None, *, fused: bool | None = None,
            isa: str | None = None) -> torch.Tensor:
@@ -413,18 +448,13 @@ def swiglu(x: torch.Tensor, qts: tuple[QuantizedTensor, QuantizedTensor, Quantiz
     possible here); ``isa`` as for ``matmul``."""
     if preps is None:
         preps = tuple(prepare(q) for q in qts)
-    ok = fused_swiglu_ok(x, qts, preps)
-    if fused and not ok:
+    weights = _fused_weights(x, qts, preps)
+    if fused and weights is None:
         raise ValueError("the fused SwiGLU kernel cannot run these weights and input here")
-    if not (ok if fused is None else fused):
+    if weights is None or fused is False:
         (w1, w3, w2), (p1, p3, p2) = qts, preps
         return matmul(F.silu(matmul(x, w1, p1, isa=isa)) * matmul(x, w3, p3, isa=isa), w2, p2, isa=isa)
-    w1 = qts[0]
-    nf4 = w1.spec.name == "nf4"
-    offsets = tuple(_nf4_offset(q, p) if nf4 else 0.0 for q, p in zip(qts, preps, strict=True))
-    y = native.swiglu(x.reshape(-1, x.shape[-1]), w1.spec.name, tuple(q.parts for q in qts), offsets, w1.shape[0],
-                      w1.spec.group_size, DYNAMIC_CODE if nf4 else None, NF4_LEVELS_I8 if nf4 else None, isa)
-    return y.to(x.dtype).reshape(x.shape)
+    return native.swiglu(x.reshape(-1, x.shape[-1]), weights, isa, out_dtype=x.dtype).reshape(x.shape)
 
 
 def _plain_weight(qt: QuantizedTensor) -> torch.Tensor:

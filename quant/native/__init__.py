@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,16 +89,21 @@ def _lib() -> ctypes.CDLL | None:
         print(f"notice: native CPU kernels unavailable ({e}); using slower torch paths", file=sys.stderr)
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.mx_nf4_matmul.argtypes = [i, p, i, i, i, i, p, p, p, f, p, p, p]
-    lib.mx_int8_matmul.argtypes = [i, p, i, i, i, i, p, p, p]
+    z = ctypes.c_size_t
+    lib.mx_nf4_matmul.argtypes = [i, i, p, i, i, i, i, p, p, p, f, p, p, i, p]
+    lib.mx_int8_matmul.argtypes = [i, i, p, i, i, i, i, p, p, i, p]
     lib.mx_nf4_dequant.argtypes = [i, i, i, i, p, p, p, f, p, p, p]
-    lib.mx_dense_matmul.argtypes = [i, p, i, i, i, i, p, p]
+    lib.mx_dense_matmul.argtypes = [i, i, p, i, i, i, i, p, i, p]
     lib.mx_quantize.argtypes = [i, i, i, i, i, p, p, p, p]
-    lib.mx_swiglu.argtypes = [i, i, p, i, i, i, i, *[p, p, p, f] * 3, p, p, p]
-    lib.mx_attn_decode.argtypes = [i, p, i, i, i, p, p, ctypes.c_size_t, i, i, i, f, p]
+    lib.mx_swiglu.argtypes = [i, i, i, p, i, i, i, i, *[p, p, p, f] * 3, p, p, i, p]
+    lib.mx_attn_decode.argtypes = [i, i, p, i, i, i, p, p, z, i, i, i, f, i, p]
+    lib.mx_convert.argtypes = [i, p, i, p, z]
+    lib.mx_rms_norm.argtypes = [i, p, i, i, f, p, p]
+    lib.mx_rope.argtypes = [i, p, i, i, i, z, z, p, p]
+    lib.mx_route.argtypes = [i, i, p, i, i, i, i, p, i, p, p]
     lib.mx_use_threads.argtypes = [i]
     for fn in (lib.mx_nf4_matmul, lib.mx_int8_matmul, lib.mx_nf4_dequant, lib.mx_dense_matmul, lib.mx_quantize, lib.mx_swiglu,
-               lib.mx_attn_decode, lib.mx_use_threads, lib.mx_cpu_has_avx2):
+               lib.mx_attn_decode, lib.mx_convert, lib.mx_rms_norm, lib.mx_rope, lib.mx_route, lib.mx_use_threads, lib.mx_cpu_has_avx2):
         fn.restype = ctypes.c_int
     lib.mx_use_threads(torch.get_num_threads())
     return lib
@@ -119,13 +125,13 @@ def _cpu_isas() -> tuple[str, ...]:
 def isas() -> list[str]:
     """Instruction sets this CPU (and ``ATEN_CPU_CAPABILITY``, read at each call) lets the kernels use,
     lowest first."""
-    have = list(_cpu_isas())
-    if not have:
-        return []
-    cap = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
-    if cap == "default":
-        have = ["scalar"]
-    return have
+    return list(_isas_for(os.environ.get("ATEN_CPU_CAPABILITY", "")))
+
+
+@functools.cache
+def _isas_for(capability: str) -> tuple[str, ...]:
+    have = _cpu_isas()
+    return ("scalar",) if have and capability.strip().lower() == "default" else have
 
 
 def best_isa() -> str | None:
@@ -150,59 +156,92 @@ def _check(rc: int, what: str) -> None:
 
 
 def _isa_id(isa: str | None) -> int:
-    have = isas()
+    """The kernels' code for ``isa`` (None: the best allowed here), checked against what is allowed."""
+    have = _isas_for(os.environ.get("ATEN_CPU_CAPABILITY", ""))
     isa = isa or (have[-1] if have else None)
     if isa not in have:
-        raise ValueError(f"instruction set {isa!r} is not available here (have {have})")
+        raise ValueError(f"instruction set {isa!r} is not available here (have {list(have)})")
     return _ISA_ID[isa]
 
 
-def _as_f32_rows(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32).contiguous()
+# The element types the kernels read and write, by their codes in mxkernels.c (W_F32, W_BF16, W_F16).
+TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as contiguous rows of a type the kernels read (they convert to float32 themselves)."""
+    return (x if x.dtype in TYPES else x.float()).contiguous()
+
+
+def _out(shape: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or torch.float32)
 
 
 def nf4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, scales_absmax: torch.Tensor,
                offset: float, shape: tuple[int, int], group_size: int, dyn_code: torch.Tensor,
-               levels: torch.Tensor, isa: str | None = None) -> torch.Tensor:
-    """``x [T, I] @ W.T -> [T, O]`` float32 for an nf4 ``W`` in its stored layout."""
+               levels: torch.Tensor, isa: str | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [T, I] @ W.T -> [T, O]`` for an nf4 ``W`` in its stored layout, computed in float32 and given in
+    ``out_dtype`` (float32, bfloat16 or float16; default float32)."""
     O, I = shape
-    xf = _as_f32_rows(x)
-    y = torch.empty(xf.shape[0], O, dtype=torch.float32)
-    rc = _lib().mx_nf4_matmul(_isa_id(isa), _ptr(xf), xf.shape[0], O, I, group_size, _ptr(qweight), _ptr(scales),
-                              _ptr(scales_absmax), float(offset), _ptr(dyn_code), _ptr(levels), _ptr(y))
+    x = _rows(x)
+    y = _out((x.shape[0], O), out_dtype)
+    rc = _lib().mx_nf4_matmul(_isa_id(isa), TYPES[x.dtype], _ptr(x), x.shape[0], O, I, group_size, _ptr(qweight),
+                              _ptr(scales), _ptr(scales_absmax), float(offset), _ptr(dyn_code), _ptr(levels),
+                              TYPES[y.dtype], _ptr(y))
     _check(rc, "nf4 matmul")
     return y
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                isa: str | None = None) -> torch.Tensor:
-    """``x [T, I] @ W.T -> [T, O]`` float32 for a block-wise int8 ``W``."""
+                isa: str | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [T, I] @ W.T -> [T, O]`` for a block-wise int8 ``W``; ``out_dtype`` as for ``nf4_matmul``."""
     O, I = qweight.shape
-    xf = _as_f32_rows(x)
-    y = torch.empty(xf.shape[0], O, dtype=torch.float32)
-    rc = _lib().mx_int8_matmul(_isa_id(isa), _ptr(xf), xf.shape[0], O, I, group_size, _ptr(qweight),
-                               _ptr(scales), _ptr(y))
+    x = _rows(x)
+    y = _out((x.shape[0], O), out_dtype)
+    rc = _lib().mx_int8_matmul(_isa_id(isa), TYPES[x.dtype], _ptr(x), x.shape[0], O, I, group_size, _ptr(qweight),
+                               _ptr(scales), TYPES[y.dtype], _ptr(y))
     _check(rc, "int8 matmul")
     return y
 
 
-def swiglu(x: torch.Tensor, fmt: str, mats: tuple[dict, dict, dict], offsets: tuple[float, float, float],
-           inter: int, group_size: int, dyn_code: torch.Tensor | None = None, levels: torch.Tensor | None = None,
-           isa: str | None = None) -> torch.Tensor:
-    """The SwiGLU expert ``w2(silu(w1 x) * (w3 x)) -> [T, D]`` float32 in one call, for ``x [T, D]`` and
-    the stored parts of ``w1, w3 [inter, D]`` and ``w2 [D, inter]`` (all nf4 or all int8, one group size);
-    ``offsets``: the nf4 absmax offsets (ignored for int8)."""
-    xf = _as_f32_rows(x)
-    T, D = xf.shape
-    y = torch.empty(T, D, dtype=torch.float32)
-    args = []
+@dataclass(frozen=True)
+class SwiGLUWeights:
+    """One expert's three stored matrices as ``mx_swiglu`` takes them, resolved once (a decode step calls
+    the kernel for ~300 us of work: building its 20 arguments per call was a tenth of that). It holds
+    the tensors it points into, so the pointers stay valid while it lives."""
+
+    fmt: int  # 0 nf4, 1 int8
+    dim: int  # D: the expert's input and output width
+    inter: int  # its hidden width
+    group_size: int
+    args: tuple  # (qweight, scales, absmax, offset) x (w1, w3, w2), then the code tables: as mx_swiglu takes them
+    keep: tuple[torch.Tensor, ...]
+
+
+def swiglu_weights(fmt: str, mats: tuple[dict, dict, dict], offsets: tuple[float, float, float], dim: int,
+                   inter: int, group_size: int, dyn_code: torch.Tensor | None = None,
+                   levels: torch.Tensor | None = None) -> SwiGLUWeights:
+    """The stored parts of ``w1, w3 [inter, dim]`` and ``w2 [dim, inter]`` (all nf4 or all int8, one group
+    size) for ``swiglu``; ``offsets``: the nf4 absmax offsets (ignored for int8)."""
+    args, keep = [], [t for t in (dyn_code, levels) if t is not None]
     for parts, off in zip(mats, offsets, strict=True):
         sabs = parts.get("scales_absmax")
         args += [_ptr(parts["qweight"]), _ptr(parts["scales"]), sabs if sabs is None else _ptr(sabs), float(off)]
-    rc = _lib().mx_swiglu(0 if fmt == "nf4" else 1, _isa_id(isa), _ptr(xf), T, D, inter, group_size, *args,
-                          dyn_code if dyn_code is None else _ptr(dyn_code),
-                          levels if levels is None else _ptr(levels), _ptr(y))
-    _check(rc, f"{fmt} swiglu")
+        keep += [t for t in (parts["qweight"], parts["scales"], sabs) if t is not None]
+    args += [dyn_code if dyn_code is None else _ptr(dyn_code), levels if levels is None else _ptr(levels)]
+    return SwiGLUWeights(0 if fmt == "nf4" else 1, dim, inter, group_size, tuple(args), tuple(keep))
+
+
+def swiglu(x: torch.Tensor, w: SwiGLUWeights, isa: str | None = None, out_dtype: torch.dtype | None = None
+           ) -> torch.Tensor:
+    """The SwiGLU expert ``w2(silu(w1 x) * (w3 x)) -> [T, D]`` in one call, for ``x [T, D]`` and the weights
+    ``w`` (``swiglu_weights``); ``out_dtype`` as for ``nf4_matmul``."""
+    x = _rows(x)
+    T = x.shape[0]
+    y = _out((T, w.dim), out_dtype)
+    rc = _lib().mx_swiglu(w.fmt, _isa_id(isa), TYPES[x.dtype], _ptr(x), T, w.dim, w.inter, w.group_size, *w.args,
+                          TYPES[y.dtype], _ptr(y))
+    _check(rc, f"{'nf4' if w.fmt == 0 else 'int8'} swiglu")
     return y
 
 
@@ -218,39 +257,94 @@ def nf4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, scales_absmax: t
     return out
 
 
-DENSE_WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def dense_matmul(x: torch.Tensor, weight: torch.Tensor, isa: str | None = None) -> torch.Tensor:
-    """``x [T, I] @ weight.T -> [T, O]`` float32 for a contiguous float32/bfloat16/float16 ``weight [O, I]``."""
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor, isa: str | None = None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [T, I] @ weight.T -> [T, O]`` for a contiguous float32/bfloat16/float16 ``weight [O, I]``, computed
+    in float32; ``out_dtype`` as for ``nf4_matmul``."""
     O, I = weight.shape
-    xf = _as_f32_rows(x)
-    y = torch.empty(xf.shape[0], O, dtype=torch.float32)
-    rc = _lib().mx_dense_matmul(_isa_id(isa), _ptr(xf), xf.shape[0], O, I, DENSE_WEIGHT_TYPES[weight.dtype],
-                                _ptr(weight), _ptr(y))
+    x = _rows(x)
+    y = _out((x.shape[0], O), out_dtype)
+    rc = _lib().mx_dense_matmul(_isa_id(isa), TYPES[x.dtype], _ptr(x), x.shape[0], O, I, TYPES[weight.dtype],
+                                _ptr(weight), TYPES[y.dtype], _ptr(y))
     _check(rc, "dense matmul")
     return y
 
 
 def attention_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int = 0,
-                     isa: str | None = None) -> torch.Tensor:
+                     isa: str | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Attention of one query token: ``q [H, D]`` over ``keys, values [K, S, D]`` (float32, bfloat16 or
     float16, H a multiple of K: query head i reads kv head i // (H / K)), attending to positions
-    ``start .. S-1`` with scale ``1 / sqrt(D)``; returns ``[H, D]`` float32. ``keys`` and ``values`` may be
-    views of a longer cache (positions ``D`` elements apart, the same strides for both)."""
+    ``start .. S-1`` with scale ``1 / sqrt(D)``; returns ``[H, D]``, computed in float32, in ``out_dtype``
+    (default float32). ``keys`` and ``values`` may be views of a longer cache (positions ``D`` elements
+    apart, the same strides for both)."""
     H, D = q.shape
     K, S, Dk = keys.shape
     if (Dk != D or values.shape != keys.shape or values.dtype != keys.dtype or H % K
             or keys.stride()[1:] != (D, 1) or values.stride() != keys.stride()
-            or keys.dtype not in DENSE_WEIGHT_TYPES or not 0 <= start < S):
+            or keys.dtype not in TYPES or not 0 <= start < S):
         raise ValueError(f"attention_decode: unsupported shapes/layout q {tuple(q.shape)}, keys {tuple(keys.shape)} "
                          f"{keys.dtype} strides {keys.stride()}, values strides {values.stride()}, start {start}")
-    qf = _as_f32_rows(q)
-    y = torch.empty(H, D, dtype=torch.float32)
-    rc = _lib().mx_attn_decode(_isa_id(isa), _ptr(qf), H, K, D, _ptr(keys), _ptr(values), keys.stride(0),
-                               DENSE_WEIGHT_TYPES[keys.dtype], start, S, D ** -0.5, _ptr(y))
+    q = _rows(q)
+    y = _out((H, D), out_dtype)
+    rc = _lib().mx_attn_decode(_isa_id(isa), TYPES[q.dtype], _ptr(q), H, K, D, _ptr(keys), _ptr(values),
+                               keys.stride(0), TYPES[keys.dtype], start, S, D ** -0.5, TYPES[y.dtype], _ptr(y))
     _check(rc, "attention")
     return y
+
+
+def route(x: torch.Tensor, gate: torch.Tensor, top_k: int, isa: str | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE router for ``x [T, D]`` and a contiguous ``gate [E, D]``: logits ``x @ gate.T`` rounded to
+    ``x``'s type, softmax in float32, top ``top_k``, renormalised. Returns weights ``[T, top_k]`` float32
+    and ids ``[T, top_k]`` int64, largest first."""
+    E, D = gate.shape
+    x = _rows(x)
+    T = x.shape[0]
+    if x.shape[1] != D or not 1 <= top_k <= E or gate.dtype not in TYPES or not gate.is_contiguous():
+        raise ValueError(f"route: unsupported input {tuple(x.shape)} / gate {gate.dtype} {tuple(gate.shape)} / k {top_k}")
+    weights = torch.empty(T, top_k, dtype=torch.float32)
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    rc = _lib().mx_route(_isa_id(isa), TYPES[x.dtype], _ptr(x), T, D, E, TYPES[gate.dtype], _ptr(gate), top_k,
+                         _ptr(weights), _ptr(ids))
+    _check(rc, "route")
+    return weights, ids
+
+
+def convert(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` between float32, bfloat16 and float16 by the kernels' own conversions (round to
+    nearest even, as torch's): what every entry point does to its inputs and results."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=dtype)
+    _check(_lib().mx_convert(TYPES[x.dtype], _ptr(x), TYPES[dtype], _ptr(out), x.numel()), "convert")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of ``x [..., n]`` with ``weight [n]`` of ``x``'s type, rounding as the
+    reference does (``model.RMSNorm``): normalised in float32, rounded to the type, scaled, rounded."""
+    n = x.shape[-1]
+    if weight.dtype != x.dtype or x.dtype not in TYPES or weight.shape != (n,):
+        raise ValueError(f"rms_norm: unsupported input {x.dtype} {tuple(x.shape)} / weight {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty_like(x)
+    _check(_lib().mx_rms_norm(TYPES[x.dtype], _ptr(x), x.numel() // n, n, float(eps), _ptr(weight), _ptr(y)),
+           "rms norm")
+    return y
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in place on ``x [heads, T, Hd]`` (any strides with unit stride along Hd) with
+    contiguous ``cos, sin [T, Hd]`` of ``x``'s type, rounding each product and sum to the type as the
+    reference does (``model.apply_rope``); returns ``x``."""
+    H, T, Hd = x.shape
+    if (x.stride(2) != 1 or cos.shape != (T, Hd) or sin.shape != (T, Hd) or x.dtype not in TYPES
+            or cos.dtype != x.dtype or sin.dtype != x.dtype or Hd % 2):
+        raise ValueError(f"rope_: unsupported input {x.dtype} {tuple(x.shape)} strides {x.stride()} / cos, sin "
+                         f"{cos.dtype} {tuple(cos.shape)}")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _check(_lib().mx_rope(TYPES[x.dtype], _ptr(x), H, T, Hd, x.stride(0), x.stride(1), _ptr(cos), _ptr(sin)), "rope")
+    return x
 
 
 def quantize_blocks(w: torch.Tensor, fmt: str, group_size: int, nf4_midpoints: torch.Tensor | None = None
@@ -267,7 +361,7 @@ def quantize_blocks(w: torch.Tensor, fmt: str, group_size: int, nf4_midpoints: t
     else:
         codes, mids = torch.empty(O, I, dtype=torch.int8), torch.empty(0)
     scales = torch.empty(O, I // group_size, dtype=torch.float32)
-    rc = _lib().mx_quantize(0 if fmt == "nf4" else 1, O, I, group_size, DENSE_WEIGHT_TYPES[w.dtype], _ptr(w),
+    rc = _lib().mx_quantize(0 if fmt == "nf4" else 1, O, I, group_size, TYPES[w.dtype], _ptr(w),
                             _ptr(mids), _ptr(codes), _ptr(scales))
     _check(rc, f"{fmt} quantize")
     return codes, scales.view(-1) if fmt == "nf4" else scales

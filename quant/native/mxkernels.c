@@ -203,6 +203,126 @@ static inline float elem_f32(const void *base, int wtype, size_t i) {
 
 static inline float dense_w(const job_t *j, size_t i) { return elem_f32(j->qweight, j->wtype, i); }
 
+/* float32 -> bfloat16, rounding to nearest even; NaN -> 0x7FC0 (torch's conversion, bit for bit). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
+}
+
+/* float32 -> IEEE float16, rounding to nearest even (NaN keeps its sign as 0x7E00, overflow -> inf). */
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return sign | 0x7E00;
+    if (a >= 0x477FF000u) return sign | 0x7C00;  /* >= 65520 rounds to infinity */
+    if (a < 0x38800000u) {                        /* below 2^-14: a subnormal (or zero) half */
+        float v;
+        memcpy(&v, &a, 4);
+        return sign | (uint16_t)lrintf(v * 16777216.f);  /* units of 2^-24; 1024 is the smallest normal */
+    }
+    return sign | (uint16_t)((a - 0x38000000u + 0xFFFu + ((a >> 13) & 1)) >> 13);  /* rebias, round 13 bits */
+}
+
+/* float32 rounded to bfloat16 / float16 precision, as float32. */
+static inline float round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u & 0x7FFFFFFFu) > 0x7F800000u ? u : (u + 0x7FFFu + ((u >> 16) & 1)) & 0xFFFF0000u;  /* branch-free: vectorizes */
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float round_f16(float f) { return f16_to_f32(f32_to_f16(f)); }
+
+/* out [n] float32 = elements i0 .. i0+n-1 of src (type W_F32, W_BF16 or W_F16); one loop per type, so
+ * each vectorizes. */
+static inline void load_f32(int type, const void *src, size_t i0, size_t n, float *out) {
+    if (type == W_F32) {
+        memcpy(out, (const float *)src + i0, n * sizeof(float));
+    } else if (type == W_BF16) {
+        const uint16_t *h = (const uint16_t *)src + i0;
+        uint32_t *u = (uint32_t *)out;
+        for (size_t k = 0; k < n; k++) u[k] = (uint32_t)h[k] << 16;
+    } else {
+        const uint16_t *h = (const uint16_t *)src + i0;
+        for (size_t k = 0; k < n; k++) out[k] = f16_to_f32(h[k]);
+    }
+}
+
+/* Elements i0 .. i0+n-1 of dst (type W_F32, W_BF16 or W_F16) = in [n], rounded to nearest even. */
+static inline void store_f32(int type, const float *in, void *dst, size_t i0, size_t n) {
+    if (type == W_F32) {
+        memcpy((float *)dst + i0, in, n * sizeof(float));
+    } else if (type == W_BF16) {
+        uint16_t *h = (uint16_t *)dst + i0;
+        for (size_t k = 0; k < n; k++) h[k] = f32_to_bf16(in[k]);
+    } else {
+        uint16_t *h = (uint16_t *)dst + i0;
+        for (size_t k = 0; k < n; k++) h[k] = f32_to_f16(in[k]);
+    }
+}
+
+#define CONVERT_BLOCK 256
+
+typedef void (*task_fn)(const void *, int, int);  /* units [u0, u1) of a task */
+static void run_task(task_fn fn, const void *arg, int n, int chunk);
+
+typedef struct {
+    int stype, dtype;
+    const void *src;
+    void *dst;
+    size_t n;
+} convert_t;
+
+static void convert_blocks(const void *arg, int b0, int b1) {
+    const convert_t *c = arg;
+    float buf[CONVERT_BLOCK];
+    for (size_t i = (size_t)b0 * CONVERT_BLOCK; i < (size_t)b1 * CONVERT_BLOCK && i < c->n; i += CONVERT_BLOCK) {
+        const size_t m = c->n - i < CONVERT_BLOCK ? c->n - i : CONVERT_BLOCK;
+        load_f32(c->stype, c->src, i, m, buf);
+        store_f32(c->dtype, buf, c->dst, i, m);
+    }
+}
+
+/* dst [n] of type `dtype` = src [n] of type `stype` (W_F32, W_BF16, W_F16), through float32, on the pool
+ * in chunks of 64 blocks (a prefill chunk's activations are ~10^6 elements). */
+static void convert(int stype, const void *src, int dtype, void *dst, size_t n) {
+    if (stype == dtype) {
+        memmove(dst, src, n * (stype == W_F32 ? 4 : 2));
+        return;
+    }
+    const convert_t c = {stype, dtype, src, dst, n};
+    run_task(convert_blocks, &c, (int)((n + CONVERT_BLOCK - 1) / CONVERT_BLOCK), 64);
+}
+
+/* The entry points take activations and give results as float32, bfloat16 or float16 (the W_ codes)
+ * and compute in float32: f32_in gives the input as float32 (a converted copy in *owned, to free),
+ * f32_out a float32 buffer for the result and f32_done stores it in the caller's type. */
+static const float *f32_in(int type, const void *x, size_t n, float **owned) {
+    *owned = NULL;
+    if (type == W_F32) return x;
+    if (!(*owned = malloc(n * sizeof(float)))) return NULL;
+    convert(type, x, W_F32, *owned, n);
+    return *owned;
+}
+
+static float *f32_out(int type, void *y, size_t n, float **owned) {
+    *owned = NULL;
+    if (type == W_F32) return y;
+    return *owned = malloc(n * sizeof(float));
+}
+
+static void f32_done(int type, float *owned, void *y, size_t n) {
+    if (owned) convert(W_F32, owned, type, y, n);
+    free(owned);
+}
+
+static inline int bad_type(int type) { return type < W_F32 || type > W_F16; }
+
 static void dense_rows_scalar(const job_t *j, int r0, int r1) {
     const int I = j->I;
     for (int r = r0; r < r1; r++)
@@ -814,7 +934,6 @@ static void attn_task_avx2(const void *arg, int h0, int h1) { attn_heads_avx2(ar
 /* ---- thread pool --------------------------------------------------------------------------- */
 
 typedef void (*rows_fn)(const job_t *, int, int);
-typedef void (*task_fn)(const void *, int, int);  /* units [u0, u1) of a task */
 
 static rows_fn pick(const job_t *j) {
     if (j->fmt == FMT_NF4) return j->isa != ISA_AVX2 ? nf4_rows_scalar : j->T == 1 ? nf4_rows1_avx2 : nf4_rows_avx2;
@@ -1002,57 +1121,73 @@ static void run_quant(int fmt, int isa, const act_t *a, int T, int O, int I, int
     run_job(&j);
 }
 
-/* y [T, O] = x [T, I] @ W.T for nf4 W (gs a multiple of 64, I a multiple of 64). Returns 0 on success. */
-int mx_nf4_matmul(int isa, const float *x, int T, int O, int I, int gs, const uint8_t *qweight,
-                  const uint8_t *scales, const float *sabs, float offset, const float *dyn,
-                  const int8_t *levels, float *y) {
-    if (gs % 64 || I % 64 || T < 1) return -1;
+/* y [T, O] = x [T, I] @ W for a quantized W in fmt FMT_NF4 or FMT_INT8, x of type xtype and y of type
+ * ytype (W_F32, W_BF16, W_F16). */
+static int quant_matmul(int fmt, int isa, int xtype, const void *x, int T, int O, int I, int gs, const qmat_t *w,
+                        const float *dyn, const int8_t *levels, int ytype, void *y) {
+    if (T < 1 || bad_type(xtype) || bad_type(ytype)) return -1;
+    if (fmt == FMT_NF4 ? gs % 64 || I % 64 : gs % QBLOCK || I % gs) return -1;
+    float *xo, *yo;
+    const float *xf = f32_in(xtype, x, (size_t)T * I, &xo);
+    float *yf = f32_out(ytype, y, (size_t)T * O, &yo);
     act_t a;
-    if (act_prepare(FMT_NF4, x, T, I, &a)) return -2;
+    int rc = -2;
+    if (xf && yf && !act_prepare(fmt, xf, T, I, &a)) {
+        run_quant(fmt, isa, &a, T, O, I, gs, w, dyn, levels, yf);
+        act_free(&a);
+        rc = 0;
+    }
+    free(xo);
+    if (rc == 0) f32_done(ytype, yo, y, (size_t)T * O);
+    else free(yo);
+    return rc;
+}
+
+/* y [T, O] = x [T, I] @ W.T for nf4 W (gs a multiple of 64, I a multiple of 64). Returns 0 on success. */
+int mx_nf4_matmul(int isa, int xtype, const void *x, int T, int O, int I, int gs, const uint8_t *qweight,
+                  const uint8_t *scales, const float *sabs, float offset, const float *dyn,
+                  const int8_t *levels, int ytype, void *y) {
     const qmat_t w = {qweight, scales, sabs, offset};
-    run_quant(FMT_NF4, isa, &a, T, O, I, gs, &w, dyn, levels, y);
-    act_free(&a);
-    return 0;
+    return quant_matmul(FMT_NF4, isa, xtype, x, T, O, I, gs, &w, dyn, levels, ytype, y);
 }
 
 /* y [T, O] = x [T, I] @ W.T for block-wise int8 W (gs a multiple of 32). */
-int mx_int8_matmul(int isa, const float *x, int T, int O, int I, int gs, const int8_t *qweight,
-                   const float *scales, float *y) {
-    if (gs % QBLOCK || I % gs || T < 1) return -1;
-    act_t a;
-    if (act_prepare(FMT_INT8, x, T, I, &a)) return -2;
+int mx_int8_matmul(int isa, int xtype, const void *x, int T, int O, int I, int gs, const int8_t *qweight,
+                   const float *scales, int ytype, void *y) {
     const qmat_t w = {(const uint8_t *)qweight, scales, NULL, 0.f};
-    run_quant(FMT_INT8, isa, &a, T, O, I, gs, &w, NULL, NULL, y);
-    act_free(&a);
-    return 0;
+    return quant_matmul(FMT_INT8, isa, xtype, x, T, O, I, gs, &w, NULL, NULL, ytype, y);
 }
 
 /* The SwiGLU expert y [T, D] = w2(silu(w1 x) * (w3 x)) for x [T, D], w1, w3 [I, D] and w2 [D, I], all
  * nf4 (fmt 0) or all int8 (fmt 1) with one group size (the layouts and limits of mx_nf4_matmul and
  * mx_int8_matmul). x is quantized once for w1 and w3; h = silu(h1) * h3 is computed in float32 and
- * quantized as w2's activations, exactly as two separate calls would. sabs/offset/dyn/levels: nf4 only. */
-int mx_swiglu(int fmt, int isa, const float *x, int T, int D, int I, int gs,
+ * quantized as w2's activations, exactly as two separate calls would. sabs/offset/dyn/levels: nf4 only.
+ * x and y: types xtype and ytype, as for mx_nf4_matmul. */
+int mx_swiglu(int fmt, int isa, int xtype, const void *x, int T, int D, int I, int gs,
               const uint8_t *q1, const void *s1, const float *sabs1, float off1,
               const uint8_t *q3, const void *s3, const float *sabs3, float off3,
               const uint8_t *q2, const void *s2, const float *sabs2, float off2,
-              const float *dyn, const int8_t *levels, float *y) {
+              const float *dyn, const int8_t *levels, int ytype, void *y) {
     const int f = fmt == 0 ? FMT_NF4 : FMT_INT8;
-    if (T < 1 || (fmt != 0 && fmt != 1)) return -1;
+    if (T < 1 || (fmt != 0 && fmt != 1) || bad_type(xtype) || bad_type(ytype)) return -1;
     if (f == FMT_NF4 ? gs % 64 || D % 64 || I % 64 : gs % QBLOCK || D % gs || I % gs) return -1;
     const qmat_t w1 = {q1, s1, sabs1, off1}, w3 = {q3, s3, sabs3, off3}, w2 = {q2, s2, sabs2, off2};
-    float *h1 = malloc((size_t)T * I * sizeof(float)), *h3 = malloc((size_t)T * I * sizeof(float));
+    float *h1 = malloc((size_t)T * I * sizeof(float)), *h3 = malloc((size_t)T * I * sizeof(float)), *xo, *yo;
+    const float *xf = f32_in(xtype, x, (size_t)T * D, &xo);
     act_t a;
-    if (!h1 || !h3 || act_prepare(f, x, T, D, &a)) { free(h1); free(h3); return -2; }
+    if (!h1 || !h3 || !xf || act_prepare(f, xf, T, D, &a)) { free(h1); free(h3); free(xo); return -2; }
+    free(xo);
     run_quant(f, isa, &a, T, I, D, gs, &w1, dyn, levels, h1);
     run_quant(f, isa, &a, T, I, D, gs, &w3, dyn, levels, h3);
     act_free(&a);
     for (size_t i = 0; i < (size_t)T * I; i++) h1[i] = h1[i] / (1.f + expf(-h1[i])) * h3[i];
     free(h3);
-    const int rc = act_prepare(f, h1, T, I, &a);
+    float *yf = f32_out(ytype, y, (size_t)T * D, &yo);
+    if (!yf || act_prepare(f, h1, T, I, &a)) { free(h1); free(yo); return -2; }
     free(h1);
-    if (rc) return rc;
-    run_quant(f, isa, &a, T, D, I, gs, &w2, dyn, levels, y);
+    run_quant(f, isa, &a, T, D, I, gs, &w2, dyn, levels, yf);
     act_free(&a);
+    f32_done(ytype, yo, y, (size_t)T * D);
     return 0;
 }
 
@@ -1066,12 +1201,20 @@ int mx_nf4_dequant(int isa, int O, int I, int gs, const uint8_t *qweight, const 
     return 0;
 }
 
-/* y [T, O] = x [T, I] @ W.T for a dense W [O, I] of float32, bfloat16 or float16 (wtype 0, 1, 2). */
-int mx_dense_matmul(int isa, const float *x, int T, int O, int I, int wtype, const void *w, float *y) {
-    if (T < 1 || wtype < 0 || wtype > 2) return -1;
-    job_t j = {.fmt = FMT_DENSE, .isa = isa, .T = T, .O = O, .I = I, .qweight = (const uint8_t *)w, .xf = x,
-               .wtype = wtype, .y = y};
+/* y [T, O] = x [T, I] @ W.T for a dense W [O, I] of float32, bfloat16 or float16 (wtype 0, 1, 2); x and
+ * y of types xtype and ytype (the same codes). */
+int mx_dense_matmul(int isa, int xtype, const void *x, int T, int O, int I, int wtype, const void *w, int ytype,
+                    void *y) {
+    if (T < 1 || bad_type(wtype) || bad_type(xtype) || bad_type(ytype)) return -1;
+    float *xo, *yo;
+    const float *xf = f32_in(xtype, x, (size_t)T * I, &xo);
+    float *yf = f32_out(ytype, y, (size_t)T * O, &yo);
+    if (!xf || !yf) { free(xo); free(yo); return -2; }
+    job_t j = {.fmt = FMT_DENSE, .isa = isa, .T = T, .O = O, .I = I, .qweight = (const uint8_t *)w, .xf = xf,
+               .wtype = wtype, .y = yf};
     run_job(&j);
+    free(xo);
+    f32_done(ytype, yo, y, (size_t)T * O);
     return 0;
 }
 
@@ -1089,15 +1232,171 @@ int mx_quantize(int fmt, int O, int I, int gs, int wtype, const void *w, const f
 
 /* Attention of one query token: y [H, D] = softmax(scale * q k^T) v per query head, over the keys and
  * values of positions s0 .. S-1 of kv head h = query head / (H / K). k and v: element type wtype
- * (0 float32, 1 bfloat16, 2 float16), kv head h at element h * hstride, position s at s * D after it. */
-int mx_attn_decode(int isa, const float *q, int H, int K, int D, const void *k, const void *v, size_t hstride,
-                   int wtype, int s0, int S, float scale, float *y) {
-    if (H < 1 || K < 1 || H % K || D < 1 || S < 1 || s0 < 0 || s0 >= S || wtype < 0 || wtype > 2) return -1;
-    float *p = malloc((size_t)H * S * sizeof(float));
-    if (!p) return -2;
+ * (0 float32, 1 bfloat16, 2 float16), kv head h at element h * hstride, position s at s * D after it;
+ * q and y: types qtype and ytype (the same codes). */
+int mx_attn_decode(int isa, int qtype, const void *q, int H, int K, int D, const void *k, const void *v,
+                   size_t hstride, int wtype, int s0, int S, float scale, int ytype, void *y) {
+    if (H < 1 || K < 1 || H % K || D < 1 || S < 1 || s0 < 0 || s0 >= S || bad_type(wtype) || bad_type(qtype)
+        || bad_type(ytype))
+        return -1;
+    float *p = malloc((size_t)H * S * sizeof(float)), *qo, *yo;
+    const float *qf = f32_in(qtype, q, (size_t)H * D, &qo);
+    float *yf = f32_out(ytype, y, (size_t)H * D, &yo);
+    if (!p || !qf || !yf) { free(p); free(qo); free(yo); return -2; }
     const attn_t a = {.H = H, .K = K, .S = S, .s0 = s0, .D = D, .wtype = wtype, .hstride = hstride, .k = k, .v = v,
-                      .q = q, .scale = scale, .p = p, .y = y};
+                      .q = qf, .scale = scale, .p = p, .y = yf};
     run_task(isa == ISA_AVX2 && D % 8 == 0 ? attn_task_avx2 : attn_task_scalar, &a, K, 1);
+    free(p);
+    free(qo);
+    f32_done(ytype, yo, y, (size_t)H * D);
+    return 0;
+}
+
+/* dst [n] of type dtype = src [n] of type stype (W_F32, W_BF16, W_F16), rounding to nearest even. */
+int mx_convert(int stype, const void *src, int dtype, void *dst, size_t n) {
+    if (bad_type(stype) || bad_type(dtype)) return -1;
+    convert(stype, src, dtype, dst, n);
+    return 0;
+}
+
+/* RMSNorm of T rows of n elements, all of one type (W_F32, W_BF16, W_F16), the reference's steps and
+ * roundings: r = x / sqrt(mean(x^2) + eps) in float32 (the sum of squares in double), rounded to the
+ * type, then y = w * r rounded to the type. Rows are spread over the pool. */
+typedef struct {
+    int type, n;
+    float eps;
+    const void *x, *w;
+    void *y;
+} norm_t;
+
+static void norm_rows(const void *arg, int t0, int t1) {
+    const norm_t *a = arg;
+    const int n = a->n;
+    float xb[CONVERT_BLOCK], wb[CONVERT_BLOCK];
+    for (int t = t0; t < t1; t++) {
+        const size_t base = (size_t)t * n;
+        double ss[4] = {0., 0., 0., 0.};
+        for (int i = 0; i < n; i += CONVERT_BLOCK) {
+            const int m = n - i < CONVERT_BLOCK ? n - i : CONVERT_BLOCK;
+            load_f32(a->type, a->x, base + i, m, xb);
+            for (int k = 0; k < m; k++) ss[k & 3] += (double)xb[k] * xb[k];
+        }
+        const float inv = 1.f / sqrtf((float)((ss[0] + ss[1]) + (ss[2] + ss[3])) / (float)n + a->eps);
+        for (int i = 0; i < n; i += CONVERT_BLOCK) {
+            const int m = n - i < CONVERT_BLOCK ? n - i : CONVERT_BLOCK;
+            load_f32(a->type, a->x, base + i, m, xb);
+            load_f32(a->type, a->w, i, m, wb);
+            if (a->type == W_BF16)
+                for (int k = 0; k < m; k++) xb[k] = wb[k] * round_bf16(xb[k] * inv);
+            else if (a->type == W_F16)
+                for (int k = 0; k < m; k++) xb[k] = wb[k] * round_f16(xb[k] * inv);
+            else
+                for (int k = 0; k < m; k++) xb[k] = wb[k] * (xb[k] * inv);
+            store_f32(a->type, xb, a->y, base + i, m);
+        }
+    }
+}
+
+int mx_rms_norm(int type, const void *x, int T, int n, float eps, const void *w, void *y) {
+    if (T < 0 || n < 1 || bad_type(type)) return -1;
+    const norm_t a = {.type = type, .n = n, .eps = eps, .x = x, .w = w, .y = y};
+    if (T > 0) run_task(norm_rows, &a, T, 1 + 16384 / n);
+    return 0;
+}
+
+/* Rotary embedding in place (half-split convention), with the reference's roundings: each product and
+ * the sum rounded to the type. x: H heads of T positions of Hd elements, element (h, t, d) at
+ * h * hs + t * ts + d; cos, sin [T, Hd] contiguous; all of one type. For d < Hd/2:
+ * x[d] <- x[d] cos[d] - x[d + Hd/2] sin[d], x[d + Hd/2] <- x[d + Hd/2] cos[d + Hd/2] + x[d] sin[d + Hd/2].
+ * Rows (h, t) are spread over the pool. */
+typedef struct {
+    int type, T, Hd;
+    size_t hs, ts;
+    void *x;
+    const void *cos, *sin;
+} rope_t;
+
+#define ROPE_BLOCK 64
+
+static void rope_rows(const void *arg, int r0, int r1) {
+    const rope_t *a = arg;
+    const int half = a->Hd / 2;
+    float lo[ROPE_BLOCK], hi[ROPE_BLOCK], c1[ROPE_BLOCK], s1[ROPE_BLOCK], c2[ROPE_BLOCK], s2[ROPE_BLOCK];
+    for (int r = r0; r < r1; r++) {
+        const int h = r / a->T, t = r % a->T;
+        const size_t base = (size_t)h * a->hs + (size_t)t * a->ts, cs = (size_t)t * a->Hd;
+        for (int d = 0; d < half; d += ROPE_BLOCK) {
+            const int m = half - d < ROPE_BLOCK ? half - d : ROPE_BLOCK;
+            load_f32(a->type, a->x, base + d, m, lo);         /* x[d..]: the first half */
+            load_f32(a->type, a->x, base + half + d, m, hi);  /* x[half + d..]: the second */
+            load_f32(a->type, a->cos, cs + d, m, c1);
+            load_f32(a->type, a->sin, cs + d, m, s1);
+            load_f32(a->type, a->cos, cs + half + d, m, c2);
+            load_f32(a->type, a->sin, cs + half + d, m, s2);
+            if (a->type == W_BF16) {
+                for (int k = 0; k < m; k++) {
+                    const float x1 = lo[k], x2 = hi[k];
+                    lo[k] = round_bf16(x1 * c1[k]) + round_bf16(-x2 * s1[k]);
+                    hi[k] = round_bf16(x2 * c2[k]) + round_bf16(x1 * s2[k]);
+                }
+            } else if (a->type == W_F16) {
+                for (int k = 0; k < m; k++) {
+                    const float x1 = lo[k], x2 = hi[k];
+                    lo[k] = round_f16(x1 * c1[k]) + round_f16(-x2 * s1[k]);
+                    hi[k] = round_f16(x2 * c2[k]) + round_f16(x1 * s2[k]);
+                }
+            } else {
+                for (int k = 0; k < m; k++) {
+                    const float x1 = lo[k], x2 = hi[k];
+                    lo[k] = x1 * c1[k] + -x2 * s1[k];
+                    hi[k] = x2 * c2[k] + x1 * s2[k];
+                }
+            }
+            store_f32(a->type, lo, a->x, base + d, m);  /* the sums are rounded here */
+            store_f32(a->type, hi, a->x, base + half + d, m);
+        }
+    }
+}
+
+int mx_rope(int type, void *x, int H, int T, int Hd, size_t hs, size_t ts, const void *cos, const void *sin) {
+    if (H < 0 || T < 0 || Hd < 2 || Hd % 2 || bad_type(type)) return -1;
+    const rope_t a = {.type = type, .T = T, .Hd = Hd, .hs = hs, .ts = ts, .x = x, .cos = cos, .sin = sin};
+    if (H > 0 && T > 0) run_task(rope_rows, &a, H * T, 1 + 8192 / Hd);
+    return 0;
+}
+
+/* The MoE router for T tokens x [T, D] (type xtype) over E experts with gate weights w [E, D] (type wtype):
+ * logits = x w^T in float32, rounded to xtype (the reference's linear layer gives them in the compute
+ * type), softmax in float32, the k largest probabilities (ties: the lower index first), divided by their
+ * sum. weights [T, k] float32, ids [T, k]. */
+int mx_route(int isa, int xtype, const void *x, int T, int D, int E, int wtype, const void *w, int k, float *weights,
+             int64_t *ids) {
+    if (T < 1 || E < 1 || k < 1 || k > E || bad_type(xtype) || bad_type(wtype)) return -1;
+    float *xo, *p = malloc((size_t)T * E * sizeof(float));
+    const float *xf = f32_in(xtype, x, (size_t)T * D, &xo);
+    if (!p || !xf) { free(p); free(xo); return -2; }
+    job_t j = {.fmt = FMT_DENSE, .isa = isa, .T = T, .O = E, .I = D, .qweight = w, .xf = xf, .wtype = wtype, .y = p};
+    run_job(&j);
+    free(xo);
+    for (int t = 0; t < T; t++) {
+        float *pt = p + (size_t)t * E, m = -INFINITY, sum = 0.f, picked = 0.f;
+        for (int e = 0; e < E; e++) {
+            pt[e] = xtype == W_BF16 ? round_bf16(pt[e]) : xtype == W_F16 ? round_f16(pt[e]) : pt[e];
+            m = pt[e] > m ? pt[e] : m;
+        }
+        for (int e = 0; e < E; e++) sum += pt[e] = expf(pt[e] - m);
+        for (int e = 0; e < E; e++) pt[e] /= sum;
+        for (int a = 0; a < k; a++) {
+            int best = -1;
+            for (int e = 0; e < E; e++)
+                if (pt[e] != -INFINITY && (best < 0 || pt[e] > pt[best])) best = e;
+            ids[(size_t)t * k + a] = best;
+            weights[(size_t)t * k + a] = pt[best];
+            picked += pt[best];
+            pt[best] = -INFINITY;  /* taken (a NaN is taken in index order) */
+        }
+        for (int a = 0; a < k; a++) weights[(size_t)t * k + a] /= picked;
+    }
     free(p);
     return 0;
 }
