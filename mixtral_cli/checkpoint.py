@@ -7,10 +7,11 @@ any weight is read, so a bad checkpoint fails fast with one line naming the file
 
 from __future__ import annotations
 
+import ctypes
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,6 +20,9 @@ from quant.formats import FORMAT_VERSION, QuantizedTensor, QuantSpec, spec_for_b
 
 from .config import ModelArgs, load_config
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .host_memory import HostArena
 
 INDEX_NAME = "model.safetensors.index.json"
 EXPERT_PROJS = ("w1", "w2", "w3")
@@ -111,6 +115,8 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int  # of its bytes in the file
+    nbytes: int
 
 
 class Checkpoint:
@@ -153,10 +159,13 @@ class Checkpoint:
         for f in self.files:
             try:
                 with safe_open(f, framework="pt") as sf:
-                    for name in sf.keys():
-                        sl = sf.get_slice(name)
-                        tensors[name] = TensorInfo(f, tuple(sl.get_shape()), _dtype(sl.get_dtype(), f))
-            except (SafetensorError, OSError) as e:
+                    names = list(sf.keys())
+                spans = _data_spans(f)
+                for name in names:
+                    meta = spans[name]
+                    begin, end = meta["data_offsets"]
+                    tensors[name] = TensorInfo(f, tuple(meta["shape"]), _dtype(meta["dtype"], f), begin, end - begin)
+            except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
                 raise UserError(f"{f.name} is not a readable safetensors file ({e})",
                                 hint="the file is truncated or corrupt: download or quantize it again") from e
         return tensors
@@ -194,8 +203,12 @@ class Checkpoint:
                 raise UserError(f"{info.file.name}: tensor {name} has dtype {info.dtype}, expected {dtype or 'a float type'}")
 
     # -- reads -----------------------------------------------------------------------------------
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, into: HostArena | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor as stored (a view of the memory-mapped file), or with ``into`` read from the file into
+        the arena in ``dtype`` (default: as stored) without mapping the file."""
         info = self.tensors[name]
+        if into is not None:
+            return self._read_into(name, info, into, dtype or info.dtype)
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = safe_open(info.file, framework="pt")
@@ -204,17 +217,47 @@ class Checkpoint:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise UserError(f"{info.file.name}: cannot read {name} ({e})", hint="the file is corrupt") from e
 
-    def expert_weight(self, layer: int, expert: int, proj: str) -> torch.Tensor | QuantizedTensor:
-        """One expert projection as stored: a dense [out, in] tensor or a QuantizedTensor."""
+    def _read_into(self, name: str, info: TensorInfo, arena: HostArena, dtype: torch.dtype) -> torch.Tensor:
+        out = arena.alloc(info.shape, dtype)
+        raw = out if dtype == info.dtype else torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes != raw.numel() * raw.element_size():
+            raise UserError(f"{info.file.name}: tensor {name} has {info.nbytes} bytes for shape {list(info.shape)}",
+                            hint="the file is corrupt")
+        view = memoryview((ctypes.c_char * info.nbytes).from_address(raw.data_ptr())).cast("B")
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            got = f.readinto(view) if info.nbytes else 0
+        if got != info.nbytes:
+            raise UserError(f"{info.file.name}: cannot read {name} (the file ends early)", hint="the file is truncated")
+        if raw is not out:
+            out.copy_(raw)
+        return out
+
+    def expert_weight(self, layer: int, expert: int, proj: str, into: HostArena | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor | QuantizedTensor:
+        """One expert projection as stored: a dense [out, in] tensor or a QuantizedTensor; ``into`` and
+        ``dtype`` as for ``tensor`` (``dtype`` applies to a dense weight only)."""
         prefix = expert_prefix(layer, expert, proj)
         if self.quant is None:
-            return self.tensor(f"{prefix}.weight")
+            return self.tensor(f"{prefix}.weight", into, dtype)
         parts = QuantizedTensor.expected_parts(self.quant, expert_shape(self.args, proj))
-        sd = {f"{prefix}.{p}": self.tensor(f"{prefix}.{p}") for p in parts}
+        sd = {f"{prefix}.{p}": self.tensor(f"{prefix}.{p}", into) for p in parts}
         return QuantizedTensor.from_state_dict(self.quant, expert_shape(self.args, proj), sd, prefix)
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _data_spans(f: Path) -> dict[str, dict[str, Any]]:
+    """The header of a safetensors file (8-byte little-endian length, then JSON), with every tensor's
+    ``data_offsets`` made absolute."""
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    for meta in header.values():
+        meta["data_offsets"] = [8 + n + o for o in meta["data_offsets"]]
+    return header
 
 
 def _dtype(name: str, f: Path) -> torch.dtype:

@@ -1,8 +1,10 @@
 """Device and dtype policy, and loading a checkpoint into a ready-to-run model.
 
-The model is built on the `meta` device and every weight is assigned straight from the
-memory-mapped safetensors in its final dtype and device, so the full-precision model is never
-materialised when a quantized one is loaded, and no tensor is held twice.
+The model is built on the `meta` device and every weight is assigned in its final dtype and device,
+so the full-precision model is never materialised when a quantized one is loaded, and no tensor is
+held twice. On the CPU the weights are read from the files into one huge-page arena
+(`host_memory.py`: decode streams them ~10% faster from there than from the mapped files); on CUDA
+they are copied from the memory-mapped safetensors.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .config import ModelArgs
 from .cpu_experts import CpuExperts, measure_costs
 from .errors import UserError
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
+from .host_memory import HostArena, streamed_shared, weight_bytes
 from .model import ExpertProvider, Mixtral, fused_attention_available
 from .options import DTYPE_NAMES, RuntimeOptions
 from .plan import plan_memory, require_fit
@@ -132,17 +135,26 @@ def build_engine(
     apply_threads(opts.threads)
     total = args.num_hidden_layers + 1
 
-    def place(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype)
-
     ctx = opts.context_size(args)
     slots = expert_slots(opts, args, ckpt, device, dtype, ctx)
+    resident = slots == args.num_local_experts
+    # On the CPU the weights the model computes from go to one huge-page arena (host_memory.py).
+    arena = HostArena(weight_bytes(args, ckpt.quant, dtype, experts=resident)) if device.type == "cpu" else None
+
+    in_arena = set(streamed_shared(args)) if arena is not None else set()
+
+    def place(name: str) -> torch.Tensor:
+        if name in in_arena:
+            return ckpt.tensor(name, into=arena, dtype=dtype)
+        return ckpt.tensor(name).to(device=device, dtype=dtype)
 
     def expert_weights(L: int, e: int, target: torch.device) -> list:
+        if arena is not None and resident:
+            return [ckpt.expert_weight(L, e, p, into=arena, dtype=dtype) for p in EXPERT_PROJS]
         ws = [ckpt.expert_weight(L, e, p) for p in EXPERT_PROJS]
         return [w.to(device=target, dtype=dtype) if isinstance(w, torch.Tensor) else w.to(target) for w in ws]
 
-    if slots == args.num_local_experts:
+    if resident:
         experts = []
         for L in range(args.num_hidden_layers):
             experts.append([make_expert(*expert_weights(L, e, device)) for e in range(args.num_local_experts)])
@@ -166,7 +178,7 @@ def build_engine(
     with torch.device("meta"):
         model = Mixtral(args, provider)
     for name in shared_shapes(args):
-        _assign(model, name, place(ckpt.tensor(name)))
+        _assign(model, name, place(name))
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from quant.formats import QuantizedTensor, QuantSpec, dequantize, quantize
 from .checkpoint import Checkpoint, expert_shape, shared_shapes
 from .config import ModelArgs
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .host_memory import HostArena
 
 _COMMON = {"num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000, "rope_theta": 1e6,
            "rms_norm_eps": 1e-5, "sliding_window": None, "tie_word_embeddings": False}
@@ -83,25 +87,31 @@ class SyntheticCheckpoint:
         self.args, self.quant, self.seed = args, quant, seed
         self.shapes = shared_shapes(args)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, into: HostArena | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor in bf16; with ``into``, copied into the arena in ``dtype`` (as `Checkpoint.tensor`)."""
         shape = self.shapes[name]
         g = _generator(self.seed, name)
         if len(shape) == 1:  # norms
-            return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(torch.bfloat16)
-        std = 1.0 if name == "model.embed_tokens.weight" else 1.0 / math.sqrt(shape[1])
-        return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
+            t = (1.0 + 0.1 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        else:
+            std = 1.0 if name == "model.embed_tokens.weight" else 1.0 / math.sqrt(shape[1])
+            t = (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
+        return t if into is None else into.copy(t, dtype)
 
     def dense_expert_weight(self, layer: int, expert: int, proj: str) -> torch.Tensor:
         """The expert projection as bf16 [out, in] (dequantized when the format is quantized)."""
         w = self.expert_weight(layer, expert, proj)
         return dequantize(w, torch.bfloat16) if isinstance(w, QuantizedTensor) else w
 
-    def expert_weight(self, layer: int, expert: int, proj: str) -> torch.Tensor | QuantizedTensor:
+    def expert_weight(self, layer: int, expert: int, proj: str, into: HostArena | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor | QuantizedTensor:
         shape = expert_shape(self.args, proj)
         g = _generator(self.seed, layer, expert, proj)
         if self.quant is not None:
-            return synthetic_quantized(self.quant, shape, g)
-        return (torch.randn(shape, generator=g) / math.sqrt(shape[1])).to(torch.bfloat16)
+            w = synthetic_quantized(self.quant, shape, g)
+        else:
+            w = (torch.randn(shape, generator=g) / math.sqrt(shape[1])).to(torch.bfloat16)
+        return w if into is None else into.copy_weight(w, dtype)
 
 
 class QuantizingCheckpoint:
@@ -110,11 +120,13 @@ class QuantizingCheckpoint:
     def __init__(self, ckpt: Checkpoint, spec: QuantSpec) -> None:
         self.inner, self.args, self.quant = ckpt, ckpt.args, spec
 
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.inner.tensor(name)
+    def tensor(self, name: str, into: HostArena | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.inner.tensor(name, into, dtype)
 
-    def expert_weight(self, layer: int, expert: int, proj: str) -> QuantizedTensor:
-        return quantize(self.inner.expert_weight(layer, expert, proj), self.quant)
+    def expert_weight(self, layer: int, expert: int, proj: str, into: HostArena | None = None,
+                      dtype: torch.dtype | None = None) -> QuantizedTensor:
+        w = quantize(self.inner.expert_weight(layer, expert, proj), self.quant)
+        return w if into is None else into.copy_weight(w, dtype)
 
     def dense_expert_weight(self, layer: int, expert: int, proj: str) -> torch.Tensor:
         return dequantize(self.expert_weight(layer, expert, proj), torch.bfloat16)

@@ -43,6 +43,11 @@ decides.
 
 ``decode_attention(q, keys, values)`` is one decode step's attention over the KV cache: the native
 one-token kernel on the CPU (``attention_path``; float32 scores, softmax and sums), SDPA elsewhere.
+``route(x, gate_weight, k)`` is the MoE router (product, float32 softmax, top-k, renormalised): one
+native call where ``dense_path`` takes the native GEMV, torch's ops elsewhere.
+
+The native kernels read activations and write results in the caller's float32, bfloat16 or float16
+(converted in C exactly as torch's ``.to`` rounds), so no conversion op surrounds a call.
 
 Not used: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` only represents evenly spaced 4-bit
 levels, which cannot express NF4's code book; bitsandbytes' CPU 4-bit kernel needs a repacked

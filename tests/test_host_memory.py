@@ -1,0 +1,84 @@
+"""The CPU weight arena: allocation, reads straight from the files, and what a CPU engine puts in it."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+
+import pytest
+import torch
+
+from mixtral_cli.checkpoint import EXPERT_PROJS, Checkpoint
+from mixtral_cli.errors import UserError
+from mixtral_cli.host_memory import ALIGN, EMBEDDING, HUGE_PAGE, HostArena, streamed_shared, weight_bytes
+from mixtral_cli.options import RuntimeOptions
+from mixtral_cli.quantize import quantize_checkpoint
+from mixtral_cli.runtime import build_engine
+from quant.formats import QuantizedTensor
+from tests.tiny import write_checkpoint
+
+
+def test_arena_packs_aligned_tensors_in_one_huge_page_aligned_block():
+    arena = HostArena(3 * HUGE_PAGE)
+    a = arena.alloc((3,), torch.uint8)
+    b = arena.alloc((5, 7), torch.float32)
+    c = arena.copy(torch.arange(10, dtype=torch.int64), torch.bfloat16)
+    assert a.data_ptr() % HUGE_PAGE == 0  # the block starts on a huge page
+    assert (b.data_ptr() - a.data_ptr()) == ALIGN and c.data_ptr() % ALIGN == 0
+    assert c.dtype == torch.bfloat16 and c.tolist() == list(range(10))
+    if sys.platform == "linux" and hasattr(mmap, "MADV_HUGEPAGE"):
+        assert arena.huge_pages
+    with pytest.raises(RuntimeError, match="cannot hold"):
+        arena.alloc((3 * HUGE_PAGE,), torch.uint8)
+    del arena
+    b.fill_(1.5)  # the views keep the block alive
+    assert float(b.sum()) == 1.5 * 35
+
+
+def test_reads_into_the_arena_equal_the_mapped_tensors(tiny_ckpt):
+    ck = Checkpoint(tiny_ckpt)
+    names = list(ck.tensors)
+    arena = HostArena(sum(ck.tensors[n].nbytes * 4 // ck.tensors[n].dtype.itemsize * 2 + 2 * ALIGN for n in names))
+    for name in names:
+        mapped = ck.tensor(name)
+        read = ck.tensor(name, into=arena)
+        assert read.dtype == mapped.dtype and torch.equal(read, mapped), name
+        assert arena._block.data_ptr() <= read.data_ptr() < arena._block.data_ptr() + arena.size
+        as_f32 = ck.tensor(name, into=arena, dtype=torch.float32)
+        assert as_f32.dtype == torch.float32 and torch.equal(as_f32, mapped.float()), name
+
+
+def test_a_truncated_shard_is_one_clear_error(tmp_path):
+    d = write_checkpoint(tmp_path / "m", shards=1)
+    ck = Checkpoint(d)  # headers are fine
+    shard = next(d.glob("*.safetensors"))
+    last = max(ck.tensors.values(), key=lambda i: i.offset)
+    name = next(n for n, i in ck.tensors.items() if i is last)
+    with open(shard, "r+b") as f:
+        f.truncate(last.offset + last.nbytes // 2)
+    arena = HostArena(last.nbytes + ALIGN)
+    with pytest.raises(UserError, match="ends early"):
+        ck.tensor(name, into=arena)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_cpu_engine_streams_its_weights_from_the_arena(tiny_ckpt, tmp_path, bits):
+    """Every shared weight but the embedding and every resident expert part lie, without overlap, in one
+    block of exactly `weight_bytes`; the embedding stays in the mapped file."""
+    src = tiny_ckpt if bits is None else quantize_checkpoint(tiny_ckpt, tmp_path / f"q{bits}", bits, 64)
+    ck = Checkpoint(src)
+    eng = build_engine(ck, None, RuntimeOptions(device="cpu", dtype="bfloat16", ctx_size=32))
+    m, args = eng.model, ck.args
+    tensors = [m.get_parameter(name) for name in streamed_shared(args)]
+    for layer in m.experts.experts:
+        for expert in layer:
+            for proj in EXPERT_PROJS:
+                lin = getattr(expert, proj)
+                tensors += list(lin.qt.parts.values()) if hasattr(lin, "qt") else [lin.weight]
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))  # no overlap
+    start, size = spans[0][0], weight_bytes(args, ck.quant, torch.bfloat16, experts=True)
+    assert start % HUGE_PAGE == 0 and spans[-1][1] <= start + size and spans[-1][1] > start + size - ALIGN
+    embed = m.get_parameter(EMBEDDING)
+    assert not start <= embed.data_ptr() < start + size
+    assert all(isinstance(e.w1.qt, QuantizedTensor) for e in m.experts.experts[0]) if bits else True
