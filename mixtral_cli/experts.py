@@ -229,6 +229,16 @@ class CudaHostRegister:
         torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
+def anonymous_mapping(size: int, huge_pages: bool = False) -> mmap.mmap:
+    """A private anonymous mapping of `size` bytes (page-aligned, zero-filled on first touch); with
+    `huge_pages`, advised `MADV_HUGEPAGE` where the platform has it (Linux)."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    mapping = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
+
+
 class HostSlab:
     """One anonymous, page-aligned host mapping of `nbytes` (rounded up to whole pages), as a uint8
     tensor; pinned through `pinner` when given, unpinned and unmapped by `close()` (or when the
@@ -237,8 +247,7 @@ class HostSlab:
     def __init__(self, nbytes: int, pinner: CudaHostRegister | None = None) -> None:
         self.nbytes = nbytes
         self.size = max(PAGE, -(-nbytes // PAGE) * PAGE)
-        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-        mapping = mmap.mmap(-1, self.size, flags=flags) if flags else mmap.mmap(-1, self.size)
+        mapping = anonymous_mapping(self.size)
         self.tensor = torch.frombuffer(mapping, dtype=torch.uint8)  # [size], shares the mapping
         ptr = self.tensor.data_ptr()
         if pinner is not None:

@@ -9,10 +9,10 @@ few microseconds.
 
 So a CPU run reads each weight straight from its file into a ``HostArena`` (``Checkpoint.tensor(...,
 into=arena)``: a plain read, no file mapping, so the resident size is the arena and not the arena
-plus the mapped file). The arena is one private anonymous mapping, aligned to 2 MiB, advised
-``MADV_HUGEPAGE`` where the platform has it (Linux; the kernel's ``transparent_hugepage`` setting
-decides), holding the tensors back to back at 64-byte alignment. Where no such mapping can be made,
-it is one ordinary torch allocation.
+plus the mapped file). The arena is one private anonymous mapping (``experts.anonymous_mapping``,
+as for the expert store) whose block starts on a 2 MiB boundary, advised ``MADV_HUGEPAGE`` where the platform
+has it (Linux; the kernel's ``transparent_hugepage`` setting decides), holding the tensors back to
+back at 64-byte alignment.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from quant.formats import QuantizedTensor, QuantSpec
 
 from .checkpoint import EXPERT_PROJS, expert_shape, shared_shapes
 from .config import ModelArgs
+from .experts import anonymous_mapping
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64
@@ -72,15 +73,9 @@ class HostArena:
 
     def __init__(self, nbytes: int) -> None:
         self.size, self.used = nbytes, 0
-        self.huge_pages = False
-        try:
-            self._map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                self._map.madvise(mmap.MADV_HUGEPAGE)
-                self.huge_pages = True
-            block = torch.frombuffer(self._map, dtype=torch.uint8)
-        except (AttributeError, OSError, ValueError):  # no private anonymous mappings (Windows)
-            block = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+        self.huge_pages = hasattr(mmap, "MADV_HUGEPAGE")
+        # No explicit unmapping: `torch.frombuffer` holds the mapping, which goes with the last view.
+        block = torch.frombuffer(anonymous_mapping(nbytes + HUGE_PAGE, huge_pages=True), dtype=torch.uint8)
         start = (-block.data_ptr()) % HUGE_PAGE
         self._block = block[start:start + nbytes]
 
