@@ -35,7 +35,7 @@ AVX512-BF16 that is a whole prefill chunk); above it, one exact dequantize plus 
 faster (measured by benchmarks/bench_quant.py). Inference only: callers run the products under
 ``torch.inference_mode`` (the model does); the native paths record no autograd graph. Nothing
 derived from the stored parts is kept on the CPU: the native kernels read them where they lie
-(memory-mapped checkpoint or expert store).
+(the CPU run's weight arena, ``mixtral_cli/host_memory.py``, or the expert store).
 
 ``swiglu(x, (w1, w3, w2))`` runs a SwiGLU expert: one native call (``native.swiglu``) when each of
 its three products would take the native path, else three ``matmul`` calls; ``fused_swiglu_ok``

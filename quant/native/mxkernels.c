@@ -18,8 +18,15 @@
  * A SwiGLU expert (mx_swiglu) is one call: x is quantized once for w1 and w3, silu(w1 x) * (w3 x) is
  * formed in float32 and quantized as the activations of w2.
  *
- * Every kernel has a portable scalar variant and an AVX2+FMA variant compiled with per-function
- * target attributes (no -march flags), chosen at run time by the caller. Work is split over a
+ * The small steps of a decode step are here too, so that no run of torch ops surrounds the products:
+ * RMSNorm (mx_rms_norm), the rotary embedding (mx_rope) and the MoE router (mx_route). Every entry
+ * point takes activations and gives results as float32, bfloat16 or float16 (converted here, rounded
+ * to nearest even as torch rounds) and computes in float32.
+ *
+ * Every product and the attention kernel have a portable scalar variant and an AVX2+FMA variant
+ * compiled with per-function target attributes (no -march flags), chosen at run time by the caller;
+ * the conversions, RMSNorm and the rotary embedding are single portable loops (memory-bound, written
+ * so that the compiler vectorizes them for the baseline instruction set). Work is split over a
  * small pthread pool in chunks of rows (attention: kv heads) taken from an atomic counter, so a descheduled thread
  * delays only the chunk it holds. Callers release the GIL (ctypes does).
  */
