@@ -82,3 +82,24 @@ def test_cpu_engine_streams_its_weights_from_the_arena(tiny_ckpt, tmp_path, bits
     embed = m.get_parameter(EMBEDDING)
     assert not start <= embed.data_ptr() < start + size
     assert all(isinstance(e.w1.qt, QuantizedTensor) for e in m.experts.experts[0]) if bits else True
+
+
+def test_tied_embeddings_stream_from_the_arena(tmp_path):
+    """With tied embeddings the output layer is the embedding table, which a step reads whole: it goes to
+    the arena, and the model's logits are those of the mapped weights."""
+    from tests.tiny import TINY_CONFIG
+
+    d = write_checkpoint(tmp_path / "tied", dict(TINY_CONFIG, tie_word_embeddings=True), shards=1)
+    ck = Checkpoint(d)
+    assert EMBEDDING in streamed_shared(ck.args)
+    eng = build_engine(ck, None, RuntimeOptions(device="cpu", dtype="float32", ctx_size=32))
+    m = eng.model
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    embed = m.lm_head.weight
+    assert torch.equal(embed, ck.tensor(EMBEDDING).float())
+    span = weight_bytes(ck.args, None, torch.float32, experts=True)
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    assert max(ptrs) - min(ptrs) < span  # every weight in one arena (the experts, not parameters here, first)
+    assert embed.data_ptr() in range(min(ptrs), min(ptrs) + span)
+    logits = m(torch.tensor([1, 5, 9]), 0)
+    assert logits.shape == (3, ck.args.vocab_size) and bool(torch.isfinite(logits).all())
