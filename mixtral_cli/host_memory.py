@@ -9,16 +9,19 @@ few microseconds.
 
 So a CPU run reads each weight straight from its file into a ``HostArena`` (``Checkpoint.tensor(...,
 into=arena)``: a plain read, no file mapping, so the resident size is the arena and not the arena
-plus the mapped file). The arena is one private anonymous mapping (``experts.anonymous_mapping``,
-as for the expert store) whose block starts on a 2 MiB boundary, advised ``MADV_HUGEPAGE`` where the platform
-has it (Linux; the kernel's ``transparent_hugepage`` setting decides), holding the tensors back to
-back at 64-byte alignment.
+plus the mapped file), when the arena fits in the RAM available (``arena_fits``: ``MemAvailable``
+less 2 GiB for the system). A model larger than that stays memory-mapped, where the kernel can page
+it from the file instead of failing. The arena is one private anonymous mapping
+(``experts.anonymous_mapping``, as for the expert store) whose block starts on a 2 MiB boundary,
+advised ``MADV_HUGEPAGE`` where the platform has it (Linux; the kernel's ``transparent_hugepage``
+setting decides), holding the tensors back to back at 64-byte alignment.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Callable
 
 import torch
 
@@ -26,7 +29,7 @@ from quant.formats import QuantizedTensor, QuantSpec
 
 from .checkpoint import EXPERT_PROJS, expert_shape, shared_shapes
 from .config import ModelArgs
-from .experts import anonymous_mapping
+from .experts import HOST_HEADROOM, anonymous_mapping, mem_available
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64
@@ -65,6 +68,13 @@ def weight_bytes(args: ModelArgs, quant: QuantSpec | None, dtype: torch.dtype, e
                 per_expert += sum(_aligned(tensor_bytes(s, d)) for s, d in QuantizedTensor.expected_parts(quant, shape).values())
         total += per_expert * args.num_hidden_layers * args.num_local_experts
     return total
+
+
+def arena_fits(nbytes: int, available: Callable[[], int | None] = mem_available) -> bool:
+    """Whether an arena of ``nbytes`` leaves the system ``HOST_HEADROOM`` of the RAM available now
+    (True where that cannot be read)."""
+    have = available()
+    return have is None or nbytes + HOST_HEADROOM <= have
 
 
 class HostArena:

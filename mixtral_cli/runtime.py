@@ -2,9 +2,9 @@
 
 The model is built on the `meta` device and every weight is assigned in its final dtype and device,
 so the full-precision model is never materialised when a quantized one is loaded, and no tensor is
-held twice. On the CPU the weights are read from the files into one huge-page arena
-(`host_memory.py`: decode streams them ~10% faster from there than from the mapped files); on CUDA
-they are copied from the memory-mapped safetensors.
+held twice. On the CPU the weights are read from the files into one huge-page arena when it fits in
+RAM (`host_memory.py`: decode streams them ~10% faster from there than from the mapped files), else
+computed from the memory-mapped safetensors; on CUDA they are copied from those.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .config import ModelArgs
 from .cpu_experts import CpuExperts, measure_costs
 from .errors import UserError
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
-from .host_memory import HostArena, streamed_shared, weight_bytes
+from .host_memory import HostArena, arena_fits, streamed_shared, weight_bytes
 from .model import ExpertProvider, Mixtral, fused_attention_available
 from .options import DTYPE_NAMES, RuntimeOptions
 from .plan import plan_memory, require_fit
@@ -138,8 +138,10 @@ def build_engine(
     ctx = opts.context_size(args)
     slots = expert_slots(opts, args, ckpt, device, dtype, ctx)
     resident = slots == args.num_local_experts
-    # On the CPU the weights the model computes from go to one huge-page arena (host_memory.py).
-    arena = HostArena(weight_bytes(args, ckpt.quant, dtype, experts=resident)) if device.type == "cpu" else None
+    # On the CPU the weights the model computes from go to one huge-page arena when it fits in RAM
+    # (host_memory.py); otherwise they stay memory-mapped.
+    arena_bytes = weight_bytes(args, ckpt.quant, dtype, experts=resident)
+    arena = HostArena(arena_bytes) if device.type == "cpu" and arena_fits(arena_bytes) else None
 
     in_arena = set(streamed_shared(args)) if arena is not None else set()
 

@@ -8,9 +8,18 @@ import sys
 import pytest
 import torch
 
+from mixtral_cli import runtime
 from mixtral_cli.checkpoint import EXPERT_PROJS, Checkpoint
 from mixtral_cli.errors import UserError
-from mixtral_cli.host_memory import ALIGN, EMBEDDING, HUGE_PAGE, HostArena, streamed_shared, weight_bytes
+from mixtral_cli.host_memory import (
+    ALIGN,
+    EMBEDDING,
+    HUGE_PAGE,
+    HostArena,
+    arena_fits,
+    streamed_shared,
+    weight_bytes,
+)
 from mixtral_cli.options import RuntimeOptions
 from mixtral_cli.quantize import quantize_checkpoint
 from mixtral_cli.runtime import build_engine
@@ -103,3 +112,24 @@ def test_tied_embeddings_stream_from_the_arena(tmp_path):
     assert embed.data_ptr() in range(min(ptrs), min(ptrs) + span)
     logits = m(torch.tensor([1, 5, 9]), 0)
     assert logits.shape == (3, ck.args.vocab_size) and bool(torch.isfinite(logits).all())
+
+
+def test_arena_fits_leaves_the_system_its_headroom():
+    from mixtral_cli.experts import HOST_HEADROOM
+
+    assert arena_fits(10, lambda: None)  # unknown: use the arena
+    assert arena_fits(10 * HUGE_PAGE, lambda: 10 * HUGE_PAGE + HOST_HEADROOM)
+    assert not arena_fits(10 * HUGE_PAGE, lambda: 10 * HUGE_PAGE + HOST_HEADROOM - 1)
+
+
+def test_a_model_larger_than_ram_stays_memory_mapped(tiny_ckpt, monkeypatch):
+    """Without room for the arena the CPU engine computes from the mapped file (the kernel can page it)
+    and gives the same logits."""
+    ids = torch.tensor([1, 5, 9, 4])
+    opts = RuntimeOptions(device="cpu", dtype="bfloat16", ctx_size=32)
+    in_arena = build_engine(Checkpoint(tiny_ckpt), None, opts).model(ids, 0)
+    monkeypatch.setattr(runtime, "arena_fits", lambda nbytes: False)
+    ck = Checkpoint(tiny_ckpt)
+    m = build_engine(ck, None, opts).model
+    assert m.lm_head.weight.data_ptr() == ck.tensor("lm_head.weight").data_ptr()  # a view of the mapped file
+    assert torch.equal(m(ids, 0), in_arena)
