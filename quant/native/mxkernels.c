@@ -214,8 +214,7 @@ static inline float dense_w(const job_t *j, size_t i) { return elem_f32(j->qweig
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
+    return (uint16_t)(((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : u + 0x7FFFu + ((u >> 16) & 1)) >> 16);  /* branch-free: vectorizes */
 }
 
 /* float32 -> IEEE float16, rounding to nearest even (NaN keeps its sign as 0x7E00, overflow -> inf). */
@@ -235,13 +234,7 @@ static inline uint16_t f32_to_f16(float f) {
 }
 
 /* float32 rounded to bfloat16 / float16 precision, as float32. */
-static inline float round_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u = (u & 0x7FFFFFFFu) > 0x7F800000u ? u : (u + 0x7FFFu + ((u >> 16) & 1)) & 0xFFFF0000u;  /* branch-free: vectorizes */
-    memcpy(&f, &u, 4);
-    return f;
-}
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 static inline float round_f16(float f) { return f16_to_f32(f32_to_f16(f)); }
 
@@ -346,19 +339,6 @@ static void dense_rows_scalar(const job_t *j, int r0, int r1) {
  * int8: s = absmax / 127, q = round-half-even(x / max(s, 1e-30)), clamped to [-127, 127].
  * Written as plain loops over one block that the compiler vectorizes (an AVX2 clone is picked at load
  * time: the result is the same bit for bit on every instruction set). */
-/* n weights from element `base` as float32 (one loop per weight type, so each vectorizes). */
-static inline void load_block(const job_t *j, size_t base, int n, float *v) {
-    if (j->wtype == W_F32) {
-        memcpy(v, (const float *)j->qweight + base, (size_t)n * sizeof(float));
-    } else if (j->wtype == W_BF16) {
-        const uint16_t *h = (const uint16_t *)j->qweight + base;
-        uint32_t *u = (uint32_t *)v;
-        for (int k = 0; k < n; k++) u[k] = (uint32_t)h[k] << 16;
-    } else {
-        for (int k = 0; k < n; k++) v[k] = f16_to_f32(((const uint16_t *)j->qweight)[base + k]);
-    }
-}
-
 /* max |v|: on the bit patterns (for non-NaN floats, |x| orders like its bits), which vectorizes. */
 static inline float absmax_of(const float *v, int n) {
     const uint32_t *u = (const uint32_t *)v;
@@ -381,7 +361,7 @@ __attribute__((target_clones("avx2", "default"))) static void quant_nf4_rows(con
     for (int r = r0; r < r1; r++)
         for (int b0 = 0; b0 < I; b0 += bs) {
             const size_t base = (size_t)r * I + b0;
-            load_block(j, base, bs, v);
+            load_f32(j->wtype, j->qweight, base, bs, v);
             const float amax = absmax_of(v, bs);
             j->y[base / bs] = amax;
             const float inv = 1.0f / (amax > 1e-38f ? amax : 1e-38f);
@@ -407,7 +387,7 @@ __attribute__((target_clones("avx2", "default"))) static void quant_int8_rows(co
             float amax = 0.f;  /* blocks wider than the buffer are read in parts */
             for (int k0 = 0; k0 < gs; k0 += n) {
                 const int len = gs - k0 < n ? gs - k0 : n;
-                load_block(j, base + k0, len, v);
+                load_f32(j->wtype, j->qweight, base + k0, len, v);
                 const float a = absmax_of(v, len);
                 amax = a > amax ? a : amax;
             }
@@ -415,7 +395,7 @@ __attribute__((target_clones("avx2", "default"))) static void quant_int8_rows(co
             j->y[base / gs] = sc;
             for (int k0 = 0; k0 < gs; k0 += n) {
                 const int len = gs - k0 < n ? gs - k0 : n;
-                load_block(j, base + k0, len, v);
+                load_f32(j->wtype, j->qweight, base + k0, len, v);
                 int8_t *out = (int8_t *)j->qout + base + k0;
                 for (int k = 0; k < len; k++) {
                     float q = rintf(v[k] / div);
