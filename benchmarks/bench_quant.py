@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from quant import dequantize, kernels, native, prepare, quantize, spec_for_bits
-from quant.kernels import available_paths, matmul
+from mixtral_cli.kernels import dequantize, dispatch, native, prepare, quantize, spec_for_bits
+from mixtral_cli.kernels.dispatch import available_paths, matmul
 
 EXPERT_MATRICES = 32 * 8 * 3  # Mixtral-8x7B: layers x experts x (w1, w2, w3)
 
@@ -79,9 +79,9 @@ def bench_matmul(reps: int, tokens: list[int]) -> None:
                     fns[f"{name} {path}" + (f"[{isa}]" if isa else "")] = (
                         lambda x=x, qt=qt, p=path, pr=preps[name], i=isa: matmul(x, qt, pr, path=p, isa=i))
         if native.available():
-            fns["bf16 native_dense"] = lambda x=x: kernels.dense_matmul(x, w, path="native_dense")
+            fns["bf16 native_dense"] = lambda x=x: dispatch.dense_matmul(x, w, path="native_dense")
         t = interleaved(fns, reps)
-        chosen = {name: kernels.select_path(x, qt, preps[name]) for name, qt in qts.items()}
+        chosen = {name: dispatch.select_path(x, qt, preps[name]) for name, qt in qts.items()}
         print(f"  {n} token(s), bf16 input; chosen: {chosen}")
         for k, v in t.items():
             print(f"    {k:24s} {v * 1e3:8.2f} ms   {v / t['bf16 dense']:5.2f}x")

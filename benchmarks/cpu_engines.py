@@ -48,9 +48,9 @@ def prepare(d: Path, layers: int, llama_src: Path | None) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from mixtral_cli.checkpoint import EXPERT_PROJS, expert_prefix, layer_prefix, shared_shapes
-    from mixtral_cli.config import ModelArgs
-    from mixtral_cli.synthetic import PRESETS, SyntheticCheckpoint
+    from mixtral_cli.bench.synthetic import PRESETS, SyntheticCheckpoint
+    from mixtral_cli.checkpoints.config import ModelArgs
+    from mixtral_cli.checkpoints.reader import EXPERT_PROJS, expert_prefix, layer_prefix, shared_shapes
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from tiny import TINY_CONFIG, V1_TOKENIZER
@@ -120,8 +120,8 @@ def peak_rss() -> int:
 def one_ours(d: Path, engine: str, tokens: int, threads: int) -> dict:
     import torch
 
-    from mixtral_cli.generate import Session
-    from mixtral_cli.runtime import RuntimeOptions, load_engine
+    from mixtral_cli.engine.generate import Session
+    from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 
     bits = engine.split("-")[1]
     model_dir = d / ("hf" if bits in ("bf16", "fp32") else f"q{bits}")
@@ -185,7 +185,7 @@ def one_llama(d: Path, engine: str, tokens: int, threads: int) -> dict:
 
 def one(d: Path, engine: str, tokens: int, threads: int) -> None:
     if engine.startswith("ours"):
-        from mixtral_cli.threads_env import configure_cpu_threads_env
+        from mixtral_cli.system.threads_env import configure_cpu_threads_env
 
         configure_cpu_threads_env(threads)  # as the CLI does, before torch loads
     fn = one_ours if engine.startswith("ours") else one_hf if engine.startswith("hf") else one_llama

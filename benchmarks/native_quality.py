@@ -25,19 +25,19 @@ from pathlib import Path
 
 import torch
 
-from mixtral_cli.checkpoint import Checkpoint
-from mixtral_cli.evaluate import perplexity
-from mixtral_cli.runtime import RuntimeOptions, build_engine
-from mixtral_cli.synthetic import QuantizingCheckpoint
-from mixtral_cli.tokenizer import Tokenizer
-from quant import kernels, native
-from quant.formats import spec_for_bits
+from mixtral_cli.bench.synthetic import QuantizingCheckpoint
+from mixtral_cli.checkpoints.reader import Checkpoint
+from mixtral_cli.checkpoints.tokenizer import Tokenizer
+from mixtral_cli.engine.evaluate import perplexity
+from mixtral_cli.engine.loader import RuntimeOptions, build_engine
+from mixtral_cli.kernels import dispatch, native
+from mixtral_cli.kernels.formats import spec_for_bits
 
 GOALS = {8: 1.002, 4: 1.01}
 
 
 def score(ckpt, tok: Tokenizer, ids: list[int], ctx: int, native_everywhere: bool) -> float:
-    kernels.NATIVE_MAX_TOKENS = 10**9 if native_everywhere else 0
+    dispatch.NATIVE_MAX_TOKENS = 10**9 if native_everywhere else 0
     eng = build_engine(ckpt, tok, RuntimeOptions(device="cpu", dtype="float32", ctx_size=ctx))
     return perplexity(eng.model, ids, ctx).perplexity
 

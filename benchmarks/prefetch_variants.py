@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mixtral_cli.experts import ExpertCache  # noqa: E402
-from mixtral_cli.runtime import RuntimeOptions, load_engine  # noqa: E402
+from mixtral_cli.engine.experts import ExpertCache  # noqa: E402
+from mixtral_cli.engine.loader import RuntimeOptions, load_engine  # noqa: E402
 
 
 class Tracker:
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     text = (a.text or Path(f"{a.model}-data") / "valid.txt").read_text()
-    from mixtral_cli.tokenizer import Tokenizer
+    from mixtral_cli.checkpoints.tokenizer import Tokenizer
 
     ids = Tokenizer.from_file(a.model / "tokenizer.model").encode(text, bos=True)[: a.tokens]
     rows = []

@@ -186,7 +186,7 @@ def save_hub(model, a: argparse.Namespace, out: Path, shards: int) -> int:
 def verify(model, out: Path, valid: torch.Tensor) -> float:
     """Max |logit difference| / max |logit| between `mixtral`'s loader and the trained model with its
     weights rounded to bf16 (as saved), both in fp32, on 256 validation tokens."""
-    from mixtral_cli.runtime import RuntimeOptions, load_engine
+    from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 
     ref = type(model)(model.config)
     ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
@@ -255,7 +255,7 @@ def main() -> None:
 
     from transformers import MixtralForCausalLM
 
-    from mixtral_cli.tokenizer import Tokenizer
+    from mixtral_cli.checkpoints.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     tr_path, va_path, corpus = build_corpus(a.corpus_root, data, a.valid_every)

@@ -1,5 +1,5 @@
 """`python -m mixtral_cli` runs the `mixtral` command."""
 
-from .cli import main
+from .cli.app import main
 
 main()

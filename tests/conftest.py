@@ -49,7 +49,7 @@ _SHARED_FP32: dict = {}  # the engine_fp32 engine and a copy of the state tests 
 def engine_fp32(tiny_ckpt):
     """One fp32 engine on the tiny checkpoint (256-token context) for the whole session; what a test
     changes in it (cache size, lm_head) is put back after that test, pass or fail."""
-    from mixtral_cli.runtime import RuntimeOptions, load_engine
+    from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 
     engine = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32", ctx_size=256))
     _SHARED_FP32.update(engine=engine, lm_head=engine.model.lm_head.weight.detach().clone())

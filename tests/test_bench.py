@@ -16,18 +16,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mixtral_cli import bench
-from mixtral_cli.bench import BenchOptions, hybrid_bound, run_bench, spec_from_bits, sweep_slots
-from mixtral_cli.bench_result import Bandwidth, BaselineResult
-from mixtral_cli.checkpoint import EXPERT_PROJS, expert_shape
-from mixtral_cli.cpu_experts import ExpertCosts
+from mixtral_cli.bench import run as bench
+from mixtral_cli.bench.measure import WARMUP_TOKENS, RunTimes
+from mixtral_cli.bench.result import Bandwidth, BaselineResult
+from mixtral_cli.bench.run import BenchOptions, hybrid_bound, run_bench, spec_from_bits, sweep_slots
+from mixtral_cli.bench.synthetic import SyntheticCheckpoint, preset_args, synthetic_quantized
+from mixtral_cli.checkpoints.reader import EXPERT_PROJS, expert_shape
+from mixtral_cli.engine.cpu_experts import ExpertCosts
+from mixtral_cli.engine.experts import CacheStats
+from mixtral_cli.engine.loader import build_engine
 from mixtral_cli.errors import UserError
-from mixtral_cli.experts import CacheStats
-from mixtral_cli.measure import WARMUP_TOKENS, RunTimes
-from mixtral_cli.options import RuntimeOptions
-from mixtral_cli.runtime import build_engine
-from mixtral_cli.synthetic import SyntheticCheckpoint, preset_args, synthetic_quantized
-from quant.formats import QuantizedTensor, dequantize, spec_for_bits
+from mixtral_cli.kernels.formats import QuantizedTensor, dequantize, spec_for_bits
+from mixtral_cli.settings import RuntimeOptions
 
 TOP_FIELDS = {
     "model", "synthetic", "note", "bits", "expert_format", "device", "dtype", "threads", "params_total",
@@ -243,7 +243,7 @@ def test_sweep_is_capped_and_frees_each_cache(monkeypatch):
     import gc
     import weakref
 
-    from mixtral_cli.experts import ExpertCache
+    from mixtral_cli.engine.experts import ExpertCache
 
     ckpt = SyntheticCheckpoint(preset_args("tiny"), spec_for_bits(4))
     engine = build_engine(ckpt, None, RuntimeOptions(device="cpu", dtype="float32", ctx_size=32, experts_in_gpu=2))
@@ -287,7 +287,7 @@ def test_bench_transformers_baseline_on_tiny():
 
 
 def test_baseline_ratios_by_hand():
-    from mixtral_cli.baseline import BaselineInfo
+    from mixtral_cli.bench.baseline import BaselineInfo
 
     info = BaselineInfo("transformers", "5.0", "float32", "cpu", None, None, "the same bfloat16 weights", {})
     ours = RunTimes(prefill_s=0.5, ttft_s=0.6, decode_s=2.0, prompt_tokens=100, gen_tokens=10)  # 200, 5 tok/s
@@ -301,7 +301,7 @@ def test_baseline_ratios_by_hand():
 def test_transformers_baseline_holds_the_same_weights():
     """Same logits as our engine in float32: the baseline computes the same model."""
     pytest.importorskip("transformers")
-    from mixtral_cli.baseline import build_transformers
+    from mixtral_cli.bench.baseline import build_transformers
 
     ckpt = SyntheticCheckpoint(preset_args("tiny"), None)
     engine = build_engine(ckpt, None, RuntimeOptions(device="cpu", dtype="float32", ctx_size=32))
@@ -314,7 +314,7 @@ def test_transformers_baseline_holds_the_same_weights():
 
 
 def test_baseline_runs_on_our_gpu_when_it_fits_else_says_so():
-    from mixtral_cli.baseline import baseline_device
+    from mixtral_cli.bench.baseline import baseline_device
 
     cuda, cpu = torch.device("cuda:0"), torch.device("cpu")
     assert baseline_device(cpu, 10**12, None) == (cpu, None)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_cli import ui
-from mixtral_cli.chat import Chat, Conversation, DoesNotFit, apply_setting, read_message
+from mixtral_cli.checkpoints.tokenizer import Tokenizer
+from mixtral_cli.cli import ui
+from mixtral_cli.cli.chat import Chat, Conversation, DoesNotFit, apply_setting, read_message
+from mixtral_cli.engine.generate import Completion, GenerationConfig, SamplingConfig, Session
 from mixtral_cli.errors import UserError
-from mixtral_cli.generate import Completion, GenerationConfig, SamplingConfig, Session
-from mixtral_cli.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,7 +134,7 @@ def test_read_message_joins_a_fenced_block():
 
 def test_ctrl_c_at_the_prompt_clears_the_line_and_twice_exits(engine_fp32, monkeypatch, capsys):
     """Ctrl-C while reading a line (a KeyboardInterrupt from the reader, as readline raises it)."""
-    from mixtral_cli import chat as chat_mod
+    from mixtral_cli.cli import chat as chat_mod
 
     script = ["/set temp 0.5", KeyboardInterrupt, "/set top_k 5", KeyboardInterrupt, KeyboardInterrupt, "/set temp 9"]
 

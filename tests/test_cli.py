@@ -121,7 +121,7 @@ def test_run_seed_reproducible(tiny_ckpt):
 
 
 def test_run_system_prompt_uses_the_chat_template(tiny_ckpt):
-    from mixtral_cli.tokenizer import Tokenizer
+    from mixtral_cli.checkpoints.tokenizer import Tokenizer
 
     proc = mixtral("run", "Hi", "--system", "Be brief.", "-m", str(tiny_ckpt), "-n", "2", "--temp", "0",
                    "--device", "cpu", "--json")
@@ -192,7 +192,7 @@ def test_perplexity_refuses_too_little_text_and_non_utf8(tiny_ckpt, tmp_path):
 
 
 def test_perplexity_equals_direct_computation(tiny_ckpt, hf_tiny, tmp_path):
-    from mixtral_cli.tokenizer import Tokenizer
+    from mixtral_cli.checkpoints.tokenizer import Tokenizer
 
     text = "Mixtral is a sparse mixture of experts. " * 12
     f = tmp_path / "t.txt"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_experts import PROMPT, greedy
 
-from mixtral_cli.cpu_experts import CpuExperts, ExpertCosts, assign_misses
+from mixtral_cli.engine.cpu_experts import CpuExperts, ExpertCosts, assign_misses
+from mixtral_cli.engine.generate import Session
+from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 from mixtral_cli.errors import UserError
-from mixtral_cli.generate import Session
-from mixtral_cli.runtime import RuntimeOptions, load_engine
 
 
 def test_assign_misses_by_hand():
@@ -91,7 +91,7 @@ def test_cpu_experts_mode_is_validated(tiny_ckpt):
 
 
 def test_layer_miss_time_by_hand():
-    from mixtral_cli.cpu_experts import layer_miss_time, miss_time
+    from mixtral_cli.engine.cpu_experts import layer_miss_time, miss_time
 
     c = ExpertCosts(copy_s=3.6e-3, cpu_s=1.5e-3)  # PCIe 4.0 copy of a 4-bit expert vs DDR5 CPU pass
     assert miss_time(1, c, "never") == pytest.approx(3.6e-3)

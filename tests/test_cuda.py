@@ -22,16 +22,16 @@ import sys
 import pytest
 import torch
 
-from mixtral_cli.config import ModelArgs
-from mixtral_cli.experts import ExpertCache, ResidentExperts, mem_available
-from mixtral_cli.generate import Session, chunks
-from mixtral_cli.model import fused_attention_available
-from mixtral_cli.plan import CUDA_CONTEXT_BYTES, plan_memory
-from mixtral_cli.runtime import RuntimeOptions, build_engine
-from mixtral_cli.synthetic import PRESETS, SyntheticCheckpoint, preset_args
-from quant import kernels
-from quant.formats import quantize, spec_for_bits
-from quant.linear import QuantLinear
+from mixtral_cli.bench.synthetic import PRESETS, SyntheticCheckpoint, preset_args
+from mixtral_cli.checkpoints.config import ModelArgs
+from mixtral_cli.engine.experts import ExpertCache, ResidentExperts, mem_available
+from mixtral_cli.engine.generate import Session, chunks
+from mixtral_cli.engine.loader import RuntimeOptions, build_engine
+from mixtral_cli.engine.model import fused_attention_available
+from mixtral_cli.engine.plan import CUDA_CONTEXT_BYTES, plan_memory
+from mixtral_cli.kernels import dispatch
+from mixtral_cli.kernels.formats import quantize, spec_for_bits
+from mixtral_cli.kernels.linear import QuantLinear
 
 pytestmark = [
     pytest.mark.cuda,
@@ -93,17 +93,17 @@ def test_bitsandbytes_cuda_paths_match_the_reference(bits, dtype):
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("bf16 needs compute capability 8.0")
     dev = torch.device("cuda", torch.cuda.current_device())
-    assert kernels.bnb_cuda_ok(dev), "bitsandbytes' CUDA kernels failed their self-test"
+    assert dispatch.bnb_cuda_ok(dev), "bitsandbytes' CUDA kernels failed their self-test"
     g = torch.Generator().manual_seed(bits)
     for shape in ((1024, 512), (512, 1024)):
         qt = quantize(torch.randn(shape, generator=g) * 0.02, spec_for_bits(bits)).to(dev)
-        prep = kernels.prepare(qt)
+        prep = dispatch.prepare(qt)
         for rows in (1, 3, 64, 600):
             x = torch.randn(rows, shape[1], generator=g).to(dev, dtype)
-            path = kernels.select_path(x, qt, prep)
+            path = dispatch.select_path(x, qt, prep)
             assert path == ("bnb_cuda_nf4" if bits == 4 else "bnb_cuda_int8")
-            got = kernels.matmul(x, qt, prep).float()
-            ref = kernels.reference_matmul(x.float(), qt)
+            got = dispatch.matmul(x, qt, prep).float()
+            ref = dispatch.reference_matmul(x.float(), qt)
             tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
             assert float((got - ref).abs().max()) <= tol * float(ref.abs().max()), (shape, rows, path)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_cli.experts import ExpertCache, ExpertLayout, ExpertStore, SyncTransfer
-from mixtral_cli.generate import Completion, GenerationConfig, SamplingConfig, Session
-from mixtral_cli.runtime import RuntimeOptions, load_engine
-from quant.formats import quantize, spec_for_bits
+from mixtral_cli.engine.experts import ExpertCache, ExpertLayout, ExpertStore, SyncTransfer
+from mixtral_cli.engine.generate import Completion, GenerationConfig, SamplingConfig, Session
+from mixtral_cli.engine.loader import RuntimeOptions, load_engine
+from mixtral_cli.kernels.formats import quantize, spec_for_bits
 
 CPU = torch.device("cpu")
 
@@ -215,8 +215,8 @@ def test_store_for_8x7b_at_4_bits_pins_21_7_gib_not_32():
     import json
     from pathlib import Path
 
-    from mixtral_cli.config import ModelArgs
-    from mixtral_cli.plan import slot_bytes
+    from mixtral_cli.checkpoints.config import ModelArgs
+    from mixtral_cli.engine.plan import slot_bytes
 
     cfg = json.loads((Path(__file__).parent / "data" / "mixtral-8x7b-instruct-v0.1.config.json").read_text())
     nb = slot_bytes(ModelArgs.from_dict(cfg), spec_for_bits(4))
@@ -229,8 +229,8 @@ def test_store_for_8x7b_at_4_bits_pins_21_7_gib_not_32():
 
 
 def test_store_refuses_to_pin_more_than_ram_allows():
+    from mixtral_cli.engine.experts import HOST_HEADROOM
     from mixtral_cli.errors import UserError
-    from mixtral_cli.experts import HOST_HEADROOM
 
     sample = [quantize(torch.randn(256, 128), spec_for_bits(8)), quantize(torch.randn(128, 256), spec_for_bits(8)),
               quantize(torch.randn(256, 128), spec_for_bits(8))]
@@ -248,7 +248,7 @@ def test_store_refuses_to_pin_more_than_ram_allows():
 
 
 def test_mem_available_reads_meminfo(tmp_path):
-    from mixtral_cli.experts import mem_available
+    from mixtral_cli.engine.experts import mem_available
 
     f = tmp_path / "meminfo"
     f.write_text("MemTotal:       32768000 kB\nMemFree:         1000000 kB\nMemAvailable:   28000000 kB\n")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_cli.errors import UserError
-from mixtral_cli.generate import (
+from mixtral_cli.engine.generate import (
     Completion,
     GenerationConfig,
     SamplingConfig,
@@ -15,6 +14,7 @@ from mixtral_cli.generate import (
     filter_logits,
     make_sampler,
 )
+from mixtral_cli.errors import UserError
 
 NEG = float("-inf")
 
@@ -119,7 +119,7 @@ def test_eos_stops_generation(engine_fp32):
 
 def test_shared_engine_state_is_put_back(engine_fp32, tiny_ckpt):
     """The test above changed lm_head (and others shrink the cache): the next test sees the original."""
-    from mixtral_cli.checkpoint import Checkpoint
+    from mixtral_cli.checkpoints.reader import Checkpoint
 
     stored = Checkpoint(tiny_ckpt).tensor("lm_head.weight").float()
     assert torch.equal(engine_fp32.model.lm_head.weight, stored)

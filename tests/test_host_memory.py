@@ -8,10 +8,14 @@ import sys
 import pytest
 import torch
 
-from mixtral_cli import runtime
-from mixtral_cli.checkpoint import EXPERT_PROJS, Checkpoint
+from mixtral_cli.checkpoints.quantize import quantize_checkpoint
+from mixtral_cli.checkpoints.reader import EXPERT_PROJS, Checkpoint
+from mixtral_cli.engine import loader as runtime
+from mixtral_cli.engine.loader import build_engine
 from mixtral_cli.errors import UserError
-from mixtral_cli.host_memory import (
+from mixtral_cli.kernels.formats import QuantizedTensor
+from mixtral_cli.settings import RuntimeOptions
+from mixtral_cli.system.host_memory import (
     ALIGN,
     EMBEDDING,
     HUGE_PAGE,
@@ -20,10 +24,6 @@ from mixtral_cli.host_memory import (
     streamed_shared,
     weight_bytes,
 )
-from mixtral_cli.options import RuntimeOptions
-from mixtral_cli.quantize import quantize_checkpoint
-from mixtral_cli.runtime import build_engine
-from quant.formats import QuantizedTensor
 from tests.tiny import write_checkpoint
 
 
@@ -115,7 +115,7 @@ def test_tied_embeddings_stream_from_the_arena(tmp_path):
 
 
 def test_arena_fits_leaves_the_system_its_headroom():
-    from mixtral_cli.experts import HOST_HEADROOM
+    from mixtral_cli.engine.experts import HOST_HEADROOM
 
     assert arena_fits(10, lambda: None)  # unknown: use the arena
     assert arena_fits(10 * HUGE_PAGE, lambda: 10 * HUGE_PAGE + HOST_HEADROOM)

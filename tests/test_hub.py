@@ -15,8 +15,8 @@ import pytest
 from hub_server import FakeHub
 from huggingface_hub import constants as hf_constants
 
-from mixtral_cli import download as dl
-from mixtral_cli import hub
+from mixtral_cli.checkpoints import download as dl
+from mixtral_cli.checkpoints import hub
 from mixtral_cli.errors import UserError
 
 REPO = "acme/tiny-mixtral"
@@ -597,7 +597,7 @@ def test_wanted_patterns():
 def test_download_progress_renderer():
     from rich.console import Console
 
-    from mixtral_cli.ui import DownloadProgress
+    from mixtral_cli.cli.ui import DownloadProgress
 
     console = Console(file=open(os.devnull, "w"), force_terminal=True, width=100)
     with DownloadProgress(console) as p:

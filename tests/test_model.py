@@ -6,11 +6,11 @@ import pytest
 import torch
 from tiny import TINY_CONFIG, write_checkpoint
 
-from mixtral_cli.evaluate import perplexity, window_nll
-from mixtral_cli.generate import Completion, GenerationConfig, SamplingConfig, Session, chunks
-from mixtral_cli.model import attention_mask
-from mixtral_cli.runtime import RuntimeOptions, load_engine
-from quant import kernels, native
+from mixtral_cli.engine.evaluate import perplexity, window_nll
+from mixtral_cli.engine.generate import Completion, GenerationConfig, SamplingConfig, Session, chunks
+from mixtral_cli.engine.loader import RuntimeOptions, load_engine
+from mixtral_cli.engine.model import attention_mask
+from mixtral_cli.kernels import dispatch, native
 
 RTOL = 1e-4
 
@@ -183,7 +183,7 @@ def test_attention_gets_4d_inputs_and_a_mask_only_for_later_chunks(engine_fp32, 
     m(ids[8:11], 8)  # later chunk: explicit mask
     m(ids[11:], 11)  # decode step: the native one-token kernel on the CPU, else SDPA with neither
     n, H, Hd = m.args.num_hidden_layers, m.args.num_attention_heads, m.args.head_dim
-    decode = [] if kernels.attention_path(m.caches[0].k) == "native_attention" else [(4, 4, (1, H, 1, Hd), False, False)] * n
+    decode = [] if dispatch.attention_path(m.caches[0].k) == "native_attention" else [(4, 4, (1, H, 1, Hd), False, False)] * n
     assert calls == ([(4, 4, (1, H, 8, Hd), False, True)] * n + [(4, 4, (1, H, 3, Hd), True, False)] * n + decode)
 
 
@@ -201,7 +201,7 @@ def test_decode_attention_paths_agree_with_a_cutting_window(tmp_path, dtype, mon
         return torch.cat([eng.model(ids[i:i + 1], i) for i in range(4, 20)])
 
     native_path = decode_all()
-    assert kernels.attention_path(eng.model.caches[0].k) == ("native_attention" if native.available() else "sdpa")
-    monkeypatch.setattr(kernels, "attention_path", lambda keys: "sdpa")
+    assert dispatch.attention_path(eng.model.caches[0].k) == ("native_attention" if native.available() else "sdpa")
+    monkeypatch.setattr(dispatch, "attention_path", lambda keys: "sdpa")
     sdpa_path = decode_all()
     assert rel_err(native_path, sdpa_path) < (1e-5 if dtype == "float32" else 2e-2)

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_cli.config import ModelArgs
-from mixtral_cli.errors import UserError
-from mixtral_cli.plan import (
+from mixtral_cli.checkpoints.config import ModelArgs
+from mixtral_cli.engine.plan import (
     all_experts_bytes,
     bytes_per_token,
     copy_wait_s,
@@ -23,7 +22,8 @@ from mixtral_cli.plan import (
     weight_bytes,
     workspace,
 )
-from quant.formats import spec_for_bits
+from mixtral_cli.errors import UserError
+from mixtral_cli.kernels.formats import spec_for_bits
 
 ARGS = ModelArgs.from_dict(json.loads((Path(__file__).parent / "data" / "mixtral-8x7b-instruct-v0.1.config.json").read_text()))
 GiB = 2**30

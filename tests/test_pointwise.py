@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_cli.model import rope_cos_sin
-from quant import kernels, native, pointwise, quantize, spec_for_bits
+from mixtral_cli.engine.model import rope_cos_sin
+from mixtral_cli.kernels import dispatch, native, pointwise, quantize, spec_for_bits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels not built")
@@ -104,8 +104,8 @@ def test_router_native_matches_torch(dtype, T, E, k, exercised):
     gen = torch.Generator().manual_seed(T * E + k)
     x = torch.randn(T, 256, generator=gen).to(dtype)
     gate = (torch.randn(E, 256, generator=gen) / 8).to(dtype)
-    want_w, want_ids = kernels.route(x, gate, k, path="torch")
-    assert kernels.route(x, gate, k)[1].shape == (T, k)
+    want_w, want_ids = dispatch.route(x, gate, k, path="torch")
+    assert dispatch.route(x, gate, k)[1].shape == (T, k)
     for isa in native.isas():
         w, ids = native.route(x, gate, k, isa)
         assert w.dtype == torch.float32 and ids.dtype == torch.int64
@@ -135,7 +135,7 @@ def test_entry_points_take_and_give_every_type(xtype, ytype):
         "dense": (lambda a, o: native.dense_matmul(a, w, out_dtype=o), torch.randn(3, 128, generator=gen)),
         "nf4": (lambda a, o: native.nf4_matmul(a, nf4.parts["qweight"], nf4.parts["scales"],
                                                nf4.parts["scales_absmax"], float(nf4.parts["scales_offset"]),
-                                               nf4.shape, nf4.spec.group_size, kernels.DYNAMIC_CODE, kernels.NF4_LEVELS_I8,
+                                               nf4.shape, nf4.spec.group_size, dispatch.DYNAMIC_CODE, dispatch.NF4_LEVELS_I8,
                                                out_dtype=o), torch.randn(3, 128, generator=gen)),
         "int8": (lambda a, o: native.int8_matmul(a, int8.parts["qweight"], int8.parts["scales"],
                                                  int8.spec.group_size, out_dtype=o),
@@ -145,7 +145,7 @@ def test_entry_points_take_and_give_every_type(xtype, ytype):
     for bits in (4, 8):
         expert = tuple(quantize(torch.randn(s, generator=gen), spec_for_bits(bits)) for s in ((256, 128), (256, 128),
                                                                                                (128, 256)))
-        weights = kernels._fused_weights(torch.ones(1, 128), expert, tuple(kernels.prepare(q) for q in expert))
+        weights = dispatch._fused_weights(torch.ones(1, 128), expert, tuple(dispatch.prepare(q) for q in expert))
         calls[f"{bits}-bit swiglu"] = (lambda a, o, wt=weights: native.swiglu(a, wt, out_dtype=o),
                                        torch.randn(3, 128, generator=gen))
     for name, (call, inp) in calls.items():

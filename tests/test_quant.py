@@ -10,18 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quant import (
+from mixtral_cli.kernels import (
     QuantizedTensor,
     QuantLinear,
     dequantize,
-    kernels,
+    dispatch,
     native,
     prepare,
     quantize,
     reference_matmul,
     spec_for_bits,
 )
-from quant.formats import DYNAMIC_CODE, NESTED_BLOCK, NF4_CODE, nf4_absmax
+from mixtral_cli.kernels.formats import DYNAMIC_CODE, NESTED_BLOCK, NF4_CODE, nf4_absmax
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -69,7 +69,7 @@ def test_nf4_matches_bitsandbytes_layout_and_error(big_weights, dist):
     bnb_err = (bnbf.dequantize_blockwise(st.absmax, st.state2) + st.offset - true_absmax).abs()
     assert (ours_err <= bnb_err + 1e-7).all()
     # bitsandbytes decodes our parts to exactly our dequantization
-    state = kernels._cuda_quant_state(qt)
+    state = dispatch._cuda_quant_state(qt)
     state.dtype = torch.float32
     ours = dequantize(qt)
     assert torch.equal(bnbf.dequantize_4bit(qt.parts["qweight"], state), ours)
@@ -191,7 +191,7 @@ def _cpu_has_avx2() -> bool:
 
 
 def test_native_kernels_build_where_a_compiler_exists():
-    """CI (CI=true) and any machine with a C compiler must get the native kernels, with every ISA the
+    """CI (CI=true) and any machine with a C compiler must get the native dispatch, with every ISA the
     CPU offers: a silent fallback would hide a 100x slowdown."""
     if os.environ.get("CI") or shutil.which("cc") or shutil.which("gcc"):
         assert native.available()
@@ -207,12 +207,12 @@ def test_every_path_matches_reference(expert_qts, bits, dtype, tokens, exercised
     prep = prepare(qt)
     x = torch.randn(tokens, qt.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
     ref = reference_matmul(x.float(), qt)
-    paths = kernels.available_paths(x, qt, prep)
+    paths = dispatch.available_paths(x, qt, prep)
     if native.available():
         assert paths[0] == ("native_nf4" if bits == 4 else "native_int8")
     for path in paths:
         for isa in native.isas() if path.startswith("native") else [None]:
-            y = kernels.matmul(x, qt, prep, path=path, isa=isa)
+            y = dispatch.matmul(x, qt, prep, path=path, isa=isa)
             assert y.dtype == dtype and y.shape == (tokens, qt.shape[0])
             rel_fro, rel_max = _tol(path, dtype)
             y = y.float()
@@ -220,44 +220,44 @@ def test_every_path_matches_reference(expert_qts, bits, dtype, tokens, exercised
             assert (y - ref).abs().max() <= rel_max * ref.abs().max(), (path, isa)
             exercised.add(f"{path}[{isa}]" if isa else path)
     # the automatic choice: native kernels up to native_max_tokens(), exact dequantize + GEMM above
-    chosen = kernels.select_path(x, qt, prep)
+    chosen = dispatch.select_path(x, qt, prep)
     if native.available():
-        assert chosen == (paths[0] if tokens <= kernels.native_max_tokens() else "dequant")
-    y = kernels.matmul(x.view(1, tokens, -1), qt, prep).float().view(tokens, -1)
+        assert chosen == (paths[0] if tokens <= dispatch.native_max_tokens() else "dequant")
+    y = dispatch.matmul(x.view(1, tokens, -1), qt, prep).float().view(tokens, -1)
     assert (y - ref).norm() <= _tol(chosen, dtype)[0] * ref.norm()
 
 
 def test_native_token_limits_by_machine_kind(monkeypatch):
     """Measured crossovers (docs/benchmarks.md 7.3): without a native bf16 GEMM in torch the native
     kernels take whole prefill chunks, except float32 dense weights (torch's sgemm wins above 64)."""
-    monkeypatch.setattr(kernels, "torch_bf16_is_native", lambda: False)
-    assert kernels.native_max_tokens() == 512 and kernels.native_max_tokens(torch.bfloat16) == 512
-    assert kernels.native_max_tokens(torch.float32) == 64
-    monkeypatch.setattr(kernels, "torch_bf16_is_native", lambda: True)
-    assert kernels.native_max_tokens() == 16 and kernels.native_max_tokens(torch.float32) == 16
-    monkeypatch.setattr(kernels, "NATIVE_MAX_TOKENS", 3)
-    assert kernels.native_max_tokens() == 3 and kernels.native_max_tokens(torch.float32) == 3
+    monkeypatch.setattr(dispatch, "torch_bf16_is_native", lambda: False)
+    assert dispatch.native_max_tokens() == 512 and dispatch.native_max_tokens(torch.bfloat16) == 512
+    assert dispatch.native_max_tokens(torch.float32) == 64
+    monkeypatch.setattr(dispatch, "torch_bf16_is_native", lambda: True)
+    assert dispatch.native_max_tokens() == 16 and dispatch.native_max_tokens(torch.float32) == 16
+    monkeypatch.setattr(dispatch, "NATIVE_MAX_TOKENS", 3)
+    assert dispatch.native_max_tokens() == 3 and dispatch.native_max_tokens(torch.float32) == 3
 
 
 def test_paths_hand_over_above_the_token_limit(expert_qts, monkeypatch):
-    monkeypatch.setattr(kernels, "NATIVE_MAX_TOKENS", 3)
+    monkeypatch.setattr(dispatch, "NATIVE_MAX_TOKENS", 3)
     w = torch.randn(16, 1024, dtype=torch.bfloat16)
     for n, native_expected in ((3, True), (4, False)):
         x = torch.randn(n, 1024, dtype=torch.bfloat16)
         for bits, name in ((4, "native_nf4"), (8, "native_int8")):
             want = name if native.available() and native_expected else "dequant"
-            assert kernels.select_path(x, expert_qts[bits], prepare(expert_qts[bits])) == want
-        assert kernels.dense_path(x, w) == ("native_dense" if native.available() and native_expected else "torch")
+            assert dispatch.select_path(x, expert_qts[bits], prepare(expert_qts[bits])) == want
+        assert dispatch.dense_path(x, w) == ("native_dense" if native.available() and native_expected else "torch")
 
 
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_forced_torch_capability_has_no_native_bf16_gemm(monkeypatch, capability):
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
-    kernels.torch_bf16_is_native.cache_clear()
+    dispatch.torch_bf16_is_native.cache_clear()
     try:
-        assert not kernels.torch_bf16_is_native()
+        assert not dispatch.torch_bf16_is_native()
     finally:
-        kernels.torch_bf16_is_native.cache_clear()
+        dispatch.torch_bf16_is_native.cache_clear()
 
 
 @pytest.mark.parametrize(("group_size", "width"), [(64, 768), (64, 1536), (128, 1024), (256, 512)])
@@ -273,7 +273,7 @@ def test_native_nf4_block_layouts(group_size, width, tokens, exercised):
     x = torch.randn(tokens, width, generator=gen)
     ref = reference_matmul(x, qt)
     for isa in native.isas():
-        y = kernels.matmul(x, qt, prepare(qt), path="native_nf4", isa=isa)
+        y = dispatch.matmul(x, qt, prepare(qt), path="native_nf4", isa=isa)
         assert (y - ref).norm() <= _tol("native_nf4", torch.float32)[0] * ref.norm(), isa
         exercised.add(f"native_nf4[{isa}]")
 
@@ -306,11 +306,11 @@ def test_native_one_token_row_remainders(bits, exercised):
     path = "native_nf4" if bits == 4 else "native_int8"
     ref = reference_matmul(x, qt)
     for isa in native.isas():
-        y = kernels.matmul(x, qt, prepare(qt), path=path, isa=isa)
+        y = dispatch.matmul(x, qt, prepare(qt), path=path, isa=isa)
         assert (y - ref).norm() <= _tol(path, torch.float32)[0] * ref.norm(), isa
         for rows in (1, 2, 3, 5, 7, 17, 50):
             sub = _first_rows(qt, rows)
-            assert torch.equal(kernels.matmul(x, sub, prepare(sub), path=path, isa=isa), y[:, :rows]), (isa, rows)
+            assert torch.equal(dispatch.matmul(x, sub, prepare(sub), path=path, isa=isa), y[:, :rows]), (isa, rows)
         exercised.add(f"{path}[{isa}]")
 
 
@@ -324,7 +324,7 @@ def test_native_isas_agree_bit_for_bit_on_integer_sums(expert_qts, tokens):
         pytest.skip(f"one instruction set here: {isas}")
     x = torch.randn(tokens, 1024, generator=torch.Generator().manual_seed(9))
     for bits in (4, 8):
-        ys = [kernels.matmul(x, expert_qts[bits], path=f"native_{'nf4' if bits == 4 else 'int8'}", isa=i) for i in isas]
+        ys = [dispatch.matmul(x, expert_qts[bits], path=f"native_{'nf4' if bits == 4 else 'int8'}", isa=i) for i in isas]
         for y in ys[1:]:
             torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5 * float(ys[0].abs().max()))
 
@@ -343,9 +343,9 @@ def test_native_nf4_dequantize_is_exact(expert_qts):
     the float64 definition up to float32 rounding."""
     qt = expert_qts[4]
     want = dequantize(qt)
-    torch.testing.assert_close(want, kernels._plain_weight(qt).float(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(want, dispatch._plain_weight(qt).float(), rtol=1e-6, atol=1e-9)
     for isa in native.isas():
-        assert torch.equal(kernels.dequantize_fast(qt, torch.float32, isa), want), isa
+        assert torch.equal(dispatch.dequantize_fast(qt, torch.float32, isa), want), isa
 
 
 def test_build_cache_is_keyed_by_source_and_survives_a_killed_build(tmp_path, monkeypatch):
@@ -384,7 +384,7 @@ def test_quant_linear_forward_move_and_state_dict():
         y = ql(x)
         assert y.shape == (2, 3, 96) and y.dtype == torch.bfloat16
         ref = reference_matmul(x, ql.qt).float()
-        path = kernels.select_path(x.view(6, 256), ql.qt, ql.prepared())
+        path = dispatch.select_path(x.view(6, 256), ql.qt, ql.prepared())
         assert (y.float() - ref).norm() <= _tol(path, torch.bfloat16)[0] * ref.norm(), path
         # the prepared form is cached, never part of the state dict, and rebuilt after a move
         assert set(ql.state_dict()) == set(QuantizedTensor.expected_parts(ql.spec, (96, 256)))
@@ -399,7 +399,7 @@ def test_quant_linear_forward_move_and_state_dict():
 
 def test_matmul_rejects_wrong_input_width(expert_qts):
     with pytest.raises(ValueError, match="features"):
-        kernels.matmul(torch.randn(1, 100), expert_qts[8])
+        dispatch.matmul(torch.randn(1, 100), expert_qts[8])
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -418,9 +418,9 @@ def test_native_kernels_read_unaligned_storage(bits):
     qt = QuantizedTensor(qt.spec, qt.shape, parts)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
     ref = reference_matmul(x, qt)
-    for path in kernels.available_paths(x, qt, prepare(qt)):
+    for path in dispatch.available_paths(x, qt, prepare(qt)):
         for isa in native.isas() if path.startswith("native") else [None]:
-            y = kernels.matmul(x, qt, path=path, isa=isa)
+            y = dispatch.matmul(x, qt, path=path, isa=isa)
             assert (y - ref).norm() <= _tol(path, torch.float32)[0] * ref.norm(), (path, isa)
 
 
@@ -432,12 +432,12 @@ def test_dense_paths_match_float64(dtype, tokens, exercised):
     w = (torch.randn(300, 520, generator=gen) * 0.05).to(dtype)  # 520: exercises the non-multiple-of-32 tail
     x = torch.randn(tokens, 520, generator=gen).to(dtype)
     ref = x.double() @ w.double().T
-    want = "native_dense" if native.available() and tokens <= kernels.native_max_tokens(dtype) else "torch"
-    assert kernels.dense_path(x, w) == want
+    want = "native_dense" if native.available() and tokens <= dispatch.native_max_tokens(dtype) else "torch"
+    assert dispatch.dense_path(x, w) == want
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for path in ["torch"] + (["native_dense"] if native.available() else []):
         for isa in native.isas() if path == "native_dense" else [None]:
-            y = kernels.dense_matmul(x, w, path=path, isa=isa)
+            y = dispatch.dense_matmul(x, w, path=path, isa=isa)
             assert y.dtype == dtype and y.shape == (tokens, 300)
             assert (y.double() - ref).norm() <= tol * ref.norm(), (path, isa)
             exercised.add(f"{path}[{isa}]" if isa else path)
@@ -473,13 +473,13 @@ def test_decode_attention_matches_float64(dtype, H, K, D, S, start, exercised):
     q = (torch.randn(H, D, generator=gen) * 2).to(dtype)
     ref = _attention_float64(q, keys, values, start)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # the result is rounded to dtype
-    y = kernels.decode_attention(q, keys, values, start, path="sdpa")
+    y = dispatch.decode_attention(q, keys, values, start, path="sdpa")
     assert y.dtype == dtype and y.shape == (H, D)
     assert (y.double() - ref).norm() <= tol * ref.norm()
     exercised.add("sdpa")
-    assert kernels.attention_path(keys) == ("native_attention" if native.available() else "sdpa")
+    assert dispatch.attention_path(keys) == ("native_attention" if native.available() else "sdpa")
     for isa in native.isas():
-        y = kernels.decode_attention(q, keys, values, start, path="native_attention", isa=isa)
+        y = dispatch.decode_attention(q, keys, values, start, path="native_attention", isa=isa)
         assert y.dtype == dtype and y.shape == (H, D)
         assert (y.double() - ref).norm() <= tol * ref.norm(), isa
         exact = native.attention_decode(q, keys, values, start, isa)  # float32, before rounding to dtype
@@ -498,7 +498,7 @@ def test_decode_attention_refuses_bad_layouts():
 
 
 def test_use_dense_linears_swaps_in_place_and_skips():
-    from quant.linear import DenseLinear, use_dense_linears
+    from mixtral_cli.kernels.linear import DenseLinear, use_dense_linears
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(4, 4, bias=True))
     model.gate = torch.nn.Linear(4, 2, bias=False)
@@ -535,7 +535,7 @@ def swiglu_qts():
 
 
 def _swiglu_reference(x, qts):
-    w1, w3, w2 = (kernels._plain_weight(q) for q in qts)
+    w1, w3, w2 = (dispatch._plain_weight(q) for q in qts)
     x = x.double()
     return torch.nn.functional.silu(x @ w1.T) * (x @ w3.T) @ w2.T
 
@@ -552,22 +552,22 @@ def test_fused_swiglu_matches_reference_and_unfused(swiglu_qts, bits, dtype, tok
     preps = tuple(prepare(q) for q in qts)
     x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(tokens)).to(dtype)
     ref = _swiglu_reference(x.float(), qts)
-    assert kernels.fused_swiglu_ok(x, qts, preps)
+    assert dispatch.fused_swiglu_ok(x, qts, preps)
     rel_fro, rel_max = _tol("native", dtype)
     for isa in native.isas():
-        y = kernels.swiglu(x, qts, preps, isa=isa)
+        y = dispatch.swiglu(x, qts, preps, isa=isa)
         assert y.dtype == dtype and y.shape == x.shape
         y = y.double()
         assert (y - ref).norm() <= 2 * rel_fro * ref.norm(), isa
         assert (y - ref).abs().max() <= 2 * rel_max * ref.abs().max(), isa
-        unfused = kernels.swiglu(x, qts, preps, fused=False, isa=isa).double()
+        unfused = dispatch.swiglu(x, qts, preps, fused=False, isa=isa).double()
         # float32 silu * mul instead of x.dtype's: only bf16's rounding of h apart
         assert (y - unfused).norm() <= (1e-5 if dtype == torch.float32 else 1e-2) * ref.norm(), isa
         exercised.add(f"native_swiglu[{isa}]")
 
 
 def test_fused_swiglu_hands_over_above_the_token_limit(swiglu_qts, monkeypatch):
-    monkeypatch.setattr(kernels, "NATIVE_MAX_TOKENS", 3)
+    monkeypatch.setattr(dispatch, "NATIVE_MAX_TOKENS", 3)
     calls = []
     monkeypatch.setattr(native, "swiglu", lambda *a, **k: calls.append(1) or torch.zeros(a[0].shape))
     for bits in (4, 8):
@@ -575,27 +575,27 @@ def test_fused_swiglu_hands_over_above_the_token_limit(swiglu_qts, monkeypatch):
         preps = tuple(prepare(q) for q in qts)
         for n, fused in ((3, native.available()), (4, False)):
             x = torch.randn(n, 256)
-            assert kernels.fused_swiglu_ok(x, qts, preps) == fused
+            assert dispatch.fused_swiglu_ok(x, qts, preps) == fused
             calls.clear()
-            kernels.swiglu(x, qts, preps)
+            dispatch.swiglu(x, qts, preps)
             assert len(calls) == int(fused)
         with pytest.raises(ValueError, match="fused"):
-            kernels.swiglu(torch.randn(4, 256), qts, preps, fused=True)
+            dispatch.swiglu(torch.randn(4, 256), qts, preps, fused=True)
 
 
 def test_quant_swiglu_module_reads_refilled_parts(swiglu_qts):
     """Same state dict keys as a plain expert; an in-place refill of the parts is what the next call uses."""
-    from quant.linear import QuantSwiGLU
+    from mixtral_cli.kernels.linear import QuantSwiGLU
 
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(1))
     a, b = swiglu_qts[4], swiglu_qts[8]
     w1, w3, w2 = (QuantLinear(q) for q in a)
     mod = QuantSwiGLU(w1, w2, w3)
     assert set(mod.state_dict()) == {f"{n}.{p}" for n in ("w1", "w2", "w3") for p in a[0].parts}
-    torch.testing.assert_close(mod(x), kernels.swiglu(x, a))
-    c = tuple(quantize(-kernels._plain_weight(q).float(), spec_for_bits(4)) for q in b)  # other weights, same layout
+    torch.testing.assert_close(mod(x), dispatch.swiglu(x, a))
+    c = tuple(quantize(-dispatch._plain_weight(q).float(), spec_for_bits(4)) for q in b)  # other weights, same layout
     for lin, q in zip((w1, w3, w2), c, strict=True):
         for name, t in q.parts.items():
             getattr(lin, name).copy_(t)
         lin.invalidate_prepared()
-    torch.testing.assert_close(mod(x), kernels.swiglu(x, c))
+    torch.testing.assert_close(mod(x), dispatch.swiglu(x, c))

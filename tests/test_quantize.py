@@ -15,12 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import TINY_CONFIG, write_checkpoint
 
-import mixtral_cli.quantize as qmod
-from mixtral_cli.checkpoint import EXPERT_PROJS, INDEX_NAME, Checkpoint, expert_prefix, shared_shapes
+import mixtral_cli.checkpoints.quantize as qmod
+from mixtral_cli.checkpoints.quantize import default_output_dir, quantize_checkpoint
+from mixtral_cli.checkpoints.reader import EXPERT_PROJS, INDEX_NAME, Checkpoint, expert_prefix, shared_shapes
+from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 from mixtral_cli.errors import UserError
-from mixtral_cli.quantize import default_output_dir, quantize_checkpoint
-from mixtral_cli.runtime import RuntimeOptions, load_engine
-from quant.formats import FORMAT_VERSION, QuantizedTensor, quantize, spec_for_bits
+from mixtral_cli.kernels.formats import FORMAT_VERSION, QuantizedTensor, quantize, spec_for_bits
 
 # tiny experts are [128, 64] / [64, 128]: int8's default block (128) does not divide 64
 GROUP = {4: None, 8: 64}
@@ -420,9 +420,9 @@ def test_wider_model_info_shows_format_and_size(tmp_path):
 def test_offloaded_quantized_experts_match_resident(quantized, bits):
     """Quantized experts packed into the host store and copied into slots (prepared forms rebuilt
     on every refill) give the same greedy tokens as the all-resident quantized model."""
-    from mixtral_cli.experts import ExpertCache
-    from mixtral_cli.generate import Completion, GenerationConfig, SamplingConfig, Session
-    from mixtral_cli.runtime import RuntimeOptions, load_engine
+    from mixtral_cli.engine.experts import ExpertCache
+    from mixtral_cli.engine.generate import Completion, GenerationConfig, SamplingConfig, Session
+    from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 
     def greedy(slots: int | None) -> tuple[list[int], object]:
         eng = load_engine(quantized[bits], RuntimeOptions(device="cpu", dtype="bfloat16", ctx_size=64,

@@ -25,9 +25,9 @@ import openai
 import pytest
 import torch
 
-from mixtral_cli.generate import GenerationConfig
-from mixtral_cli.openai_protocol import Message, chat_prompt_ids
-from mixtral_cli.serve import EventStream, Job, ServeOptions, Server, with_penalties
+from mixtral_cli.engine.generate import GenerationConfig
+from mixtral_cli.server.http import EventStream, Job, ServeOptions, Server, with_penalties
+from mixtral_cli.server.protocol import Message, chat_prompt_ids
 
 KEY = "sk-test-0123456789"
 MODEL = "tiny-mixtral"
@@ -88,7 +88,7 @@ def reference(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, reference):
-    from mixtral_cli.runtime import RuntimeOptions, load_engine
+    from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 
     engine = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32"))  # its own KV cache
     opts = ServeOptions(model_name=MODEL, gen=GenerationConfig(max_tokens=None), host="127.0.0.1", port=0,
@@ -372,7 +372,7 @@ def test_bad_input_is_a_400_error_object(server, case):
 
 
 def test_fastapi_validation_errors_become_400_error_objects():
-    from mixtral_cli.openai_protocol import validation_error
+    from mixtral_cli.server.protocol import validation_error
 
     err = validation_error([{"loc": ("body", "messages", 0, "role"), "msg": "Field required", "type": "missing"}])
     assert (err.status, err.param, err.message) == (400, "messages[0].role", "messages[0].role: Field required")
@@ -527,7 +527,7 @@ def test_stream_whose_reader_stalls_is_cut():
             self.cancelled.append(job)
 
     async def scenario():
-        from mixtral_cli.openai_protocol import Settings
+        from mixtral_cli.server.protocol import Settings
 
         job = Job([1], Settings(GenerationConfig()), continuation=False)
         worker = FakeWorker()
@@ -587,8 +587,8 @@ def test_chat_prompt_matches_mistral_common(v1_tokenizer_path, name):
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    from mixtral_cli.openai_protocol import APIError
-    from mixtral_cli.tokenizer import Tokenizer
+    from mixtral_cli.checkpoints.tokenizer import Tokenizer
+    from mixtral_cli.server.protocol import APIError
 
     tok = Tokenizer.from_file(v1_tokenizer_path)
 
@@ -661,7 +661,7 @@ def test_cli_key_from_environment_and_sigint(tiny_ckpt):
 
 def test_port_in_use_is_a_user_error():
     from mixtral_cli.errors import UserError
-    from mixtral_cli.serve import listen
+    from mixtral_cli.server.http import listen
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from mixtral_cli.threads_env import configure_cpu_threads_env
+from mixtral_cli.system.threads_env import configure_cpu_threads_env
 
 
 def test_passive_openmp_wait_by_default_and_user_value_kept(monkeypatch):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from mixtral_cli.checkpoints.tokenizer import StreamDecoder, Tokenizer
 from mixtral_cli.errors import UserError
-from mixtral_cli.tokenizer import StreamDecoder, Tokenizer
 
 INST = [733, 16289, 28793]  # " [INST]"
 END_INST = [733, 28748, 16289, 28793]  # " [/INST]"

@@ -10,7 +10,7 @@ import mistral_common
 import torch
 from safetensors.torch import save_file
 
-from mixtral_cli.synthetic import PRESETS
+from mixtral_cli.bench.synthetic import PRESETS
 
 V1_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 

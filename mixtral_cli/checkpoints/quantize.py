@@ -1,0 +1,454 @@
+"""Write a quantized copy of a Hub-layout Mixtral checkpoint (the `mixtral quantize` verb).
+
+Only the expert projections (``w1``, ``w2``, ``w3`` of every expert of every layer) are quantized;
+everything else (embeddings, attention, norms, router gate, ``lm_head``) is copied byte for byte.
+The layout written here is documented in ``docs/format.md``.
+
+Memory: the work is streamed one source tensor at a time. Every tensor is read from the
+memory-mapped source shard and the shard handle is dropped right after, so the pages of the
+source stay mapped only while their tensor is being converted; the output shards are written
+with their header first and then tensor by tensor (the whole layout is planned from the source
+headers before anything is computed). Peak memory is about one source tensor plus its quantized
+parts, independent of the number and size of the shards.
+
+Atomicity: everything is written into a hidden temporary directory beside the output
+(``.<name>.tmp-<pid>-<random>``), ``config.json`` last, every file fsync'd, and the directory is
+renamed into place only when the written checkpoint has been re-opened and validated. Any
+failure (including Ctrl-C) removes the temporary directory; an existing output is replaced only
+with ``force`` (old moved aside, new renamed in, old deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import torch
+
+from ..errors import UserError
+from ..kernels.formats import FORMAT_VERSION, QuantizedTensor, QuantSpec, spec_for_bits
+from ..kernels.formats import quantize as quantize_tensor
+from .reader import (
+    EXPERT_PROJS,
+    INDEX_NAME,
+    QUANTIZED_MODULES,
+    SAFETENSORS_DTYPES,
+    Checkpoint,
+    expert_prefix,
+    expert_shape,
+)
+from .tokenizer import Tokenizer
+
+# Output shards are cut at about this size (a shard never splits the parts of one weight).
+DEFAULT_SHARD_BYTES = 5 * 10**9
+_ALIGN = 64
+COPIED_FILES = ("tokenizer.model", "generation_config.json")  # tokenizer.model is required
+
+_ST_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class QuantizeProgressSink(Protocol):
+    """What ``quantize_checkpoint`` reports: ``begin`` once, ``advance`` per source tensor, ``end`` once
+    (also on failure)."""
+
+    def begin(self, tensors: int, total_bytes: int) -> None:
+        """``tensors`` source tensors holding ``total_bytes`` bytes are about to be converted."""
+
+    def advance(self, name: str, nbytes: int) -> None:
+        """Source tensor ``name`` (``nbytes`` bytes) is converted and written."""
+
+    def end(self) -> None:
+        """Done (or failed)."""
+
+
+class NullQuantizeProgress:
+    def begin(self, tensors: int, total_bytes: int) -> None:
+        pass
+
+    def advance(self, name: str, nbytes: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Unit:
+    """One source tensor and the output tensors it becomes (one, or the parts of a quantized weight)."""
+
+    source: str
+    source_bytes: int
+    outputs: list[OutTensor]
+    weight_shape: tuple[int, int] | None = None  # set for the quantized expert weights
+    prefix: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+
+@dataclass
+class Shard:
+    units: list[Unit] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.nbytes for u in self.units)
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def plan_units(ckpt: Checkpoint, spec: QuantSpec) -> list[Unit]:
+    """Every tensor of the output, grouped by source tensor, in source shard order."""
+    a = ckpt.args
+    experts: dict[str, tuple[str, tuple[int, int]]] = {}
+    for L in range(a.num_hidden_layers):
+        for e in range(a.num_local_experts):
+            for proj in EXPERT_PROJS:
+                prefix = expert_prefix(L, e, proj)
+                experts[f"{prefix}.weight"] = (prefix, expert_shape(a, proj))
+    file_rank = {f: i for i, f in enumerate(ckpt.files)}
+    names = sorted(ckpt.expected(), key=lambda n: (file_rank[ckpt.tensors[n].file], _natural_key(n)))
+    units = []
+    for name in names:
+        info = ckpt.tensors[name]
+        src = OutTensor(name, info.shape, info.dtype)
+        if name in experts:
+            prefix, shape = experts[name]
+            parts = QuantizedTensor.expected_parts(spec, shape)
+            outs = [OutTensor(f"{prefix}.{p}", tuple(s), dt) for p, (s, dt) in parts.items()]
+            units.append(Unit(name, src.nbytes, outs, shape, prefix))
+        else:
+            units.append(Unit(name, src.nbytes, [src]))
+    return units
+
+
+def plan_shards(units: list[Unit], shard_bytes: int) -> list[Shard]:
+    """Greedy: a new shard starts when the next unit would push the current one past ``shard_bytes``."""
+    shards = [Shard()]
+    for u in units:
+        if shards[-1].units and shards[-1].nbytes + u.nbytes > shard_bytes:
+            shards.append(Shard())
+        shards[-1].units.append(u)
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+
+
+def default_output_dir(src: Path, bits: int, cwd: Path | None = None) -> Path:
+    """``<src>-q4`` beside the source; for a Hub cache snapshot (``.../models--org--name/snapshots/<sha>``),
+    ``./<name>-q4`` in the current directory (never inside the cache)."""
+    src = Path(src)
+    suffix = f"-q{bits}"
+    if src.parent.name == "snapshots" and src.parent.parent.name.startswith("models--"):
+        repo_name = src.parent.parent.name.split("--")[-1]
+        return (cwd or Path.cwd()) / f"{repo_name}{suffix}"
+    return src.with_name(src.name + suffix)
+
+
+def _is_within(a: Path, b: Path) -> bool:
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def _replaceable(path: Path) -> bool:
+    """Whether ``--force`` may delete ``path``: an empty directory or a quantized checkpoint."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        return "quantization" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary directories left by a killed run (its process is gone)."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]+$")
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def temp_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _raw(t: torch.Tensor):
+    """The bytes of ``t`` as a buffer (no copy for contiguous tensors)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _ShardWriter:
+    """A safetensors file written header first, then tensor by tensor in the planned order."""
+
+    def __init__(self, fh: BinaryIO, tensors: list[OutTensor], path: Path) -> None:
+        self.fh, self.path = fh, path
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for t in tensors:
+            header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            off += t.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        # Spaces pad the header (safetensors allows it) so that the data starts 64-byte aligned in
+        # the memory-mapped file: SIMD kernels may read tensors in place.
+        blob += b" " * (-(8 + len(blob)) % _ALIGN)
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        self.expected_end = 8 + len(blob) + off
+        self.pending: Iterator[OutTensor] = iter(tensors)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        want = next(self.pending)
+        if want.name != name or tuple(t.shape) != want.shape or t.dtype != want.dtype:
+            raise RuntimeError(f"internal error: wrote {name} {tuple(t.shape)} {t.dtype}, planned "
+                               f"{want.name} {want.shape} {want.dtype}")
+        self.fh.write(_raw(t))
+
+    def finish(self) -> None:
+        self.fh.flush()
+        if self.fh.tell() != self.expected_end:
+            raise RuntimeError(f"internal error: {self.path.name} is {self.fh.tell()} bytes, expected {self.expected_end}")
+        os.fsync(self.fh.fileno())
+
+
+def _convert(ckpt: Checkpoint, unit: Unit, spec: QuantSpec) -> Iterator[tuple[str, torch.Tensor]]:
+    t = ckpt.tensor(unit.source)
+    if unit.weight_shape is None:
+        yield unit.source, t
+        return
+    qt = quantize_tensor(t, spec)
+    del t
+    yield from qt.state_dict(unit.prefix).items()
+
+
+def _write_files(ckpt: Checkpoint, tmp: Path, spec: QuantSpec, shards: list[Shard],
+                 progress: QuantizeProgressSink) -> dict[str, str]:
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards):
+        name = shard_name(i, len(shards))
+        path = tmp / name
+        with path.open("wb") as fh:
+            writer = _ShardWriter(fh, [t for u in shard.units for t in u.outputs], path)
+            for unit in shard.units:
+                for out_name, tensor in _convert(ckpt, unit, spec):
+                    writer.write(out_name, tensor)
+                    weight_map[out_name] = name
+                ckpt.close()  # unmap the source pages of this tensor before the next one
+                progress.advance(unit.source, unit.source_bytes)
+            writer.finish()
+    return weight_map
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with path.open("w") as fh:
+        json.dump(obj, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _copy(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
+    with dst.open("rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, replacing an existing ``out`` (moved aside first)."""
+    if not out.exists():
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The verb
+
+
+def quantize_checkpoint(
+    src: Path,
+    out: Path | None,
+    bits: int,
+    group_size: int | None = None,
+    force: bool = False,
+    progress: QuantizeProgressSink | None = None,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    cwd: Path | None = None,
+) -> Path:
+    """Quantize the experts of the Hub-layout checkpoint in ``src`` into ``out`` and return ``out``.
+
+    ``out`` defaults to :func:`default_output_dir`. ``bits`` 4 gives nf4, 8 gives int8; ``group_size``
+    defaults to the format's block. Raises ``UserError`` for bad arguments, a quantized or broken
+    source, or an existing output without ``force``.
+    """
+    progress = progress or NullQuantizeProgress()
+    if shard_bytes <= 0:
+        raise UserError(f"shard size must be positive, got {shard_bytes}")
+    try:
+        spec = spec_for_bits(bits, group_size)
+    except ValueError as e:
+        given = f"--bits {bits}" + (f" --group-size {group_size}" if group_size is not None else "")
+        raise UserError(f"{given}: {e}",
+                        hint="use --bits 4 (nf4, group 64) or --bits 8 (int8, group 128)") from None
+    src = Path(src).resolve()
+    ckpt = Checkpoint(src)
+    if ckpt.quant is not None:
+        q = ckpt.quant
+        raise UserError(f"{src} is already quantized ({q.name}, {q.bits}-bit)",
+                        hint="quantize the original bf16 checkpoint instead")
+    a = ckpt.args
+    for proj in ("w1", "w2"):
+        try:
+            spec.check_shape(expert_shape(a, proj))
+        except ValueError:
+            in_f = expert_shape(a, proj)[1]
+            raise UserError(f"group size {spec.group_size} does not divide {in_f}, the input width of the experts' {proj}",
+                            hint="pass a --group-size that divides both hidden_size and intermediate_size") from None
+    if not (src / "tokenizer.model").is_file():
+        raise UserError(f"no tokenizer.model in {src}", hint="re-run `mixtral download` for this model")
+    Tokenizer.from_file(src / "tokenizer.model")  # a damaged tokenizer is refused before anything is written
+
+    out = Path(out).expanduser() if out is not None else default_output_dir(src, bits, cwd)
+    out = out.absolute()
+    if _is_within(out.resolve(), src) or _is_within(src, out.resolve()):
+        raise UserError(f"the output {out} overlaps the source checkpoint {src}", hint="pass another --out")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
+        if not _replaceable(out):
+            raise UserError(f"refusing to replace {out}: it is not a quantized checkpoint or an empty directory",
+                            hint="remove it yourself or choose another --out")
+
+    units = plan_units(ckpt, spec)
+    shards = plan_shards(units, shard_bytes)
+    total_out = sum(u.nbytes for u in units)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    free = shutil.disk_usage(out.parent).free
+    if total_out > free:
+        from ..sizes import format_bytes
+
+        raise UserError(f"not enough disk space in {out.parent}: the output needs {format_bytes(total_out)}, "
+                        f"{format_bytes(free)} free", hint="free some space or pass another --out")
+
+    config = json.loads((src / "config.json").read_text())
+    config["quantization"] = {
+        "format": spec.name,
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "format_version": FORMAT_VERSION,
+        "modules": list(QUANTIZED_MODULES),
+    }
+    tmp = temp_dir_for(out)
+    tmp.mkdir()
+    progress.begin(len(units), sum(u.source_bytes for u in units))
+    try:
+        weight_map = _write_files(ckpt, tmp, spec, shards, progress)
+        _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total_out}, "weight_map": weight_map})
+        for name in COPIED_FILES:
+            if (src / name).is_file():
+                _copy(src / name, tmp / name)
+        _write_json(tmp / "config.json", config)  # last: until now the directory is not a model
+        _fsync_dir(tmp)
+        check = Checkpoint(tmp)  # re-read every header: present, shapes, dtypes
+        if check.quant != spec:
+            raise RuntimeError(f"internal error: wrote {check.quant}, expected {spec}")
+        check.close()
+        _place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        ckpt.close()
+        progress.end()
+    return out
+
+
+def quantize_cli(model: str | None, bits: int, out: Path | None, group_size: int | None, force: bool,
+                 shard_bytes: int | None, make_progress: Callable[[], Any]) -> Path:
+    """Resolve MODEL like the other verbs and run :func:`quantize_checkpoint` under a progress display."""
+    from .hub import resolve_model
+
+    src = resolve_model(model)
+    with make_progress() as progress:
+        return quantize_checkpoint(src, out, bits, group_size, force, progress,
+                                   shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES)

@@ -1,0 +1,243 @@
+"""Sampling, prefill and the decode loop, in pipeline order.
+
+`Session` owns what the KV cache holds (the token ids at positions 0..n) so a follow-up prompt that
+shares a prefix with the cached one (the next chat turn) only prefills the new tokens.
+`Completion` drives generation for one prompt and yields text; the caller decides how to render it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoints.tokenizer import StreamDecoder, Tokenizer
+from ..errors import UserError
+from ..settings import GenerationConfig, SamplingConfig
+from .model import Mixtral
+from .plan import PREFILL_CHUNK
+
+Sampler = Callable[[torch.Tensor, Sequence[int]], int]
+
+
+def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: float) -> torch.Tensor:
+    """llama.cpp's rule: a recently seen token's logit is divided by `penalty` if positive, else multiplied."""
+    if penalty == 1.0 or not recent:
+        return logits
+    ids = torch.tensor(sorted(set(recent)), device=logits.device)
+    seen = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside top-k, outside the top-p nucleus, and below min-p x max prob.
+
+    logits [V] fp32. The nucleus keeps the smallest set of most likely tokens whose probability
+    reaches top_p (always at least one token).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+        drop = before >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def make_sampler(cfg: SamplingConfig) -> Sampler:
+    """Penalties, then top-k, top-p, min-p, then temperature (llama.cpp's order). Seeded and reproducible."""
+    cfg.validate()
+    gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(7), "little"))
+
+    def sample(logits: torch.Tensor, history: Sequence[int]) -> int:
+        logits = apply_repeat_penalty(logits.float(), history[-cfg.repeat_last_n:] if cfg.repeat_last_n else [],
+                                      cfg.repeat_penalty)
+        if cfg.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = filter_logits(logits, cfg.top_k, cfg.top_p, cfg.min_p)
+        probs = torch.softmax(logits / cfg.temperature, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    return sample
+
+
+def chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) cut into consecutive pieces of at most `size` positions."""
+    return [(a, min(a + size, end)) for a in range(start, end, size)]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (so that a timer read next measures it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Session:
+    """The model plus the token ids its KV cache currently holds.
+
+    Prompts are computed in chunks of at most `chunk` tokens (the planner's `PREFILL_CHUNK`: its
+    workspace is sized for one chunk), each attending to everything cached before it."""
+
+    def __init__(self, model: Mixtral, chunk: int = PREFILL_CHUNK) -> None:
+        self.model = model
+        self.chunk = chunk
+        self.cached: list[int] = []
+        self.device = model.model.embed_tokens.weight.device
+
+    def reset(self) -> None:
+        self.cached = []
+
+    def _forward(self, ids: Sequence[int], pos: int) -> torch.Tensor:
+        """Logits [V] after ids, which go to positions pos..; the earlier chunks skip the logits."""
+        pieces = chunks(0, len(ids), self.chunk)
+        for a, b in pieces:
+            tokens = torch.tensor(ids[a:b], device=self.device)
+            if b < len(ids):
+                self.model.run_layers(tokens, pos + a)
+            else:
+                logits = self.model(tokens, pos + a, last_only=True)[0]
+            # Only after a chunk's forward pass completes does the cache hold its positions (Ctrl-C safe).
+            self.cached = self.cached[:pos + a] + list(ids[a:b])
+        return logits
+
+    def prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor, int]:
+        """Logits [V] after `ids`, reusing the cached common prefix. Returns (logits, tokens computed)."""
+        common = 0
+        for a, b in zip(self.cached, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # recompute at least the last token to get its logits
+        return self._forward(ids[common:], common), len(ids) - common
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._forward([token], len(self.cached))
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the cache)
+    prefill_s: float = 0.0
+    completion_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first completion token comes out of prefill; the rest each cost one decode step.
+        steps = max(self.completion_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def check_fits(prompt_len: int, ctx: int) -> None:
+    if prompt_len >= ctx:
+        raise UserError(
+            f"the prompt is {prompt_len} tokens but the context holds {ctx}",
+            hint="shorten the prompt or raise -c/--ctx-size",
+        )
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that could start a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class Completion:
+    """Generate from `prompt_ids`, yielding text as it becomes final.
+
+    Stops at EOS, at a stop string (which is not emitted), at `max_tokens`, or when the context is
+    full. After iteration: `token_ids`, `text`, `finish_reason` ("stop" or "length"), `stats`.
+    """
+
+    def __init__(self, session: Session, tokenizer: Tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig,
+                 *, continuation: bool = False) -> None:
+        """`continuation`: the text continues the prompt (raw completion), so a leading space of the
+        first generated piece is kept; a chat reply starts fresh and drops it."""
+        check_fits(len(prompt_ids), session.model.max_len)
+        cfg.validate()
+        self.session, self.tokenizer, self.cfg = session, tokenizer, cfg
+        self.prompt_ids = list(prompt_ids)
+        self.continuation = continuation
+        self.sampler = make_sampler(cfg.sampling)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason = "length"
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+
+    def tokens(self) -> Iterator[int]:
+        """The raw token stream (EOS included when produced)."""
+        room = self.session.model.max_len - len(self.prompt_ids)
+        budget = room if self.cfg.max_tokens is None else min(self.cfg.max_tokens, room)
+        if budget <= 0:
+            return
+        t0 = time.perf_counter()
+        logits, self.stats.prefill_tokens = self.session.prefill(self.prompt_ids)
+        sync(self.session.device)  # queued GPU work is prefill time, not the first decode step's
+        self.stats.prefill_s = time.perf_counter() - t0
+        history = list(self.prompt_ids)
+        t0 = time.perf_counter()
+        while True:
+            token = self.sampler(logits, history)
+            history.append(token)
+            self.token_ids.append(token)
+            self.stats.completion_tokens += 1
+            self.stats.decode_s = time.perf_counter() - t0
+            if token == self.tokenizer.eos_id:
+                self.finish_reason = "stop"
+            yield token
+            if token == self.tokenizer.eos_id or len(self.token_ids) >= budget:
+                return
+            logits = self.session.step(token)
+
+    def __iter__(self) -> Iterator[str]:
+        stops = [s for s in self.cfg.stop if s]
+        decoder = StreamDecoder(self.tokenizer, self.prompt_ids if self.continuation else None)
+        pending = ""
+        for token in self.tokens():
+            if token == self.tokenizer.eos_id:
+                break
+            pending += decoder.push(token)
+            hit = _first_stop(pending, stops)
+            if hit >= 0:
+                yield from self._emit(pending[:hit])
+                self.finish_reason = "stop"
+                return
+            keep = _holdback(pending, stops)
+            ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+            yield from self._emit(ready)
+        pending += decoder.flush()
+        hit = _first_stop(pending, stops)
+        if hit >= 0:
+            pending, self.finish_reason = pending[:hit], "stop"
+        yield from self._emit(pending)
+
+    def _emit(self, text: str) -> Iterator[str]:
+        if text:
+            self.text += text
+            yield text
