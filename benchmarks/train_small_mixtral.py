@@ -16,7 +16,7 @@ model that has actually learned something. This script builds such a model:
   `model.safetensors.index.json` with the Hub tensor names (`block_sparse_moe.experts.E.w1` ...),
   the layout `mixtral` reads; transformers 5 keeps the experts fused (`mlp.experts.gate_up_proj`
   [E, 2I, D], `down_proj` [E, D, I]) and they are split back here. The saved checkpoint is loaded
-  with `mixtral_cli.runtime.load_engine` and its fp32 logits are compared with the trained model's.
+  with `mixtral_cli.engine.loader.load_engine` and its fp32 logits are compared with the trained model's.
 
 Writes `<out>/` (the checkpoint), `<data>/train.txt`, `<data>/valid.txt` and `<out>/training.json`
 (configuration, steps, tokens, losses, time).

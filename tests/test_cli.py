@@ -409,7 +409,7 @@ def test_help_text_shows_defaults_and_no_type_noise():
 def test_help_does_not_load_torch_and_threads_are_configured_first(tmp_path):
     probe = (
         "import sys, runpy\n"
-        "import mixtral_cli.threads_env as t\n"
+        "import mixtral_cli.system.threads_env as t\n"
         "calls = []\n"
         "real = t.configure_cpu_threads_env\n"
         "t.configure_cpu_threads_env = lambda *a: (calls.append('torch' in sys.modules), real(*a))\n"

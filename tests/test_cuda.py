@@ -7,7 +7,7 @@
 - the expert store is pinned (`is_pinned()`) and torch's caching host allocator holds no pinned bytes;
 - slot refills keep each slot's QuantState; stall time is measured and finite.
 
-Weights are synthetic (`mixtral_cli.synthetic.SyntheticCheckpoint`): the checks are about memory,
+Weights are synthetic (`mixtral_cli.bench.synthetic.SyntheticCheckpoint`): the checks are about memory,
 placement and numerics, not text quality.
 """
 
