@@ -50,7 +50,7 @@ def prepare(d: Path, layers: int, llama_src: Path | None) -> None:
 
     from mixtral_cli.bench.synthetic import PRESETS, SyntheticCheckpoint
     from mixtral_cli.checkpoints.config import ModelArgs
-    from mixtral_cli.checkpoints.reader import EXPERT_PROJS, expert_prefix, layer_prefix, shared_shapes
+    from mixtral_cli.checkpoints.layout import EXPERT_PROJS, expert_prefix, layer_prefix, shared_shapes
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from tiny import TINY_CONFIG, V1_TOKENIZER

@@ -33,3 +33,8 @@ def format_bytes(n: float) -> str:
 def format_count(n: int) -> str:
     """Parameter counts: 46.70B, 12.88B, 262.1M."""
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def format_gb(n: float) -> str:
+    """Decimal gigabytes with one decimal, for RAM and bandwidth figures: '23.6 GB'."""
+    return f"{n / 1e9:.1f} GB"

@@ -21,7 +21,7 @@ from mixtral_cli.bench.measure import WARMUP_TOKENS, RunTimes
 from mixtral_cli.bench.result import Bandwidth, BaselineResult
 from mixtral_cli.bench.run import BenchOptions, hybrid_bound, run_bench, spec_from_bits, sweep_slots
 from mixtral_cli.bench.synthetic import SyntheticCheckpoint, preset_args, synthetic_quantized
-from mixtral_cli.checkpoints.reader import EXPERT_PROJS, expert_shape
+from mixtral_cli.checkpoints.layout import EXPERT_PROJS, expert_shape
 from mixtral_cli.engine.cpu_experts import ExpertCosts
 from mixtral_cli.engine.experts import CacheStats
 from mixtral_cli.engine.loader import build_engine

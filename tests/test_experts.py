@@ -216,10 +216,10 @@ def test_store_for_8x7b_at_4_bits_pins_21_7_gib_not_32():
     from pathlib import Path
 
     from mixtral_cli.checkpoints.config import ModelArgs
-    from mixtral_cli.engine.plan import slot_bytes
+    from mixtral_cli.checkpoints.layout import packed_expert_bytes
 
     cfg = json.loads((Path(__file__).parent / "data" / "mixtral-8x7b-instruct-v0.1.config.json").read_text())
-    nb = slot_bytes(ModelArgs.from_dict(cfg), spec_for_bits(4))
+    nb = packed_expert_bytes(ModelArgs.from_dict(cfg), spec_for_bits(4))
     # per matrix: 29,360,128 codes + 917,504 scales + 14,336 second-level absmax + 4 (-> 64) offset
     assert nb == 3 * (29_360_128 + 917_504 + 14_336 + 64) == 90_876_096
     total = 256 * nb
@@ -229,8 +229,8 @@ def test_store_for_8x7b_at_4_bits_pins_21_7_gib_not_32():
 
 
 def test_store_refuses_to_pin_more_than_ram_allows():
-    from mixtral_cli.engine.experts import HOST_HEADROOM
     from mixtral_cli.errors import UserError
+    from mixtral_cli.system.host_memory import HOST_HEADROOM
 
     sample = [quantize(torch.randn(256, 128), spec_for_bits(8)), quantize(torch.randn(128, 256), spec_for_bits(8)),
               quantize(torch.randn(256, 128), spec_for_bits(8))]
@@ -248,7 +248,7 @@ def test_store_refuses_to_pin_more_than_ram_allows():
 
 
 def test_mem_available_reads_meminfo(tmp_path):
-    from mixtral_cli.engine.experts import mem_available
+    from mixtral_cli.system.host_memory import mem_available
 
     f = tmp_path / "meminfo"
     f.write_text("MemTotal:       32768000 kB\nMemFree:         1000000 kB\nMemAvailable:   28000000 kB\n")

@@ -8,22 +8,17 @@ import sys
 import pytest
 import torch
 
+from mixtral_cli.checkpoints.config import ModelArgs
+from mixtral_cli.checkpoints.layout import EMBEDDING, EXPERT_PROJS, packed_expert_bytes
 from mixtral_cli.checkpoints.quantize import quantize_checkpoint
-from mixtral_cli.checkpoints.reader import EXPERT_PROJS, Checkpoint
+from mixtral_cli.checkpoints.reader import Checkpoint
 from mixtral_cli.engine import loader as runtime
 from mixtral_cli.engine.loader import build_engine
+from mixtral_cli.engine.plan import arena_bytes, plan_host, streamed_shared
 from mixtral_cli.errors import UserError
-from mixtral_cli.kernels.formats import QuantizedTensor
+from mixtral_cli.kernels.formats import ALIGN, QuantizedTensor
 from mixtral_cli.settings import RuntimeOptions
-from mixtral_cli.system.host_memory import (
-    ALIGN,
-    EMBEDDING,
-    HUGE_PAGE,
-    HostArena,
-    arena_fits,
-    streamed_shared,
-    weight_bytes,
-)
+from mixtral_cli.system.host_memory import HOST_HEADROOM, HUGE_PAGE, HostArena, room_for
 from tests.tiny import write_checkpoint
 
 
@@ -73,7 +68,7 @@ def test_a_truncated_shard_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_cpu_engine_streams_its_weights_from_the_arena(tiny_ckpt, tmp_path, bits):
     """Every shared weight but the embedding and every resident expert part lie, without overlap, in one
-    block of exactly `weight_bytes`; the embedding stays in the mapped file."""
+    block of exactly `arena_bytes`; the embedding stays in the mapped file."""
     src = tiny_ckpt if bits is None else quantize_checkpoint(tiny_ckpt, tmp_path / f"q{bits}", bits, 64)
     ck = Checkpoint(src)
     eng = build_engine(ck, None, RuntimeOptions(device="cpu", dtype="bfloat16", ctx_size=32))
@@ -86,7 +81,7 @@ def test_cpu_engine_streams_its_weights_from_the_arena(tiny_ckpt, tmp_path, bits
                 tensors += list(lin.qt.parts.values()) if hasattr(lin, "qt") else [lin.weight]
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
     assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))  # no overlap
-    start, size = spans[0][0], weight_bytes(args, ck.quant, torch.bfloat16, experts=True)
+    start, size = spans[0][0], arena_bytes(args, ck.quant, 2, experts=True)
     assert start % HUGE_PAGE == 0 and spans[-1][1] <= start + size and spans[-1][1] > start + size - ALIGN
     embed = m.get_parameter(EMBEDDING)
     assert not start <= embed.data_ptr() < start + size
@@ -106,7 +101,7 @@ def test_tied_embeddings_stream_from_the_arena(tmp_path):
     assert m.lm_head.weight is m.model.embed_tokens.weight
     embed = m.lm_head.weight
     assert torch.equal(embed, ck.tensor(EMBEDDING).float())
-    span = weight_bytes(ck.args, None, torch.float32, experts=True)
+    span = arena_bytes(ck.args, None, 4, experts=True)
     ptrs = [p.data_ptr() for p in m.parameters()]
     assert max(ptrs) - min(ptrs) < span  # every weight in one arena (the experts, not parameters here, first)
     assert embed.data_ptr() in range(min(ptrs), min(ptrs) + span)
@@ -114,12 +109,32 @@ def test_tied_embeddings_stream_from_the_arena(tmp_path):
     assert logits.shape == (3, ck.args.vocab_size) and bool(torch.isfinite(logits).all())
 
 
-def test_arena_fits_leaves_the_system_its_headroom():
-    from mixtral_cli.engine.experts import HOST_HEADROOM
+def test_room_for_leaves_the_system_its_headroom():
+    assert room_for(10, None)  # unknown: assume there is room
+    assert room_for(10 * HUGE_PAGE, 10 * HUGE_PAGE + HOST_HEADROOM)
+    assert not room_for(10 * HUGE_PAGE, 10 * HUGE_PAGE + HOST_HEADROOM - 1)
 
-    assert arena_fits(10, lambda: None)  # unknown: use the arena
-    assert arena_fits(10 * HUGE_PAGE, lambda: 10 * HUGE_PAGE + HOST_HEADROOM)
-    assert not arena_fits(10 * HUGE_PAGE, lambda: 10 * HUGE_PAGE + HOST_HEADROOM - 1)
+
+def test_host_plan_falls_back_to_the_mapped_files_only_for_a_checkpoint():
+    """One policy for run, bench and info: a CPU model too large for the arena still runs from a
+    checkpoint's mapped files, generated weights have no file to fall back on, and a CUDA run must
+    fit its pinned store."""
+    args = ModelArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    arena = arena_bytes(args, None, 2, experts=True)
+    short = arena + HOST_HEADROOM - 1
+    ok = plan_host(args, None, "cpu", True, 2, True, arena + HOST_HEADROOM)
+    assert ok.fits and not ok.mapped and ok.held == arena
+    mapped = plan_host(args, None, "cpu", True, 2, True, short)
+    assert mapped.fits and mapped.mapped and mapped.held == 0
+    generated = plan_host(args, None, "cpu", True, 2, False, short)
+    assert not generated.fits
+    with pytest.raises(UserError, match="needs .* of host RAM") as e:
+        generated.require()
+    assert "--bits 4" in e.value.hint
+    store = 2 * 8 * packed_expert_bytes(args, None, 2)
+    cuda = plan_host(args, None, "cuda", False, 2, True, store + HOST_HEADROOM - 1)
+    assert cuda.pinned and cuda.store == store and not cuda.fits
 
 
 def test_a_model_larger_than_ram_stays_memory_mapped(tiny_ckpt, monkeypatch):
@@ -128,7 +143,7 @@ def test_a_model_larger_than_ram_stays_memory_mapped(tiny_ckpt, monkeypatch):
     ids = torch.tensor([1, 5, 9, 4])
     opts = RuntimeOptions(device="cpu", dtype="bfloat16", ctx_size=32)
     in_arena = build_engine(Checkpoint(tiny_ckpt), None, opts).model(ids, 0)
-    monkeypatch.setattr(runtime, "arena_fits", lambda nbytes: False)
+    monkeypatch.setattr(runtime, "mem_available", lambda: HOST_HEADROOM + 1)
     ck = Checkpoint(tiny_ckpt)
     m = build_engine(ck, None, opts).model
     assert m.lm_head.weight.data_ptr() == ck.tensor("lm_head.weight").data_ptr()  # a view of the mapped file

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 
 from mixtral_cli.checkpoints.config import ModelArgs
+from mixtral_cli.checkpoints.layout import packed_expert_bytes
 from mixtral_cli.engine.plan import (
     all_experts_bytes,
     bytes_per_token,
     copy_wait_s,
     decode_bound,
     expert_bytes,
+    model_bytes,
     plan_memory,
     require_fit,
     shared_bytes,
-    slot_bytes,
-    weight_bytes,
     workspace,
 )
 from mixtral_cli.errors import UserError
@@ -72,9 +72,9 @@ def test_model_bytes_by_hand():
     assert shared_bytes(ARGS) == 3_211_272_192
     # 32 layers x 8 experts = 256 experts
     assert all_experts_bytes(ARGS, spec_for_bits(4)) == 256 * 90_875_916 == 23_264_234_496
-    assert weight_bytes(ARGS, spec_for_bits(4)) == 3_211_272_192 + 23_264_234_496 == 26_475_506_688
-    assert weight_bytes(ARGS, spec_for_bits(8)) == 3_211_272_192 + 256 * 181_665_792 == 49_717_714_944
-    assert weight_bytes(ARGS, None) == 2 * 46_702_792_704  # bf16 everywhere
+    assert model_bytes(ARGS, spec_for_bits(4)) == 3_211_272_192 + 23_264_234_496 == 26_475_506_688
+    assert model_bytes(ARGS, spec_for_bits(8)) == 3_211_272_192 + 256 * 181_665_792 == 49_717_714_944
+    assert model_bytes(ARGS, None) == 2 * 46_702_792_704  # bf16 everywhere
 
 
 def test_bytes_per_token_by_hand():
@@ -109,13 +109,13 @@ MiB = 2**20
 SLOT_4BIT = 90_876_096  # one nf4 expert with each of its 12 tensors 64-byte aligned (see below)
 
 
-def test_slot_bytes_by_hand():
+def test_packed_expert_bytes_by_hand():
     # nf4 per matrix: codes 29,360,128 + scales 917,504 + second-level absmax 14,336 are multiples of
     # 64; the 4-byte offset takes 64. Three matrices.
-    assert slot_bytes(ARGS, spec_for_bits(4)) == 3 * (29_360_128 + 917_504 + 14_336 + 64) == SLOT_4BIT
+    assert packed_expert_bytes(ARGS, spec_for_bits(4)) == 3 * (29_360_128 + 917_504 + 14_336 + 64) == SLOT_4BIT
     # int8: 58,720,256 codes + 1,835,008 float32 scales, both aligned already
-    assert slot_bytes(ARGS, spec_for_bits(8)) == 3 * (58_720_256 + 1_835_008) == 181_665_792
-    assert slot_bytes(ARGS, None) == 352_321_536  # bf16 matrices are aligned already
+    assert packed_expert_bytes(ARGS, spec_for_bits(8)) == 3 * (58_720_256 + 1_835_008) == 181_665_792
+    assert packed_expert_bytes(ARGS, None) == 352_321_536  # bf16 matrices are aligned already
 
 
 def test_workspace_of_one_512_token_chunk_by_hand():

@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from tiny import TINY_CONFIG, write_checkpoint
 
 import mixtral_cli.checkpoints.quantize as qmod
+from mixtral_cli.checkpoints.layout import EXPERT_PROJS, INDEX_NAME, expert_prefix, shared_shapes
 from mixtral_cli.checkpoints.quantize import default_output_dir, quantize_checkpoint
-from mixtral_cli.checkpoints.reader import EXPERT_PROJS, INDEX_NAME, Checkpoint, expert_prefix, shared_shapes
+from mixtral_cli.checkpoints.reader import Checkpoint
 from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 from mixtral_cli.errors import UserError
 from mixtral_cli.kernels.formats import FORMAT_VERSION, QuantizedTensor, quantize, spec_for_bits

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoints.config import ModelArgs
-from ..engine.plan import weight_bytes
+from ..engine.plan import model_bytes, plan_host
 from ..errors import UserError
 from ..kernels.formats import QuantizedTensor, dequantize
-from .measure import WARMUP_TOKENS, RunTimes, check_ram, sync
+from ..system.host_memory import mem_available
+from .measure import WARMUP_TOKENS, RunTimes, sync
 
 
 @dataclass
@@ -149,10 +150,10 @@ def pick_transformers(ckpt, args: ModelArgs, prompt: list[int], log: Callable[[s
     there (bfloat16 or float32, timed briefly; on CUDA float32 only if it fits too)."""
     import transformers
 
-    dense = weight_bytes(args, None)  # bfloat16
+    dense = model_bytes(args, None)  # bfloat16
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     where, note = baseline_device(device, dense, free)
-    check_ram(args, None, torch.device("cpu"), "the transformers baseline (built dense on the host)")
+    plan_host(args, None, "cpu", True, 2, False, mem_available()).require("the transformers baseline (built dense on the host)")
     probe_prompt, probe_gen = prompt[: min(len(prompt), 32)], 8
     log(f"transformers: building the model on {where}")
     model = build_transformers(ckpt, args, torch.bfloat16).to(where)

@@ -14,11 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoints.config import ModelArgs
-from ..engine.experts import ExpertStore, HostSlab, mem_available
-from ..engine.plan import all_experts_bytes, weight_bytes
-from ..errors import UserError
-from ..kernels.formats import QuantSpec
+from ..engine.experts import ExpertStore
+from ..system.host_memory import CudaHostRegister, HostSlab
 
 WARMUP_TOKENS = 4  # decoded untimed after each prefill, before the timed steps
 
@@ -83,8 +80,6 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int, reps: int = 5,
         if store is not None and store.pinned_bytes:
             src = store.buffers[0][0]
         else:
-            from ..engine.experts import CudaHostRegister
-
             slab = HostSlab(nbytes, CudaHostRegister())
             src = slab.tensor[:nbytes]
         dst = torch.empty(src.numel(), dtype=torch.uint8, device=device)
@@ -107,13 +102,3 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int, reps: int = 5,
 def peak_rss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
-
-
-def check_ram(args: ModelArgs, spec: QuantSpec | None, device: torch.device, what: str) -> None:
-    """Refuse a model whose host copy would not fit in available RAM with 10% to spare: the whole
-    model on the CPU, the expert store otherwise."""
-    need = weight_bytes(args, spec) if device.type == "cpu" else all_experts_bytes(args, spec)
-    free = mem_available()
-    if free is not None and need > 0.9 * free:
-        raise UserError(f"{what} needs about {need / 2**30:.1f} GiB of RAM and {free / 2**30:.1f} GiB is available",
-                        hint="use a smaller preset" + (" or --bits 4" if spec is None or spec.bits > 4 else ""))

@@ -36,7 +36,6 @@ from .baseline import measure_transformers, pick_transformers
 from .measure import (
     WARMUP_TOKENS,
     RunTimes,
-    check_ram,
     host_to_device_bandwidth,
     median_times,
     memory_bandwidth,
@@ -206,7 +205,6 @@ def _runtime(o: BenchOptions, ckpt) -> tuple[RuntimeOptions, int | None]:
     ctx = o.prompt_tokens + WARMUP_TOKENS + o.gen_tokens + 1
     if ctx > args.max_position_embeddings:
         raise UserError(f"prompt + generated tokens ({ctx}) exceed the model's {args.max_position_embeddings} positions")
-    check_ram(args, ckpt.quant, device, "this benchmark")
     runtime = replace(o.runtime, ctx_size=ctx)
     if o.sweep_slots and runtime.experts_in_gpu is None:
         runtime.experts_in_gpu = args.num_experts_per_tok

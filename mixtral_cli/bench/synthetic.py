@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checkpoints.config import ModelArgs
-from ..checkpoints.reader import Checkpoint, expert_shape, shared_shapes
+from ..checkpoints.layout import expert_shape, shared_shapes
+from ..checkpoints.reader import Checkpoint
 from ..errors import UserError
 from ..kernels.formats import QuantizedTensor, QuantSpec, dequantize, quantize
 

@@ -34,22 +34,14 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from ..errors import UserError
-from ..kernels.formats import FORMAT_VERSION, QuantizedTensor, QuantSpec, spec_for_bits
+from ..kernels.formats import ALIGN, FORMAT_VERSION, QuantizedTensor, QuantSpec, spec_for_bits, tensor_bytes
 from ..kernels.formats import quantize as quantize_tensor
-from .reader import (
-    EXPERT_PROJS,
-    INDEX_NAME,
-    QUANTIZED_MODULES,
-    SAFETENSORS_DTYPES,
-    Checkpoint,
-    expert_prefix,
-    expert_shape,
-)
+from .layout import EXPERT_PROJS, INDEX_NAME, expert_prefix, expert_shape
+from .reader import QUANTIZED_MODULES, SAFETENSORS_DTYPES, Checkpoint
 from .tokenizer import Tokenizer
 
 # Output shards are cut at about this size (a shard never splits the parts of one weight).
 DEFAULT_SHARD_BYTES = 5 * 10**9
-_ALIGN = 64
 COPIED_FILES = ("tokenizer.model", "generation_config.json")  # tokenizer.model is required
 
 _ST_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -92,10 +84,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_bytes(self.shape, self.dtype)
 
 
 @dataclass
@@ -260,7 +249,7 @@ class _ShardWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         # Spaces pad the header (safetensors allows it) so that the data starts 64-byte aligned in
         # the memory-mapped file: SIMD kernels may read tensors in place.
-        blob += b" " * (-(8 + len(blob)) % _ALIGN)
+        blob += b" " * (-(8 + len(blob)) % ALIGN)
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         self.expected_end = 8 + len(blob) + off

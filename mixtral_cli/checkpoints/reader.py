@@ -18,54 +18,18 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
 from ..kernels.formats import FORMAT_VERSION, QuantizedTensor, QuantSpec, spec_for_bits
-from .config import ModelArgs, load_config
+from .config import load_config
+from .layout import EXPERT_PROJS, INDEX_NAME, expert_prefix, expert_shape, shared_shapes
 
 if TYPE_CHECKING:
     from ..system.host_memory import HostArena
 
-INDEX_NAME = "model.safetensors.index.json"
-EXPERT_PROJS = ("w1", "w2", "w3")
 _FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 # safetensors header dtype names (read here, written by quantize.py)
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "I8": torch.int8,
     "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool,
 }
-
-
-def layer_prefix(layer: int) -> str:
-    return f"model.layers.{layer}"
-
-
-def expert_prefix(layer: int, expert: int, proj: str) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}"
-
-
-def expert_shape(args: ModelArgs, proj: str) -> tuple[int, int]:
-    """[out_features, in_features] of one expert projection."""
-    D, I = args.hidden_size, args.intermediate_size
-    return (D, I) if proj == "w2" else (I, D)
-
-
-def shared_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every non-expert tensor of the Hub checkpoint and its shape."""
-    D, V, Hd = args.hidden_size, args.vocab_size, args.head_dim
-    q, kv = args.num_attention_heads * Hd, args.num_key_value_heads * Hd
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if not args.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, D)
-    for L in range(args.num_hidden_layers):
-        p = layer_prefix(L)
-        shapes |= {
-            f"{p}.input_layernorm.weight": (D,),
-            f"{p}.post_attention_layernorm.weight": (D,),
-            f"{p}.self_attn.q_proj.weight": (q, D),
-            f"{p}.self_attn.k_proj.weight": (kv, D),
-            f"{p}.self_attn.v_proj.weight": (kv, D),
-            f"{p}.self_attn.o_proj.weight": (D, q),
-            f"{p}.block_sparse_moe.gate.weight": (args.num_local_experts, D),
-        }
-    return shapes
 
 
 # The modules a quantized checkpoint of this format version may quantize (config "modules").

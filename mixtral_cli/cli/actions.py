@@ -101,9 +101,9 @@ def _default_spec(bits: int, args: ModelArgs):
 
 def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: int, json_out: bool) -> None:
     from ..checkpoints.reader import parse_quantization
-    from ..engine.experts import HOST_HEADROOM, mem_available
-    from ..engine.plan import all_experts_bytes, plan_memory, require_fit, shared_bytes, weight_bytes
+    from ..engine.plan import all_experts_bytes, model_bytes, plan_memory, require_fit, shared_bytes
     from ..kernels.formats import spec_for_bits
+    from ..system.host_memory import HOST_HEADROOM, mem_available
 
     args, raw, directory = _info_config(model)
     stored = parse_quantization(raw, (directory or Path(".")) / "config.json")
@@ -136,8 +136,8 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
         "expert_format": spec.name if spec else "bfloat16",
         "bits": spec.bits if spec else 16,
         "bytes_weights": {"total": dense + experts, "experts": experts, "other": dense},
-        "bytes_weights_by_format": {"bfloat16": weight_bytes(args, None)} | {
-            s.name: weight_bytes(args, s) for s in map(spec_for_bits, (8, 4)) if _fits(s, args)},
+        "bytes_weights_by_format": {"bfloat16": model_bytes(args, None)} | {
+            s.name: model_bytes(args, s) for s in map(spec_for_bits, (8, 4)) if _fits(s, args)},
         "plan": plan.as_dict() | {"ctx": ctx},
         "host_ram": {"pinned": plan.host_pinned, "headroom": HOST_HEADROOM if plan.host_pinned else 0,
                      "available": mem_available()},

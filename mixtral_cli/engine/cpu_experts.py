@@ -105,9 +105,7 @@ class CpuExperts:
     def module(self, layer: int, eid: int) -> ExpertFn:
         key = (layer, eid)
         if key not in self._modules:
-            from .experts import make_expert  # experts.py imports this module
-
-            self._modules[key] = make_expert(*self.store.layout.unpack(self.store.buffers[layer][eid]))
+            self._modules[key] = self.store.module(layer, eid)
         return self._modules[key]
 
     def _compute(self, layer: int, eid: int, x: torch.Tensor) -> torch.Tensor:

@@ -13,28 +13,30 @@ only `CudaTransfer` and `CudaHostRegister` know about streams, events and page-l
 
 from __future__ import annotations
 
-import mmap
 import time
-import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoints.reader import EXPERT_PROJS
+from ..checkpoints.layout import EXPERT_PROJS
 from ..errors import UserError
-from ..kernels.formats import QuantizedTensor, spec_for_bits
+from ..kernels.formats import QuantizedTensor, aligned
 from ..kernels.linear import DenseLinear, QuantLinear, QuantSwiGLU
+from ..sizes import format_gb
+from ..system.host_memory import (
+    HOST_HEADROOM,
+    AvailableRam,
+    CudaHostRegister,
+    HostSlab,
+    mem_available,
+    room_for,
+)
 from .cpu_experts import CpuExperts, CpuJobs
 from .model import Expert, ExpertFn
-from .plan import ALIGN
-
-GiB = 2**30
-PAGE = mmap.PAGESIZE
-HOST_HEADROOM = 2 * GiB  # host RAM left to the OS and the rest of the process after pinning the store
+from .plan import fewer_bits_hint
 
 
 def make_linear(weight: torch.Tensor | QuantizedTensor) -> nn.Module:
@@ -119,7 +121,7 @@ class _Entry:
 
 class ExpertLayout:
     """Where each tensor of one expert (w1, w2, w3, dense or quantized) sits in a flat uint8 buffer
-    (each at a multiple of `ALIGN`; `plan.slot_bytes` computes the same size from the config)."""
+    (each at a multiple of `ALIGN`; `layout.packed_expert_bytes` computes the same size from the config)."""
 
     def __init__(self, sample: Sequence[torch.Tensor | QuantizedTensor]) -> None:
         self.entries: list[_Entry] = []
@@ -136,24 +138,13 @@ class ExpertLayout:
             for part, t in parts:
                 n = t.numel() * t.element_size()
                 self.entries.append(_Entry(proj, part, tuple(t.shape), t.dtype, offset, n))
-                offset += -(-n // ALIGN) * ALIGN
+                offset += aligned(n)
         self.nbytes = offset
 
     @property
-    def bits(self) -> int:
-        return min((spec.bits for spec, _ in self.quant.values()), default=16)
-
-    def nbytes_at(self, bits: int) -> int:
-        """The size of this expert stored at `bits` (4 or 8) in that width's default format."""
-        spec = spec_for_bits(bits)
-        total = 0
-        for shape in self.shapes.values():
-            for pshape, dtype in QuantizedTensor.expected_parts(spec, shape).values():
-                n = dtype.itemsize
-                for s in pshape:
-                    n *= s
-                total += -(-n // ALIGN) * ALIGN
-        return total
+    def spec(self):
+        """The quantized format of the experts' projections (None: dense)."""
+        return next((spec for spec, _ in self.quant.values()), None)
 
     def pack(self, weights: Sequence[torch.Tensor | QuantizedTensor], out: torch.Tensor) -> None:
         """Copy the expert's tensors into `out` [nbytes] uint8."""
@@ -180,96 +171,16 @@ class ExpertLayout:
         return out
 
 
-# -- host memory ---------------------------------------------------------------------------------
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """The kernel's estimate of host RAM available without swapping (`MemAvailable`), in bytes;
-    None where it cannot be read (not Linux)."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
-
-
-def check_host_ram(need: int, available: int | None, layout: ExpertLayout | None = None,
-                   n_experts: int = 0) -> None:
-    """Refuse to pin `need` bytes when that would leave the OS less than `HOST_HEADROOM` of RAM
-    (page-locked memory cannot be swapped out: running short ends in the OOM killer)."""
-    if available is None or need + HOST_HEADROOM <= available:
+# -- the host store -------------------------------------------------------------------------------
+def check_host_ram(need: int, available: int | None, layout: ExpertLayout | None = None) -> None:
+    """Refuse to pin `need` bytes when `room_for` says no: page-locked memory cannot be swapped out."""
+    if room_for(need, available):
         return
+    fewer = fewer_bits_hint(layout.spec if layout is not None else None)
     hint = "free some RAM or use a machine with more"
-    if layout is not None and layout.bits > 4:
-        hint = f"use --bits 4 (its store is {_gb(layout.nbytes_at(4) * n_experts)}), " + hint
-    raise UserError(f"the expert store needs {_gb(need)} of pinned host RAM plus {_gb(HOST_HEADROOM)} for the "
-                    f"system, and {_gb(available)} is available", hint=hint)
-
-
-class CudaHostRegister:
-    """Page-locks host memory for the GPU with `cudaHostRegister` (exactly the given range), and
-    unlocks it with `cudaHostUnregister`."""
-
-    PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
-
-    def register(self, ptr: int, nbytes: int) -> None:
-        cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(ptr, nbytes, self.PORTABLE)
-        if err != cudart.cudaError.success:
-            raise UserError(f"could not pin {_gb(nbytes)} of host RAM for the expert store "
-                            f"({cudart.cudaGetErrorString(err)})", hint="free some RAM or use --bits 4")
-
-    def unregister(self, ptr: int) -> None:
-        torch.cuda.synchronize()  # no copy from these pages may still be in flight
-        torch.cuda.cudart().cudaHostUnregister(ptr)
-
-
-def anonymous_mapping(size: int, huge_pages: bool = False) -> mmap.mmap:
-    """A private anonymous mapping of `size` bytes (page-aligned, zero-filled on first touch); with
-    `huge_pages`, advised `MADV_HUGEPAGE` where the platform has it (Linux)."""
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    mapping = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
-    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    return mapping
-
-
-class HostSlab:
-    """One anonymous, page-aligned host mapping of `nbytes` (rounded up to whole pages), as a uint8
-    tensor; pinned through `pinner` when given, unpinned and unmapped by `close()` (or when the
-    slab is garbage-collected)."""
-
-    def __init__(self, nbytes: int, pinner: CudaHostRegister | None = None) -> None:
-        self.nbytes = nbytes
-        self.size = max(PAGE, -(-nbytes // PAGE) * PAGE)
-        mapping = anonymous_mapping(self.size)
-        self.tensor = torch.frombuffer(mapping, dtype=torch.uint8)  # [size], shares the mapping
-        ptr = self.tensor.data_ptr()
-        if pinner is not None:
-            pinner.register(ptr, self.size)
-        self.pinned_bytes = self.size if pinner is not None else 0
-        self._finalizer = weakref.finalize(self, HostSlab._release, mapping, ptr, pinner)
-
-    @staticmethod
-    def _release(mapping: mmap.mmap, ptr: int, pinner: CudaHostRegister | None) -> None:
-        if pinner is not None:
-            try:
-                pinner.unregister(ptr)
-            except Exception:  # at interpreter exit CUDA may already be gone
-                pass
-        try:
-            mapping.close()
-        except BufferError:  # tensors still view it: it is unmapped when the last one goes
-            pass
-
-    def close(self) -> None:
-        self.pinned_bytes = 0
-        self.tensor = None  # this view too, so that the mapping can go as soon as no other view holds it
-        self._finalizer()
+    raise UserError(f"the expert store needs {format_gb(need)} of pinned host RAM plus {format_gb(HOST_HEADROOM)} "
+                    f"for the system, and {format_gb(available)} is available",
+                    hint=f"use {fewer}, or {hint}" if fewer else hint)
 
 
 class ExpertStore:
@@ -277,13 +188,12 @@ class ExpertStore:
     `layout.nbytes` bytes (page-locked for CUDA), one contiguous entry per expert."""
 
     def __init__(self, layout: ExpertLayout, n_layers: int, n_experts: int, pin: bool, *,
-                 pinner: CudaHostRegister | None = None,
-                 available: Callable[[], int | None] = mem_available) -> None:
+                 pinner: CudaHostRegister | None = None, available: AvailableRam = mem_available) -> None:
         self.layout = layout
         self.n_layers, self.n_experts = n_layers, n_experts
         total = self.nbytes()
         if pin:
-            check_host_ram(total, available(), layout, n_layers * n_experts)
+            check_host_ram(total, available(), layout)
             pinner = pinner or CudaHostRegister()
         self.slab = HostSlab(total, pinner if pin else None)
         nb = layout.nbytes
@@ -294,6 +204,10 @@ class ExpertStore:
 
     def put(self, layer: int, expert: int, weights: Sequence[torch.Tensor | QuantizedTensor]) -> None:
         self.layout.pack(weights, self.buffers[layer][expert])
+
+    def module(self, layer: int, expert: int) -> nn.Module:
+        """The expert as a module computing straight from its entry in the store (no copy)."""
+        return make_expert(*self.layout.unpack(self.buffers[layer][expert]))
 
     def nbytes(self) -> int:
         return self.layout.nbytes * self.n_layers * self.n_experts

@@ -17,17 +17,18 @@ import torch
 from torch import nn
 
 from ..checkpoints.config import ModelArgs
-from ..checkpoints.reader import EXPERT_PROJS, Checkpoint, shared_shapes
+from ..checkpoints.layout import EXPERT_PROJS, shared_shapes
+from ..checkpoints.reader import Checkpoint
 from ..checkpoints.tokenizer import Tokenizer
 from ..errors import UserError
 from ..kernels import native
 from ..kernels.linear import use_dense_linears
 from ..settings import DTYPE_NAMES, RuntimeOptions
-from ..system.host_memory import HostArena, arena_fits, streamed_shared, weight_bytes
+from ..system.host_memory import HostArena, mem_available
 from .cpu_experts import CpuExperts, measure_costs
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
 from .model import ExpertProvider, Mixtral, fused_attention_available
-from .plan import plan_memory, require_fit
+from .plan import plan_host, plan_memory, require_fit, streamed_shared
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -139,8 +140,9 @@ def build_engine(
     resident = slots == args.num_local_experts
     # On the CPU the weights the model computes from go to one huge-page arena when it fits in RAM
     # (host_memory.py); otherwise they stay memory-mapped.
-    arena_bytes = weight_bytes(args, ckpt.quant, dtype, experts=resident)
-    arena = HostArena(arena_bytes) if device.type == "cpu" and arena_fits(arena_bytes) else None
+    host = plan_host(args, ckpt.quant, device.type, resident, dtype.itemsize, isinstance(ckpt, Checkpoint),
+                     mem_available()).require()
+    arena = HostArena(host.arena) if host.arena and not host.mapped else None
 
     in_arena = set(streamed_shared(args)) if arena is not None else set()
 

@@ -16,45 +16,28 @@ step reads, and the decode-speed bound that follows from it (`info` and `bench` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from ..checkpoints.config import ModelArgs
+from ..checkpoints.layout import EMBEDDING, expert_bytes, packed_expert_bytes, shared_shapes
 from ..errors import UserError
-from ..kernels.formats import QuantizedTensor, QuantSpec
+from ..kernels.formats import FORMATS, QuantSpec, aligned
+from ..sizes import format_gb
+from ..system.host_memory import HOST_HEADROOM, room_for
 
 MiB = 2**20
 CUDA_CONTEXT_BYTES = 512 * MiB  # CUDA context + cuBLAS workspaces, measured ~0.5 GiB with torch
 SLACK_FRACTION = 0.05  # caching-allocator fragmentation
 PREFILL_CHUNK = 512  # tokens per prefill forward pass, everywhere (generation, chat, perplexity, bench)
 LOGITS_ROWS = 16  # perplexity turns hidden states into logits this many positions at a time
-ALIGN = 64  # bytes; every tensor of an expert starts at a multiple of this in its store/slot buffer
 
 
-def _expert_parts(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int) -> list[int]:
-    """Bytes of every stored tensor of one expert (w1, w2, w3 and their quantization parts)."""
-    D, I = args.hidden_size, args.intermediate_size
-    sizes = []
-    for shape in ((I, D), (D, I), (I, D)):
-        if spec is None:
-            sizes.append(shape[0] * shape[1] * dense_bytes)
-            continue
-        for pshape, dtype in QuantizedTensor.expected_parts(spec, shape).values():
-            n = 1
-            for s in pshape:
-                n *= s
-            sizes.append(n * dtype.itemsize)
-    return sizes
-
-
-def expert_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
-    """Bytes of one expert (w1, w3: I x D; w2: D x I) in the stored format, scales included."""
-    return sum(_expert_parts(args, spec, dense_bytes))
-
-
-def slot_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
-    """Bytes of one expert packed into one buffer, every tensor starting at a multiple of `ALIGN`
-    (what one host-store entry and one device slot hold; `experts.ExpertLayout` packs it)."""
-    return sum(-(-n // ALIGN) * ALIGN for n in _expert_parts(args, spec, dense_bytes))
+def fewer_bits_hint(spec: QuantSpec | None) -> str | None:
+    """'--bits 4' where the experts could be stored in fewer bits than `spec` (None: dense), else None:
+    the one place that decides to suggest a smaller format."""
+    smallest = min(f.bits for f in FORMATS.values())
+    return None if spec is not None and spec.bits <= smallest else f"--bits {smallest}"
 
 
 def shared_bytes(args: ModelArgs, dense_bytes: int = 2) -> int:
@@ -67,7 +50,7 @@ def all_experts_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int 
     return args.num_hidden_layers * args.num_local_experts * expert_bytes(args, spec, dense_bytes)
 
 
-def weight_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
+def model_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
     """The whole model: shared weights plus every expert in the stored format."""
     return shared_bytes(args, dense_bytes) + all_experts_bytes(args, spec, dense_bytes)
 
@@ -137,11 +120,7 @@ def workspace(args: ModelArgs, spec: QuantSpec | None, ctx: int, dense_bytes: in
     T, S = min(PREFILL_CHUNK, ctx), ctx
     D, I, H, Hd, V = args.hidden_size, args.intermediate_size, args.num_attention_heads, args.head_dim, args.vocab_size
     b = dense_bytes
-    dequant = 0
-    if spec is not None:
-        dequant = I * D * b
-        if spec.name == "nf4":
-            dequant += 2 * (I * D // spec.group_size) * 4
+    dequant = 0 if spec is None else spec.format.dequantize_workspace((I, D), spec.group_size, b)
     return Workspace(
         activations=8 * T * D * b,
         expert_intermediates=3 * T * I * b,
@@ -192,7 +171,7 @@ def plan_memory(args: ModelArgs, spec: QuantSpec | None, ctx: int, budget: int, 
     `fused_attention`: whether a fused SDPA kernel serves masked grouped-query attention on the
     target GPU (`model.fused_attention_available`); without one the math path's scores are reserved."""
     L, E = args.num_hidden_layers, args.num_local_experts
-    one_slot = slot_bytes(args, spec, dense_bytes)
+    one_slot = packed_expert_bytes(args, spec, dense_bytes)
     ws = workspace(args, spec, ctx, dense_bytes, fused_attention)
     plan = MemoryPlan(
         budget=budget,
@@ -230,10 +209,81 @@ def require_fit(plan: MemoryPlan, top_k: int, ctx: int, spec: QuantSpec | None =
     """Refuse a budget that cannot hold top-k expert slots per layer, naming the minimum (``spec``:
     the experts' format, to suggest 4-bit experts only where they are not 4-bit already)."""
     if not plan.fits:
-        fewer = " or use 4-bit experts" if spec is None or spec.bits > 4 else ""
+        bits = fewer_bits_hint(spec)
+        fewer = f" or use {bits}" if bits else ""
         raise UserError(
             f"a GPU budget of {plan.budget / 2**30:.2f} GiB cannot hold {top_k} expert slots per layer "
             f"next to the resident weights and a {ctx}-token KV cache",
             hint=f"the minimum is {plan.minimum_budget / 2**30:.2f} GiB: raise --gpu-mem, lower the context{fewer}",
         )
     return plan
+
+
+# -- host RAM ----------------------------------------------------------------------------------------
+def streamed_shared(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The shared (non-expert) weights a decode step reads whole, with their shapes: all but the embedding
+    table, of which a step reads one row (unless the output layer shares it). A CPU run puts these in
+    its arena; the embedding stays in the memory-mapped file, where only the rows used are resident."""
+    shapes = shared_shapes(args)
+    return shapes if args.tie_word_embeddings else {k: v for k, v in shapes.items() if k != EMBEDDING}
+
+
+def arena_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int, experts: bool) -> int:
+    """CPU arena bytes: the streamed shared weights at `dense_bytes` and, with `experts`, every expert
+    packed as in the store, each tensor rounded up to `ALIGN`."""
+    total = sum(aligned(math.prod(shape) * dense_bytes) for shape in streamed_shared(args).values())
+    if experts:
+        total += args.num_hidden_layers * args.num_local_experts * packed_expert_bytes(args, spec, dense_bytes)
+    return total
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """What a run holds in host RAM, exactly as `loader.build_engine` places it, and whether that fits
+    (`room_for`: `HOST_HEADROOM` left to the system). `run`, `bench` and `info` all decide with this.
+
+    - `store`: the expert store (every expert packed) when experts are offloaded; page-locked on CUDA.
+    - `arena`: on the CPU, the weights read into the huge-page arena.
+    - `mapped`: the arena would not fit, so the weights are computed from the memory-mapped files
+      instead, where the kernel pages them in and out (a checkpoint on disk only: generated weights
+      have no file to fall back on, so for them the arena's bytes must fit as anonymous memory).
+    """
+
+    store: int
+    pinned: bool
+    arena: int
+    mapped: bool
+    fits: bool
+    available: int | None
+    spec: QuantSpec | None
+
+    @property
+    def held(self) -> int:
+        """Anonymous host RAM the run holds: the store, and the arena when it is used."""
+        return self.store + (0 if self.mapped else self.arena)
+
+    def require(self, what: str = "the model") -> HostPlan:
+        """Refuse a plan that does not fit, in one line naming the need and what to do."""
+        if not self.fits:
+            kind = "pinned host RAM" if self.pinned else "host RAM"
+            bits = fewer_bits_hint(self.spec)
+            hint = "free some RAM or use a machine with more"
+            raise UserError(f"{what} needs {format_gb(self.held)} of {kind} plus {format_gb(HOST_HEADROOM)} for the "
+                            f"system, and {format_gb(self.available or 0)} is available",
+                            hint=f"use {bits}, or {hint}" if bits else hint)
+        return self
+
+
+def plan_host(args: ModelArgs, spec: QuantSpec | None, device: str, resident: bool, dense_bytes: int,
+              mapped_source: bool, available: int | None) -> HostPlan:
+    """The host side of a run on `device` ("cpu" or "cuda") with every expert on it (`resident`) or
+    offloaded to the store; `mapped_source`: the weights come from memory-mapped files (a checkpoint,
+    not generated ones), so the CPU can fall back to computing from them."""
+    store = 0 if resident else args.num_hidden_layers * args.num_local_experts * packed_expert_bytes(args, spec, dense_bytes)
+    pinned = device == "cuda" and not resident
+    if device != "cpu":
+        return HostPlan(store, pinned, 0, False, room_for(store, available), available, spec)
+    arena = arena_bytes(args, spec, dense_bytes, experts=resident)
+    if room_for(store + arena, available) or not mapped_source:
+        return HostPlan(store, False, arena, False, room_for(store + arena, available), available, spec)
+    return HostPlan(store, False, arena, True, room_for(store, available), available, spec)

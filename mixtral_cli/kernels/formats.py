@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,18 @@ def _dynamic_code() -> torch.Tensor:
 DYNAMIC_CODE = _dynamic_code()
 
 
+ALIGN = 64  # bytes: stored tensors start at multiples of this (files, arena, expert slots) for SIMD reads in place
+
+
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``ALIGN``."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """``name``: "nf4" or "int8"; ``bits``: 4 or 8; ``group_size``: elements per scale block."""
@@ -82,6 +95,11 @@ class QuantSpec:
     name: str
     bits: int
     group_size: int
+
+    @property
+    def format(self) -> Format:
+        """What this spec's format knows about itself (callers ask it instead of comparing names)."""
+        return FORMATS[self.name]
 
     def check_shape(self, shape: tuple[int, int]) -> None:
         out_f, in_f = shape
@@ -93,24 +111,33 @@ class QuantSpec:
             )
 
 
+def _nf4_group_problem(gs: object) -> str | None:
+    # The bitsandbytes kernels (and so the on-disk layout) support these block sizes only.
+    if gs not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        return f"nf4 group size must be a power of two in 32..4096, got {gs}"
+    return None
+
+
+def _int8_group_problem(gs: object) -> str | None:
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs < 2 or gs % 2:
+        return f"int8 group size must be an even integer >= 2, got {gs}"
+    return None
+
+
 def spec_for_bits(bits: int, group_size: int | None = None) -> QuantSpec:
     """The format for ``bits`` (4 -> nf4, 8 -> int8), with its default block unless given."""
-    if bits == 4:
-        gs = NF4_BLOCK if group_size is None else group_size
-        # The bitsandbytes kernels (and so the on-disk layout) support these block sizes only.
-        if gs not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"nf4 group size must be a power of two in 32..4096, got {group_size}")
-        return QuantSpec("nf4", 4, gs)
-    if bits == 8:
-        gs = INT8_DEFAULT_GROUP if group_size is None else group_size
-        if not isinstance(gs, int) or gs < 2 or gs % 2:
-            raise ValueError(f"int8 group size must be an even integer >= 2, got {group_size}")
-        return QuantSpec("int8", 8, gs)
-    raise ValueError(f"unsupported bits {bits}: expected 4 or 8")
+    fmt = next((f for f in FORMATS.values() if f.bits == bits), None)
+    if fmt is None:
+        raise ValueError(f"unsupported bits {bits}: expected 4 or 8")
+    gs = fmt.default_group if group_size is None else group_size
+    problem = fmt.group_problem(gs)
+    if problem:
+        raise ValueError(problem)
+    return QuantSpec(fmt.name, bits, gs)
 
 
 def _check_spec(spec: QuantSpec) -> None:
-    if spec != spec_for_bits(spec.bits, spec.group_size) or spec.name not in ("nf4", "int8"):
+    if spec.name not in FORMATS or spec != spec_for_bits(spec.bits, spec.group_size):
         raise ValueError(f"unsupported quantization spec {spec}")
 
 
@@ -134,20 +161,12 @@ class QuantizedTensor:
         """Shape and dtype of every stored part of a weight of ``shape`` in ``spec``."""
         _check_spec(spec)
         spec.check_shape(shape)
-        out_f, in_f = shape
-        n = out_f * in_f
-        if spec.name == "nf4":
-            blocks = n // spec.group_size
-            return {
-                "qweight": ((n // 2, 1), torch.uint8),
-                "scales": ((blocks,), torch.uint8),
-                "scales_absmax": ((math.ceil(blocks / NESTED_BLOCK),), torch.float32),
-                "scales_offset": ((1,), torch.float32),
-            }
-        return {
-            "qweight": ((out_f, in_f), torch.int8),
-            "scales": ((out_f, in_f // spec.group_size), torch.float32),
-        }
+        return spec.format.parts(spec.group_size, shape)
+
+    @staticmethod
+    def part_bytes(spec: QuantSpec, shape: tuple[int, int]) -> list[int]:
+        """Bytes of every stored part of a weight of ``shape`` in ``spec``."""
+        return [tensor_bytes(s, d) for s, d in QuantizedTensor.expected_parts(spec, shape).values()]
 
     @classmethod
     def from_state_dict(
@@ -293,19 +312,20 @@ def _quantize_int8(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     return {"qweight": qweight, "scales": scales}
 
 
-def _quantize_native(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """One pass over the weight in the native kernel: ~10x less memory traffic than the torch
-    reference, and one parallel region per matrix, so it holds up on a busy machine."""
-    if spec.name == "nf4":
-        codes, absmax = native.quantize_blocks(w, "nf4", spec.group_size, _NF4_INDEXER.mids)
-        return _nf4_parts(codes, absmax)
+# The native quantizers make one pass over the weight: ~10x less memory traffic than the torch
+# reference, and one parallel region per matrix, so they hold up on a busy machine.
+def _quantize_nf4_native(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    codes, absmax = native.quantize_blocks(w, "nf4", spec.group_size, _NF4_INDEXER.mids)
+    return _nf4_parts(codes, absmax)
+
+
+def _quantize_int8_native(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     codes, scales = native.quantize_blocks(w, "int8", spec.group_size)
     return {"qweight": codes, "scales": scales}
 
 
 def native_quantize_usable(w: torch.Tensor, spec: QuantSpec) -> bool:
-    return (w.dtype in native.TYPES and (spec.name != "nf4" or spec.group_size <= 4096)
-            and native.available())
+    return w.dtype in native.TYPES and native.available()
 
 
 @torch.no_grad()
@@ -320,10 +340,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec, *, reference: bool = False) -> Qu
     shape = (int(w.shape[0]), int(w.shape[1]))
     spec.check_shape(shape)
     w = w.detach().to("cpu")
-    if not reference and native_quantize_usable(w, spec):
-        parts = _quantize_native(w, spec)
-    else:
-        parts = _quantize_nf4(w, spec) if spec.name == "nf4" else _quantize_int8(w, spec)
+    fmt = spec.format
+    native_ok = not reference and native_quantize_usable(w, spec)
+    parts = (fmt.quantize_native if native_ok else fmt.quantize_reference)(w, spec)
     return QuantizedTensor(spec, shape, parts)
 
 
@@ -348,28 +367,87 @@ def _table_on(name: str, device: torch.device) -> torch.Tensor:
     return {"dynamic": DYNAMIC_CODE, "nf4_pairs": _NF4_PAIRS}[name].to(device)
 
 
-@torch.no_grad()
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The ``[out_features, in_features]`` weight in ``dtype`` (computed in float32)."""
+def _dequantize_rows(in_f: int, device: torch.device) -> int:
+    """Rows per chunk: the float32 temporaries stay small (in cache on CPU; bounded on a GPU)."""
+    return _rows_per_chunk(in_f) if device.type == "cpu" else max(1, _CUDA_CHUNK_ELEMS // in_f)
+
+
+def _dequantize_nf4(qt: QuantizedTensor, out: torch.Tensor) -> None:
     out_f, in_f = qt.shape
-    p = qt.parts
+    gs, dev = qt.spec.group_size, out.device
+    rows = _dequantize_rows(in_f, dev)
+    pairs = _table_on("nf4_pairs", dev)  # byte -> (high code, low code)
+    packed = qt.parts["qweight"].view(out_f, in_f // 2)
+    absmax = nf4_absmax(qt).view(out_f, in_f // gs)
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        w = pairs[packed[r0:r1].reshape(-1).long()].view(-1, gs) * absmax[r0:r1].reshape(-1, 1)
+        out[r0:r1] = w.view(r1 - r0, in_f)
+
+
+def _dequantize_int8(qt: QuantizedTensor, out: torch.Tensor) -> None:
+    out_f, in_f = qt.shape
     gs = qt.spec.group_size
-    dev = p["qweight"].device
-    out = torch.empty(out_f, in_f, dtype=dtype, device=dev)
-    # row chunks keep the float32 temporaries small (in cache on CPU; bounded on a GPU)
-    rows = _rows_per_chunk(in_f) if dev.type == "cpu" else max(1, _CUDA_CHUNK_ELEMS // in_f)
-    if qt.spec.name == "nf4":
-        pairs = _table_on("nf4_pairs", dev)  # byte -> (high code, low code)
-        packed = p["qweight"].view(out_f, in_f // 2)
-        absmax = nf4_absmax(qt).view(out_f, in_f // gs)
-        for r0 in range(0, out_f, rows):
-            r1 = min(out_f, r0 + rows)
-            w = pairs[packed[r0:r1].reshape(-1).long()].view(-1, gs) * absmax[r0:r1].reshape(-1, 1)
-            out[r0:r1] = w.view(r1 - r0, in_f)
-        return out
-    qweight, scales = p["qweight"], p["scales"]
+    rows = _dequantize_rows(in_f, out.device)
+    qweight, scales = qt.parts["qweight"], qt.parts["scales"]
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
         w = qweight[r0:r1].view(r1 - r0, -1, gs).float() * scales[r0:r1, :, None]
         out[r0:r1] = w.view(r1 - r0, in_f)
+
+
+@torch.no_grad()
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``[out_features, in_features]`` weight in ``dtype`` (computed in float32)."""
+    out = torch.empty(qt.shape, dtype=dtype, device=qt.parts["qweight"].device)
+    qt.spec.format.dequantize(qt, out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The format table: everything that differs between the formats, looked up by name.
+
+
+def _nf4_parts_shapes(group: int, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    n = shape[0] * shape[1]
+    blocks = n // group
+    return {
+        "qweight": ((n // 2, 1), torch.uint8),
+        "scales": ((blocks,), torch.uint8),
+        "scales_absmax": ((math.ceil(blocks / NESTED_BLOCK),), torch.float32),
+        "scales_offset": ((1,), torch.float32),
+    }
+
+
+def _int8_parts_shapes(group: int, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    out_f, in_f = shape
+    return {"qweight": ((out_f, in_f), torch.int8), "scales": ((out_f, in_f // group), torch.float32)}
+
+
+@dataclass(frozen=True)
+class Format:
+    """One storage format: its stored parts, its quantizers and dequantizer, and what it costs."""
+
+    name: str
+    bits: int
+    default_group: int
+    group_problem: Callable[[object], str | None]  # why a group size is refused, or None
+    parts: Callable[[int, tuple[int, int]], dict[str, tuple[tuple[int, ...], torch.dtype]]]
+    quantize_reference: Callable[[torch.Tensor, QuantSpec], dict[str, torch.Tensor]]
+    quantize_native: Callable[[torch.Tensor, QuantSpec], dict[str, torch.Tensor]]
+    dequantize: Callable[[QuantizedTensor, torch.Tensor], None]
+    float_scale_copies: int  # float32 temporaries per block that dequantizing a whole matrix allocates
+
+    def dequantize_workspace(self, shape: tuple[int, int], group: int, dense_bytes: int) -> int:
+        """Bytes of one ``shape`` matrix dequantized to the compute dtype, with its float32 scale temporaries."""
+        n = shape[0] * shape[1]
+        return n * dense_bytes + self.float_scale_copies * (n // group) * 4
+
+
+FORMATS: dict[str, Format] = {
+    # nf4's block absmax is rebuilt in float32 (twice: the lookup, then the scaled copy)
+    "nf4": Format("nf4", 4, NF4_BLOCK, _nf4_group_problem, _nf4_parts_shapes, _quantize_nf4,
+                  _quantize_nf4_native, _dequantize_nf4, float_scale_copies=2),
+    "int8": Format("int8", 8, INT8_DEFAULT_GROUP, _int8_group_problem, _int8_parts_shapes, _quantize_int8,
+                   _quantize_int8_native, _dequantize_int8, float_scale_copies=0),
+}

@@ -1,83 +1,121 @@
-"""The weights a CPU run computes from, in one anonymous mapping with transparent huge pages requested.
+"""Host memory: how much RAM is free, the one rule for holding more of it, and the blocks the weights
+live in.
 
-A CPU decode step streams every weight it uses from memory, so where those bytes lie matters.
-Measured on the AVX2 machine (2-layer real-shape slice, 2 threads, interleaved): decode from the
-memory-mapped safetensors pages (file-backed, 4 KiB) ran at 22.2-24.0 tok/s at 8 bits; from a copy
-in anonymous memory 24.7-24.9; from anonymous memory with huge pages 25.0-25.9 (4 bits: 26.8-27.4
--> 30.6-31.4). Huge pages also spare the page walks of a stream that crosses a 4 KiB page every
-few microseconds.
-
-So a CPU run reads each weight straight from its file into a ``HostArena`` (``Checkpoint.tensor(...,
-into=arena)``: a plain read, no file mapping, so the resident size is the arena and not the arena
-plus the mapped file), when the arena fits in the RAM available (``arena_fits``: ``MemAvailable``
-less 2 GiB for the system). A model larger than that stays memory-mapped, where the kernel can page
-it from the file instead of failing. The arena is one private anonymous mapping
-(``experts.anonymous_mapping``, as for the expert store) whose block starts on a 2 MiB boundary,
-advised ``MADV_HUGEPAGE`` where the platform has it (Linux; the kernel's ``transparent_hugepage``
-setting decides), holding the tensors back to back at 64-byte alignment.
+- ``mem_available`` and ``room_for``: the kernel's ``MemAvailable``, and whether a run may hold
+  ``nbytes`` more while leaving the system ``HOST_HEADROOM`` (every fit decision of the project asks this).
+- ``HostSlab``: one anonymous, page-aligned mapping, page-locked for the GPU with ``cudaHostRegister``
+  when asked (exactly its bytes, none of torch's pinned allocator's power-of-two rounding): the
+  expert store.
+- ``HostArena``: a bump allocator over one anonymous mapping that starts on a 2 MiB boundary and is
+  advised ``MADV_HUGEPAGE`` (Linux; the kernel's ``transparent_hugepage`` setting decides): the weights
+  a CPU run computes from, read straight from the files into it. Decode streams every weight it uses,
+  and reads them measurably faster from anonymous huge pages than from the memory-mapped files'
+  4 KiB pages (docs/benchmarks.md, "CPU weights in one huge-page arena").
 """
 
 from __future__ import annotations
 
-import math
 import mmap
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from ..checkpoints.config import ModelArgs
-from ..checkpoints.reader import EXPERT_PROJS, expert_shape, shared_shapes
-from ..engine.experts import HOST_HEADROOM, anonymous_mapping, mem_available
-from ..kernels.formats import QuantizedTensor, QuantSpec
+from ..errors import UserError
+from ..kernels.formats import QuantizedTensor, aligned, tensor_bytes
+from ..sizes import format_gb
 
+GiB = 2**30
+PAGE = mmap.PAGESIZE
 HUGE_PAGE = 2 << 20
-ALIGN = 64
+HOST_HEADROOM = 2 * GiB  # host RAM left to the OS and the rest of the process
 
 
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The kernel's estimate of host RAM available without swapping (`MemAvailable`), in bytes;
+    None where it cannot be read (not Linux)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
-def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize
+def room_for(nbytes: int, available: int | None) -> bool:
+    """Whether ``nbytes`` more can be held while ``HOST_HEADROOM`` of the RAM ``available`` is left to the
+    system (True where that cannot be read). Page-locked memory cannot be swapped out, and running
+    short ends in the OOM killer, so every placement in host RAM asks this one rule."""
+    return available is None or nbytes + HOST_HEADROOM <= available
 
 
-EMBEDDING = "model.embed_tokens.weight"
+class CudaHostRegister:
+    """Page-locks host memory for the GPU with `cudaHostRegister` (exactly the given range), and
+    unlocks it with `cudaHostUnregister`."""
+
+    PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
+
+    def register(self, ptr: int, nbytes: int) -> None:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(ptr, nbytes, self.PORTABLE)
+        if err != cudart.cudaError.success:
+            raise UserError(f"could not pin {format_gb(nbytes)} of host RAM for the expert store "
+                            f"({cudart.cudaGetErrorString(err)})", hint="free some RAM or use --bits 4")
+
+    def unregister(self, ptr: int) -> None:
+        torch.cuda.synchronize()  # no copy from these pages may still be in flight
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
-def streamed_shared(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """The shared (non-expert) weights a decode step reads whole, with their shapes: all but the embedding
-    table, of which a step reads one row (unless the output layer shares it). These go to the arena;
-    the embedding stays in the memory-mapped file, where only the rows used are ever resident."""
-    shapes = shared_shapes(args)
-    return shapes if args.tie_word_embeddings else {k: v for k, v in shapes.items() if k != EMBEDDING}
+def anonymous_mapping(size: int, huge_pages: bool = False) -> mmap.mmap:
+    """A private anonymous mapping of `size` bytes (page-aligned, zero-filled on first touch); with
+    `huge_pages`, advised `MADV_HUGEPAGE` where the platform has it (Linux)."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    mapping = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
 
 
-def weight_bytes(args: ModelArgs, quant: QuantSpec | None, dtype: torch.dtype, experts: bool) -> int:
-    """Arena bytes for the streamed shared weights in ``dtype`` and, with ``experts``, every expert (its
-    stored parts when quantized, else in ``dtype``), each rounded up to the arena's alignment."""
-    total = sum(_aligned(tensor_bytes(shape, dtype)) for shape in streamed_shared(args).values())
-    if experts:
-        per_expert = 0
-        for proj in EXPERT_PROJS:
-            shape = expert_shape(args, proj)
-            if quant is None:
-                per_expert += _aligned(tensor_bytes(shape, dtype))
-            else:
-                per_expert += sum(_aligned(tensor_bytes(s, d)) for s, d in QuantizedTensor.expected_parts(quant, shape).values())
-        total += per_expert * args.num_hidden_layers * args.num_local_experts
-    return total
+class HostSlab:
+    """One anonymous, page-aligned host mapping of `nbytes` (rounded up to whole pages), as a uint8
+    tensor; pinned through `pinner` when given, unpinned and unmapped by `close()` (or when the
+    slab is garbage-collected)."""
 
+    def __init__(self, nbytes: int, pinner: CudaHostRegister | None = None) -> None:
+        self.nbytes = nbytes
+        self.size = max(PAGE, -(-nbytes // PAGE) * PAGE)
+        mapping = anonymous_mapping(self.size)
+        self.tensor = torch.frombuffer(mapping, dtype=torch.uint8)  # [size], shares the mapping
+        ptr = self.tensor.data_ptr()
+        if pinner is not None:
+            pinner.register(ptr, self.size)
+        self.pinned_bytes = self.size if pinner is not None else 0
+        self._finalizer = weakref.finalize(self, HostSlab._release, mapping, ptr, pinner)
 
-def arena_fits(nbytes: int, available: Callable[[], int | None] = mem_available) -> bool:
-    """Whether an arena of ``nbytes`` leaves the system ``HOST_HEADROOM`` of the RAM available now
-    (True where that cannot be read)."""
-    have = available()
-    return have is None or nbytes + HOST_HEADROOM <= have
+    @staticmethod
+    def _release(mapping: mmap.mmap, ptr: int, pinner: CudaHostRegister | None) -> None:
+        if pinner is not None:
+            try:
+                pinner.unregister(ptr)
+            except Exception:  # at interpreter exit CUDA may already be gone
+                pass
+        try:
+            mapping.close()
+        except BufferError:  # tensors still view it: it is unmapped when the last one goes
+            pass
+
+    def close(self) -> None:
+        self.pinned_bytes = 0
+        self.tensor = None  # this view too, so that the mapping can go as soon as no other view holds it
+        self._finalizer()
 
 
 class HostArena:
-    """A bump allocator over one block of host memory (see the module docstring). Tensors it hands out
+    """A bump allocator over one block of host memory whose start is 2 MiB-aligned, advised for huge
+    pages (see the module docstring), holding tensors back to back at `ALIGN`. Tensors it hands out
     are views of the block and keep it alive; it is never freed piecemeal."""
 
     def __init__(self, nbytes: int) -> None:
@@ -91,7 +129,7 @@ class HostArena:
     def alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor in the arena."""
         n = tensor_bytes(shape, dtype)
-        at = _aligned(self.used)
+        at = aligned(self.used)
         if at + n > self.size:
             raise RuntimeError(f"host arena of {self.size} bytes cannot hold {n} more at {at}")
         self.used = at + n
@@ -109,3 +147,6 @@ class HostArena:
         if isinstance(w, QuantizedTensor):
             return QuantizedTensor(w.spec, w.shape, {k: self.copy(v) for k, v in w.parts.items()})
         return self.copy(w, dtype)
+
+
+AvailableRam = Callable[[], int | None]  # `mem_available`, or a stand-in in the tests
