@@ -26,8 +26,7 @@ from mixtral_cli.bench.synthetic import PRESETS, SyntheticCheckpoint, preset_arg
 from mixtral_cli.checkpoints.config import ModelArgs
 from mixtral_cli.engine.experts import ExpertCache, ResidentExperts
 from mixtral_cli.engine.generate import Session, chunks
-from mixtral_cli.engine.loader import RuntimeOptions, build_engine
-from mixtral_cli.engine.model import fused_attention_available
+from mixtral_cli.engine.loader import RuntimeOptions, build_engine, fused_attention_available
 from mixtral_cli.engine.plan import CUDA_CONTEXT_BYTES, plan_memory
 from mixtral_cli.kernels import dispatch
 from mixtral_cli.kernels.formats import quantize, spec_for_bits

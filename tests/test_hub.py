@@ -576,11 +576,14 @@ def test_resolve_partly_downloaded_repo(fake_hub, hf_env):
         hub.resolve_model(REPO)
 
 
-def test_resolve_downloads_when_asked(fake_hub, hf_env):
+def test_resolve_names_the_missing_repo_for_the_cli_to_download(fake_hub, hf_env):
     files = make_files()
     sha = fake_hub.add_repo(REPO, files)
-    path = hub.resolve_model(REPO, download_missing=True)
-    assert path == snapshot_dir(hf_env, sha)
+    with pytest.raises(hub.ModelNotDownloaded, match="not downloaded") as e:
+        hub.resolve_model(REPO)
+    assert e.value.repo_id == REPO and "--yes" in e.value.hint
+    path = dl.download(e.value.repo_id)
+    assert path == snapshot_dir(hf_env, sha) and hub.resolve_model(REPO) == path
     assert_files(path, files)
 
 

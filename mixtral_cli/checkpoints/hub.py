@@ -140,21 +140,21 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def resolve_model(
-    spec: str | None,
-    *,
-    download_missing: bool = False,
-    progress=None,
-    token: str | None = None,
-    offer_yes: bool = True,
-) -> Path:
+class ModelNotDownloaded(UserError):
+    """A Hub repo id with no complete snapshot in the cache; `repo_id` says which (the command line
+    downloads it when the user passed --yes)."""
+
+    def __init__(self, repo_id: str, message: str, hint: str) -> None:
+        super().__init__(message, hint=hint)
+        self.repo_id = repo_id
+
+
+def resolve_model(spec: str | None, *, offer_yes: bool = True) -> Path:
     """Map a model spec to a local directory.
 
     ``spec`` is a directory, or a Hub repo id looked up in the HF cache. ``None`` means
-    ``$MIXTRAL_MODEL``, else ``DEFAULT_REPO``. A repo id that is not cached raises ``UserError``
-    unless ``download_missing`` is true, in which case it is downloaded first (``progress`` is a
-    ``download.ProgressSink``). ``offer_yes``: the error's hint mentions ``--yes`` (for commands
-    that accept it).
+    ``$MIXTRAL_MODEL``, else ``DEFAULT_REPO``. A repo id that is not cached raises
+    ``ModelNotDownloaded``; ``offer_yes``: its hint mentions ``--yes`` (for commands that accept it).
     """
     spec = spec or os.environ.get("MIXTRAL_MODEL") or DEFAULT_REPO
     path = Path(spec).expanduser()
@@ -168,11 +168,7 @@ def resolve_model(
     found = cached_snapshot(spec, None)
     if found is not None:
         return found
-    if download_missing:
-        from .download import download
-
-        return download(spec, token=token, progress=progress)
     partly = repo_folder(spec).joinpath("snapshots").is_dir()
     state = "only partly downloaded" if partly else "not downloaded"
     hint = f"run: mixtral download {spec}" + ("  (or pass --yes)" if offer_yes else "")
-    raise UserError(f"model {spec} is {state}", hint=hint)
+    raise ModelNotDownloaded(spec, f"model {spec} is {state}", hint=hint)

@@ -432,12 +432,9 @@ def quantize_checkpoint(
     return out
 
 
-def quantize_cli(model: str | None, bits: int, out: Path | None, group_size: int | None, force: bool,
+def quantize_cli(src: Path, bits: int, out: Path | None, group_size: int | None, force: bool,
                  shard_bytes: int | None, make_progress: Callable[[], Any]) -> Path:
-    """Resolve MODEL like the other verbs and run :func:`quantize_checkpoint` under a progress display."""
-    from .hub import resolve_model
-
-    src = resolve_model(model)
+    """Run :func:`quantize_checkpoint` on the resolved model directory under a progress display."""
     with make_progress() as progress:
-        return quantize_checkpoint(src, out, bits, group_size, force, progress,
+        return quantize_checkpoint(Path(src), out, bits, group_size, force, progress,
                                    shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES)

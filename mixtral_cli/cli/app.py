@@ -74,12 +74,17 @@ def _root(
 
 def _resolve(model: str | None, yes: bool) -> Path:
     """The model's directory; with --yes a missing repo is downloaded first, with a progress display."""
-    from ..checkpoints.hub import resolve_model
+    from ..checkpoints.hub import ModelNotDownloaded, resolve_model
 
-    if not yes:
+    try:
         return resolve_model(model)
-    with ui.DownloadProgress() as progress:
-        return resolve_model(model, download_missing=True, progress=progress)
+    except ModelNotDownloaded as missing:
+        if not yes:
+            raise
+        from ..checkpoints.download import download as fetch
+
+        with ui.DownloadProgress() as progress:
+            return fetch(missing.repo_id, progress=progress)
 
 
 def _load(model: str | None, opts, yes: bool = False):
@@ -200,7 +205,7 @@ def quantize(
     from ..sizes import parse_size
 
     source = _resolve(model, yes)
-    path = quantize_cli(str(source), bits, out, group_size, force, parse_size(shard_size), ui.QuantizeProgress)
+    path = quantize_cli(source, bits, out, group_size, force, parse_size(shard_size), ui.QuantizeProgress)
     sys.stdout.write(f"{path}\n")
     sys.stdout.flush()
 

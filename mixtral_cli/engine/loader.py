@@ -27,7 +27,7 @@ from ..settings import DTYPE_NAMES, RuntimeOptions
 from ..system.host_memory import HostArena, mem_available
 from .cpu_experts import CpuExperts, measure_costs
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
-from .model import ExpertProvider, Mixtral, fused_attention_available
+from .model import ExpertProvider, Mixtral
 from .plan import plan_host, plan_memory, require_fit, streamed_shared
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -65,6 +65,24 @@ def apply_threads(threads: int | None) -> None:
         return
     torch.set_num_threads(threads)
     native.set_threads(threads)
+
+
+def fused_attention_available(device: torch.device, dtype: torch.dtype, args: ModelArgs) -> bool:
+    """Whether a fused SDPA kernel (memory-efficient; flash takes no mask) serves a later prefill
+    chunk's masked grouped-query call on `device`, as torch decides it. Where none does, SDPA
+    falls back to its math path, which materialises the [H, T, S] scores (the planner reserves
+    them then). On the CPU, torch's flash kernel takes masks."""
+    if device.type != "cuda":
+        return True
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_efficient_attention
+
+        q = torch.zeros(1, args.num_attention_heads, 8, args.head_dim, device=device, dtype=dtype)
+        kv = torch.zeros(1, args.num_key_value_heads, 16, args.head_dim, device=device, dtype=dtype)
+        mask = torch.zeros(8, 16, device=device, dtype=dtype)  # SDPA passes a boolean mask on in this additive form
+        return bool(can_use_efficient_attention(SDPAParams(q, kv, kv, mask, 0.0, False, True)))
+    except Exception:  # a torch without these entry points: assume the worst
+        return False
 
 
 @dataclass

@@ -7,7 +7,8 @@ Module attribute names follow the Hub checkpoint keys so weights load by name.
 The MoE block never owns its experts: it asks an ``ExpertProvider`` for them, so whether an expert
 is resident, quantized, or copied in from host memory is not the model's business. The model holds
 the one reference to the provider; the layer loop hands it to every block on each pass, wrapped in
-the ``Lookahead`` that hints the provider what the next layers will probably need.
+the ``Lookahead`` that hints the provider what the next layers will probably need. Which SDPA kernel
+serves a call is torch's choice; what the planner must reserve for it is decided in ``loader``.
 
 Shape legend: T tokens in this call, S cached positions, D hidden, H query heads, K kv heads,
 Hd head dim, E experts, A active experts per token, I expert FFN width, V vocab.
@@ -83,24 +84,6 @@ def attention_mask(pos: int, n_new: int, sliding_window: int | None, device) -> 
     if sliding_window is not None:
         mask &= (q_pos - k_pos) < sliding_window
     return mask
-
-
-def fused_attention_available(device: torch.device, dtype: torch.dtype, args: ModelArgs) -> bool:
-    """Whether a fused SDPA kernel (memory-efficient; flash takes no mask) serves a later prefill
-    chunk's masked grouped-query call on `device`, as torch decides it. Where none does, SDPA
-    falls back to its math path, which materialises the [H, T, S] scores (the planner reserves
-    them then). On the CPU, torch's flash kernel takes masks."""
-    if device.type != "cuda":
-        return True
-    try:
-        from torch.backends.cuda import SDPAParams, can_use_efficient_attention
-
-        q = torch.zeros(1, args.num_attention_heads, 8, args.head_dim, device=device, dtype=dtype)
-        kv = torch.zeros(1, args.num_key_value_heads, 16, args.head_dim, device=device, dtype=dtype)
-        mask = torch.zeros(8, 16, device=device, dtype=dtype)  # SDPA passes a boolean mask on in this additive form
-        return bool(can_use_efficient_attention(SDPAParams(q, kv, kv, mask, 0.0, False, True)))
-    except Exception:  # a torch without these entry points: assume the worst
-        return False
 
 
 class Attention(nn.Module):

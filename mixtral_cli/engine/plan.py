@@ -169,7 +169,7 @@ def plan_memory(args: ModelArgs, spec: QuantSpec | None, ctx: int, budget: int, 
                 fused_attention: bool = True) -> MemoryPlan:
     """Fit the resident parts, then as many expert slots per layer as the budget allows.
     `fused_attention`: whether a fused SDPA kernel serves masked grouped-query attention on the
-    target GPU (`model.fused_attention_available`); without one the math path's scores are reserved."""
+    target GPU (`loader.fused_attention_available`); without one the math path's scores are reserved."""
     L, E = args.num_hidden_layers, args.num_local_experts
     one_slot = packed_expert_bytes(args, spec, dense_bytes)
     ws = workspace(args, spec, ctx, dense_bytes, fused_attention)
