@@ -114,7 +114,7 @@ CPU_EXPERTS = SharedOption(RuntimeOptions, "cpu_experts", str, typer.Option(
     help="With offloaded experts, compute a decode miss on the CPU instead of copying it: auto decides per miss "
          "from costs measured at load."))
 THREADS = SharedOption(RuntimeOptions, "threads", int | None, typer.Option(
-    "-t", "--threads", metavar="N", help="CPU threads for torch; fewer can be faster on a busy machine  [default: one per core]"))
+    "-t", "--threads", metavar="N", help="CPU threads for torch and the native kernels; fewer can be faster on a busy machine  [default: one per core]"))
 
 SAMPLING = (TEMPERATURE, TOP_P, TOP_K, MIN_P, REPEAT_PENALTY, SEED)
 RUNTIME = (DEVICE, DTYPE, GPU_MEM, EXPERTS_IN_GPU, NO_PREFETCH, CPU_EXPERTS, THREADS)
