@@ -8,10 +8,10 @@ memory to 8 and 4 bits, and scores the text (`mixtral perplexity` semantics) thr
 
 - unquantized, float32;
 - quantized, every expert product exact (dequantize + matmul: the path above
-  `quant.kernels.native_max_tokens()` tokens per call);
+  `kernels.dispatch.native_max_tokens()` tokens per call);
 - quantized, every expert product through the native kernels (activations quantized to int8 per
   block: the path decode takes, and prefill too on CPUs without AVX512-BF16), by setting
-  `quant.kernels.NATIVE_MAX_TOKENS` for this process.
+  `kernels.dispatch.NATIVE_MAX_TOKENS` for this process.
 
 Prints the perplexities and the ratios against the unquantized model. Goals (as for the
 quantization itself): at most 1.002 for 8-bit and 1.01 for 4-bit.

@@ -23,8 +23,8 @@ from mixtral_cli.bench.run import BenchOptions, hybrid_bound, run_bench, spec_fr
 from mixtral_cli.bench.synthetic import SyntheticCheckpoint, preset_args, synthetic_quantized
 from mixtral_cli.checkpoints.layout import EXPERT_PROJS, expert_shape
 from mixtral_cli.engine.cpu_experts import ExpertCosts
-from mixtral_cli.engine.experts import CacheStats
 from mixtral_cli.engine.loader import build_engine
+from mixtral_cli.engine.provider import CacheStats
 from mixtral_cli.errors import UserError
 from mixtral_cli.kernels.formats import QuantizedTensor, dequantize, spec_for_bits
 from mixtral_cli.settings import RuntimeOptions

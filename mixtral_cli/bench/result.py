@@ -7,7 +7,7 @@ import csv
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
-from ..engine.experts import CacheStats
+from ..engine.provider import CacheStats
 from .baseline import BaselineInfo
 from .measure import RunTimes
 

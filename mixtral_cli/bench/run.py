@@ -24,10 +24,11 @@ import torch
 
 from ..checkpoints.reader import Checkpoint
 from ..engine.cpu_experts import layer_miss_time
-from ..engine.experts import CacheStats, ExpertCache, ExpertStore
+from ..engine.experts import ExpertCache, ExpertStore
 from ..engine.generate import Session
 from ..engine.loader import Engine, apply_threads, build_engine, fused_attention_available, pick_device
 from ..engine.plan import bytes_per_token, copy_wait_s, decode_bound, expert_bytes, plan_memory
+from ..engine.provider import CacheStats
 from ..errors import UserError
 from ..kernels.formats import QuantSpec, spec_for_bits
 from ..settings import RuntimeOptions

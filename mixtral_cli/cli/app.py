@@ -256,7 +256,7 @@ def serve(
     if not opts.api_key and not is_loopback(host):
         ui.notice(f"warning: listening on {host} without an API key: anyone who can reach this port can use "
                   "the model (set --api-key or $MIXTRAL_API_KEY)")
-    run_server(_load(model, runtime, yes), opts, sock)
+    run_server(_load(model, runtime, yes), opts, sock, ui.server_log, ui.serve_banner)
 
 
 @app.command()

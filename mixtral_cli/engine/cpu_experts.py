@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import CPU_EXPERT_MODES
-from .model import ExpertFn
+from .provider import ExpertFn
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,8 +35,9 @@ from ..system.host_memory import (
     room_for,
 )
 from .cpu_experts import CpuExperts, CpuJobs
-from .model import Expert, ExpertFn
+from .model import Expert
 from .plan import fewer_bits_hint
+from .provider import CacheStats, ExpertFn
 
 
 def make_linear(weight: torch.Tensor | QuantizedTensor) -> nn.Module:
@@ -53,39 +54,6 @@ def make_expert(w1, w2, w3) -> nn.Module:
     per expert on the CPU) when all three are quantized, else `Expert`."""
     layers = (make_linear(w1), make_linear(w2), make_linear(w3))
     return QuantSwiGLU(*layers) if all(isinstance(m, QuantLinear) for m in layers) else Expert(*layers)
-
-
-@dataclass
-class CacheStats:
-    """Expert-use counters, reported by `run --json` and the chat `/stats` line.
-
-    A use is one (token, selected expert) pair in one layer; a miss is a use that had to copy the
-    expert in first (the other tokens of a prefill using the same copy count as hits)."""
-
-    slots_per_layer: int
-    hits: int = 0
-    misses: int = 0
-    prefetch_hits: int = 0  # prefetched experts that were then used
-    prefetches: int = 0  # experts prefetch started copying
-    bytes_to_device: int = 0
-    cpu_experts: int = 0  # misses computed on the CPU from the host store instead of copied (a subset of misses)
-    stall_s: float = 0.0  # time compute waited on copies (on CUDA: GPU time, measured with events)
-
-    @property
-    def hit_rate(self) -> float | None:
-        uses = self.hits + self.misses
-        return self.hits / uses if uses else None
-
-    @property
-    def prefetch_accuracy(self) -> float | None:
-        return self.prefetch_hits / self.prefetches if self.prefetches else None
-
-    def as_dict(self) -> dict:
-        return asdict(self) | {"hit_rate": self.hit_rate, "prefetch_accuracy": self.prefetch_accuracy}
-
-    def reset(self) -> None:
-        self.hits = self.misses = self.prefetch_hits = self.prefetches = self.bytes_to_device = self.cpu_experts = 0
-        self.stall_s = 0.0
 
 
 class ResidentExperts:
@@ -390,7 +358,7 @@ class ExpertCache:
         self.transfer.start(slots.first_slot + slot, slots.buffers[slot], self.store.buffers[layer][eid])
         if self.device.type != "cuda":
             # The CPU paths' prepared form may hold values read from the old contents: rebuild it.
-            # On CUDA it only views the slot's buffer (`quant.kernels.prepare`: a bitsandbytes
+            # On CUDA it only views the slot's buffer (`kernels.dispatch.prepare`: a bitsandbytes
             # QuantState over the stored parts, or nothing), so it stays valid across refills and is
             # built once per slot; rebuilding it per refill would copy code tables (host syncs).
             for m in slots.modules[slot].modules():

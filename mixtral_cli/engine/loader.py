@@ -27,8 +27,9 @@ from ..settings import DTYPE_NAMES, RuntimeOptions
 from ..system.host_memory import HostArena, mem_available
 from .cpu_experts import CpuExperts, measure_costs
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
-from .model import ExpertProvider, Mixtral
+from .model import Mixtral
 from .plan import plan_host, plan_memory, require_fit, streamed_shared
+from .provider import ExpertProvider
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 

@@ -16,8 +16,7 @@ Hd head dim, E experts, A active experts per token, I expert FFN width, V vocab.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +25,7 @@ from torch import nn
 from ..checkpoints.config import ModelArgs
 from ..kernels import dispatch
 from ..kernels.pointwise import apply_rope, rms_norm
-
-if TYPE_CHECKING:
-    from .experts import CacheStats
+from .provider import ExpertFn, ExpertProvider
 
 
 class RMSNorm(nn.Module):
@@ -131,38 +128,6 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-ExpertFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-class ExpertProvider(Protocol):
-    """Where experts live. The MoE block asks for the experts it needs and uses them in the given
-    order; the layer loop's `Lookahead` hints the ones the next layers will probably need. `stats`
-    counts the uses: `run --json`, chat's `/stats` and `bench` report them."""
-
-    prefetch_enabled: bool
-
-    @property
-    def stats(self) -> CacheStats:
-        """The use counters since the last `reset_stats` (every provider counts hits and misses)."""
-        ...
-
-    def run(self, layer: int, expert_ids: Sequence[int], uses: Sequence[int]) -> Iterator[tuple[int, ExpertFn]]:
-        """An iterator of (expert id, callable) for each requested id, in an order of the provider's
-        choosing. `uses[i]` is how many (token, choice) pairs expert_ids[i] serves in this call. Work
-        to bring missing experts in starts before `run` returns, so that `prefetch` hints given
-        afterwards queue behind it. An expert stays usable (never evicted) until the iterator
-        advances past it."""
-        ...
-
-    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
-        """Hint: these experts of `layer` will probably be needed soon."""
-        ...
-
-    def reset_stats(self) -> None:
-        """Zero the use counters (`stats`)."""
-        ...
 
 
 def route(gate: nn.Linear, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

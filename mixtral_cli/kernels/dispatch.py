@@ -8,7 +8,7 @@ tokens it is preferred; ``select_path`` takes the first usable, preferred entry,
 ======================  ======  ===========================================================
 path                    format  when
 ======================  ======  ===========================================================
-``native_nf4``          nf4     CPU, the project's SIMD kernel (``quant.native``) on the
+``native_nf4``          nf4     CPU, the project's SIMD kernel (``kernels.native``) on the
                                 stored layout: activations quantized to int8 per 64
                                 (nibble-ordered) elements, nf4 levels as int8 (code x 63).
                                 Inexact: relative error ~1e-2 of the output (see tests).
@@ -35,7 +35,7 @@ AVX512-BF16 that is a whole prefill chunk); above it, one exact dequantize plus 
 faster (measured by benchmarks/bench_quant.py). Inference only: callers run the products under
 ``torch.inference_mode`` (the model does); the native paths record no autograd graph. Nothing
 derived from the stored parts is kept on the CPU: the native kernels read them where they lie
-(the CPU run's weight arena, ``mixtral_cli/host_memory.py``, or the expert store).
+(the CPU run's weight arena, ``mixtral_cli/system/host_memory.py``, or the expert store).
 
 ``swiglu(x, (w1, w3, w2))`` runs a SwiGLU expert: one native call (``native.swiglu``) when each of
 its three products would take the native path, else three ``matmul`` calls; ``fused_swiglu_ok``
@@ -390,7 +390,7 @@ def matmul(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared | None = Non
 
     Pass the ``prepare(qt)`` result (``QuantLinear`` caches it); without it, it is built for this
     call only. ``path`` forces a path (it must be available); ``isa`` forces the native kernels'
-    instruction set (``quant.native.isas()``).
+    instruction set (``kernels.native.isas()``).
     """
     if x.shape[-1] != qt.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, weight expects {qt.shape[1]}")

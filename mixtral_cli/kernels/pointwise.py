@@ -1,6 +1,6 @@
 """The row-wise and element-wise steps of a layer: RMSNorm and the rotary embedding.
 
-Each has a torch path (the reference's formula, op by op) and a native path (``quant.native``: one
+Each has a torch path (the reference's formula, op by op) and a native path (``kernels.native``: one
 call instead of 6-8 small torch ops, which dominate a decode step on the CPU). The native path rounds
 exactly where the torch ops do: every product and sum of the rotary embedding is rounded to the
 tensor's type (so both paths agree bit for bit), and RMSNorm normalises in float32, rounds, scales and

@@ -37,7 +37,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..cli import ui
 from ..engine.generate import Completion, Sampler, Session
 from ..engine.loader import Engine
 from ..errors import UserError
@@ -317,7 +316,7 @@ def _log_line(scope, status: int, record: _Record, seconds: float) -> str:
 class Gate:
     """ASGI middleware: the API key check (all but /health) and one log line per request."""
 
-    def __init__(self, app, api_key: str | None, log: Callable[[str], None] = ui.server_log) -> None:
+    def __init__(self, app, api_key: str | None, log: Callable[[str], None]) -> None:
         self.app, self.log = app, log
         self.key = api_key.encode() if api_key else None
 
@@ -504,7 +503,7 @@ class Api:
         yield sse("[DONE]")
 
 
-def create_app(engine: Engine, worker: Worker, opts: ServeOptions, log: Callable[[str], None] = ui.server_log) -> Gate:
+def create_app(engine: Engine, worker: Worker, opts: ServeOptions, log: Callable[[str], None]) -> Gate:
     return Gate(Api(engine, worker, opts).app(), opts.api_key, log)
 
 
@@ -547,22 +546,26 @@ def base_url(sock: socket.socket) -> str:
 class _UvicornLog(logging.Handler):
     """uvicorn's own warnings and errors as server log lines."""
 
+    def __init__(self, level: int, log: Callable[[str], None]) -> None:
+        super().__init__(level)
+        self.log = log
+
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if message.startswith("ASGI callable returned without completing response"):
             return  # a stream we cut on purpose (its request's line says so)
         if record.exc_info:
             message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        ui.server_log(message)
+        self.log(message)
 
 
 class _Uvicorn(uvicorn.Server):
     """uvicorn that cancels in-flight work as soon as a stop is requested, and treats SIGINT/SIGTERM
     as the normal way to stop (no re-raised signal afterwards, so the process exits 0)."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None], log: Callable[[str], None]) -> None:
         super().__init__(config)
-        self.on_exit = on_exit
+        self.on_exit, self.log = on_exit, log
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -570,7 +573,7 @@ class _Uvicorn(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         if not self.should_exit:
-            ui.server_log(f"{signal.Signals(sig).name}: stopping (in-flight requests are cancelled)")
+            self.log(f"{signal.Signals(sig).name}: stopping (in-flight requests are cancelled)")
         super().handle_exit(sig, frame)
         # not from inside the signal handler: it may have interrupted the loop thread holding the worker's lock
         self._loop.call_soon_threadsafe(self.on_exit)
@@ -591,21 +594,22 @@ class _Uvicorn(uvicorn.Server):
 class Server:
     """The model behind OpenAI's API on a listening socket. `run()` blocks until `stop()` or a signal."""
 
-    def __init__(self, engine: Engine, opts: ServeOptions, sock: socket.socket | None = None,
-                 log: Callable[[str], None] = ui.server_log) -> None:
-        """`log` gets one line per request."""
-        self.opts = opts
+    def __init__(self, engine: Engine, opts: ServeOptions, sock: socket.socket | None = None, *,
+                 log: Callable[[str], None]) -> None:
+        """`log` gets the server's lines: one per request, uvicorn's warnings, the stop (the command
+        line passes its terminal UI's, so the server itself prints nothing)."""
+        self.opts, self.log = opts, log
         self.sock = sock or listen(opts.host, opts.port)
         self.url = base_url(self.sock)
         self.worker = Worker(engine, opts.max_queue)
         config = uvicorn.Config(create_app(engine, self.worker, opts, log), interface="asgi3", http="h11", ws="none",
                                 lifespan="off", loop="asyncio", log_config=None, access_log=False,
                                 timeout_graceful_shutdown=10)
-        self._uvicorn = _Uvicorn(config, on_exit=self.worker.close)
+        self._uvicorn = _Uvicorn(config, on_exit=self.worker.close, log=log)
 
     def run(self) -> None:
         log = logging.getLogger("uvicorn.error")
-        handler = _UvicornLog(logging.WARNING)
+        handler = _UvicornLog(logging.WARNING, self.log)
         log.addHandler(handler)
         try:
             self._uvicorn.run(sockets=[self.sock])
@@ -620,11 +624,13 @@ class Server:
         self._uvicorn.should_exit = True
 
 
-def serve(engine: Engine, opts: ServeOptions, sock: socket.socket) -> None:
-    server = Server(engine, opts, sock)
-    ui.serve_banner(server.url, opts.model_name, engine.model.max_len, opts.max_queue, bool(opts.api_key))
+def serve(engine: Engine, opts: ServeOptions, sock: socket.socket, log: Callable[[str], None],
+          banner: Callable[[str, str, int, int, bool], None]) -> None:
+    """Serve until a signal; `banner(url, model, ctx, max_queue, keyed)` announces the server first."""
+    server = Server(engine, opts, sock, log=log)
+    banner(server.url, opts.model_name, engine.model.max_len, opts.max_queue, bool(opts.api_key))
     server.run()
-    ui.server_log("stopped")
+    log("stopped")
 
 
 def model_name(spec: str | None) -> str:

@@ -15,7 +15,7 @@ import os
 # descheduled, which turns every parallel region into a wait for the scheduler (a 10x collapse of
 # decode with one competing process on 2 cores); a sleeping one hands its core over. The cost on a
 # quiet machine is one futex wake per region, and decode's heavy products run in the project's own
-# kernels (quant.native), whose pool hands out work in small chunks and spins only briefly.
+# kernels (kernels.native), whose pool hands out work in small chunks and spins only briefly.
 # Measured in docs/benchmarks.md ("Decode with a competing process").
 DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 

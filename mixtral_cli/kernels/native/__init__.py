@@ -349,7 +349,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def quantize_blocks(w: torch.Tensor, fmt: str, group_size: int, nf4_midpoints: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise quantization of a contiguous ``[O, I]`` float weight, as ``quant.formats`` defines it.
+    """Block-wise quantization of a contiguous ``[O, I]`` float weight, as ``kernels.formats`` defines it.
 
     ``nf4``: (packed codes ``[O*I/2]`` uint8, block absmax ``[O*I/gs]`` float32);
     ``int8``: (codes ``[O, I]`` int8, scales ``[O, I/gs]`` float32)."""

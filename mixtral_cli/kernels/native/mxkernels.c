@@ -334,7 +334,7 @@ static void dense_rows_scalar(const job_t *j, int r0, int r1) {
         }
 }
 
-/* Quantizers, bit for bit the arithmetic of quant/formats.py (and so of bitsandbytes for nf4):
+/* Quantizers, bit for bit the arithmetic of mixtral_cli/kernels/formats.py (and so of bitsandbytes for nf4):
  * nf4: v = clamp(x * (1 / max(absmax, 1e-38)), -1, 1), code = number of midpoints below v;
  * int8: s = absmax / 127, q = round-half-even(x / max(s, 1e-30)), clamped to [-127, 127].
  * Written as plain loops over one block that the compiler vectorizes (an AVX2 clone is picked at load
