@@ -19,9 +19,9 @@ import torch
 from mixtral_cli.bench import run as bench
 from mixtral_cli.bench.measure import WARMUP_TOKENS, RunTimes
 from mixtral_cli.bench.result import Bandwidth, BaselineResult
-from mixtral_cli.bench.run import BenchOptions, hybrid_bound, run_bench, spec_from_bits, sweep_slots
+from mixtral_cli.bench.run import BenchOptions, hybrid_bound, run_bench, sweep_slots
 from mixtral_cli.bench.synthetic import SyntheticCheckpoint, preset_args, synthetic_quantized
-from mixtral_cli.checkpoints.layout import EXPERT_PROJS, expert_shape
+from mixtral_cli.checkpoints.layout import EXPERT_PROJS, bits_flag, expert_shape
 from mixtral_cli.engine.cpu_experts import ExpertCosts
 from mixtral_cli.engine.loader import build_engine
 from mixtral_cli.engine.provider import CacheStats
@@ -138,7 +138,7 @@ def test_bench_a_checkpoint_quantized_in_memory_over_two_rounds(tiny_ckpt):
     assert (r["bits"], r["expert_format"], r["rounds"], r["synthetic"]) == (4, "nf4", 2, False)
     assert r["bound"]["expert_bytes"] == TINY_EXPERT_NF4
     proc = mixtral("bench", "-m", str(tiny_ckpt), "--bits", "7", "--device", "cpu")
-    assert proc.returncode == 2 and "--bits must be 4, 8 or 16, got 7" in proc.stderr
+    assert proc.returncode == 2 and "--bits 7: must be 4, 8 or 16" in proc.stderr
 
 
 def test_run_bench_validates_the_runtime_options_as_the_command_line_does():
@@ -351,7 +351,7 @@ def test_synthetic_quantized_parts_have_stored_shapes_and_dtypes(bits):
 
 def test_synthetic_dense_and_shared_tensors():
     args = preset_args("tiny")
-    ckpt = SyntheticCheckpoint(args, spec_from_bits(16))
+    ckpt = SyntheticCheckpoint(args, bits_flag(16))
     assert ckpt.quant is None
     for proj in EXPERT_PROJS:
         w = ckpt.expert_weight(1, 2, proj)
@@ -381,3 +381,16 @@ def test_preset_layers_slice_keeps_the_matrices():
 def test_layers_needs_a_preset(tmp_path):
     with pytest.raises(UserError, match="--layers"):
         run_bench(BenchOptions(model_dir=tmp_path, layers=2))
+
+
+def test_bits_flag_is_parsed_once_for_every_command():
+    """info and bench take 16 (bf16) too, quantize only 4 and 8; every refusal names the flags given."""
+    assert bits_flag(None) is None and bits_flag(16) is None
+    assert (bits_flag(4).name, bits_flag(4).group_size) == ("nf4", 64)
+    assert (bits_flag(8, 64).name, bits_flag(8, 64).group_size) == ("int8", 64)
+    with pytest.raises(UserError, match=r"^--bits 5: must be 4, 8 or 16 \\("):
+        bits_flag(5)
+    with pytest.raises(UserError, match=r"^--bits 16: must be 4 or 8 \\("):
+        bits_flag(16, dense=False)
+    with pytest.raises(UserError, match=r"^--bits 4 --group-size 48: nf4 group size must be a power of two"):
+        bits_flag(4, 48)

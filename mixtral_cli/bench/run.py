@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints.layout import bits_flag
 from ..checkpoints.reader import Checkpoint
 from ..engine.cpu_experts import layer_miss_time
 from ..engine.experts import ExpertCache, ExpertStore
@@ -30,7 +31,6 @@ from ..engine.loader import Engine, apply_threads, build_engine, fused_attention
 from ..engine.plan import bytes_per_token, copy_wait_s, decode_bound, expert_bytes, plan_memory
 from ..engine.provider import CacheStats
 from ..errors import UserError
-from ..kernels.formats import QuantSpec, spec_for_bits
 from ..settings import RuntimeOptions
 from .baseline import measure_transformers, pick_transformers
 from .measure import (
@@ -75,14 +75,6 @@ class BenchOptions:
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
 
-def spec_from_bits(bits: int | None) -> QuantSpec | None:
-    if bits in (None, 16):
-        return None
-    if bits not in (4, 8):
-        raise UserError(f"--bits must be 4, 8 or 16, got {bits}")
-    return spec_for_bits(bits)
-
-
 def _validate(o: BenchOptions) -> None:
     o.runtime.validate()
     if (o.preset is None) == (o.model_dir is None):
@@ -98,7 +90,7 @@ def _validate(o: BenchOptions) -> None:
 
 
 def open_checkpoint(o: BenchOptions):
-    spec = spec_from_bits(o.bits)
+    spec = bits_flag(o.bits)
     if o.preset is not None:
         return SyntheticCheckpoint(preset_args(o.preset, o.layers), spec if o.bits is not None else None, o.seed)
     ckpt = Checkpoint(o.model_dir)

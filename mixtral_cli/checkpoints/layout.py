@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 
-from ..kernels.formats import QuantizedTensor, QuantSpec, aligned
+from ..errors import UserError
+from ..kernels.formats import QuantizedTensor, QuantSpec, aligned, spec_for_bits
 from .config import ModelArgs
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -70,3 +71,27 @@ def packed_expert_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: in
     """Bytes of one expert packed into one buffer, every tensor at a multiple of `ALIGN`: what one
     host-store entry, one device slot and one expert in the CPU arena hold."""
     return sum(aligned(n) for n in expert_part_bytes(args, spec, dense_bytes))
+
+
+def bits_flag(bits: int | None, group_size: int | None = None, *, dense: bool = True) -> QuantSpec | None:
+    """The format `--bits` (and `--group-size`) name, parsed once for every command: None when not
+    given or 16 (bfloat16, where `dense` allows it), else the spec; one line naming the flags when bad."""
+    if bits is None or (dense and bits == 16):
+        return None
+    given = f"--bits {bits}" + (f" --group-size {group_size}" if group_size is not None else "")
+    choices = "4, 8 or 16" if dense else "4 or 8"
+    try:
+        return spec_for_bits(bits, group_size)
+    except ValueError as e:
+        problem = f"must be {choices}" if bits not in (4, 8) else str(e)
+        raise UserError(f"{given}: {problem}", hint="use --bits 4 (nf4, group 64) or --bits 8 (int8, group 128)") from None
+
+
+def fits_group_size(spec: QuantSpec, args: ModelArgs) -> bool:
+    """Whether the format's group size divides the input width of every expert projection."""
+    try:
+        for proj in EXPERT_PROJS:
+            spec.check_shape(expert_shape(args, proj))
+    except ValueError:
+        return False
+    return True

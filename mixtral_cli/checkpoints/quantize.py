@@ -34,9 +34,9 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from ..errors import UserError
-from ..kernels.formats import ALIGN, FORMAT_VERSION, QuantizedTensor, QuantSpec, spec_for_bits, tensor_bytes
+from ..kernels.formats import ALIGN, FORMAT_VERSION, QuantizedTensor, QuantSpec, tensor_bytes
 from ..kernels.formats import quantize as quantize_tensor
-from .layout import EXPERT_PROJS, INDEX_NAME, expert_prefix, expert_shape
+from .layout import EXPERT_PROJS, INDEX_NAME, bits_flag, expert_prefix, expert_shape
 from .reader import QUANTIZED_MODULES, SAFETENSORS_DTYPES, Checkpoint
 from .tokenizer import Tokenizer
 
@@ -352,12 +352,7 @@ def quantize_checkpoint(
     progress = progress or NullQuantizeProgress()
     if shard_bytes <= 0:
         raise UserError(f"shard size must be positive, got {shard_bytes}")
-    try:
-        spec = spec_for_bits(bits, group_size)
-    except ValueError as e:
-        given = f"--bits {bits}" + (f" --group-size {group_size}" if group_size is not None else "")
-        raise UserError(f"{given}: {e}",
-                        hint="use --bits 4 (nf4, group 64) or --bits 8 (int8, group 128)") from None
+    spec = bits_flag(bits, group_size, dense=False)
     src = Path(src).resolve()
     ckpt = Checkpoint(src)
     if ckpt.quant is not None:

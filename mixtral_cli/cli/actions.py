@@ -84,22 +84,18 @@ def _info_config(model: str | None) -> tuple[ModelArgs, dict, Path | None]:
     return args, raw, directory
 
 
-def _fits(spec, args: ModelArgs) -> bool:
-    """Whether the format's group size divides both expert input widths."""
-    return args.hidden_size % spec.group_size == 0 and args.intermediate_size % spec.group_size == 0
-
-
 def _default_spec(bits: int, args: ModelArgs):
-    from ..kernels.formats import spec_for_bits
+    from ..checkpoints.layout import bits_flag, fits_group_size
 
-    spec = spec_for_bits(bits)
-    if not _fits(spec, args):
+    spec = bits_flag(bits)
+    if not fits_group_size(spec, args):
         raise UserError(f"the default {bits}-bit group size {spec.group_size} does not divide this model's widths "
                         f"({args.hidden_size}, {args.intermediate_size})")
     return spec
 
 
 def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: int, json_out: bool) -> None:
+    from ..checkpoints.layout import fits_group_size
     from ..checkpoints.reader import parse_quantization
     from ..engine.plan import all_experts_bytes, model_bytes, plan_memory, require_fit, shared_bytes
     from ..kernels.formats import spec_for_bits
@@ -111,10 +107,8 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
         spec = stored
     elif bits == 16:
         spec = None
-    elif bits in (4, 8):
-        spec = stored if stored is not None and stored.bits == bits else _default_spec(bits, args)
     else:
-        raise UserError(f"--bits must be 4, 8 or 16, got {bits}")
+        spec = stored if stored is not None and stored.bits == bits else _default_spec(bits, args)
     if ctx < 1:
         raise UserError(f"--ctx must be positive, got {ctx}")
     dense, experts = shared_bytes(args), all_experts_bytes(args, spec)
@@ -137,7 +131,7 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
         "bits": spec.bits if spec else 16,
         "bytes_weights": {"total": dense + experts, "experts": experts, "other": dense},
         "bytes_weights_by_format": {"bfloat16": model_bytes(args, None)} | {
-            s.name: model_bytes(args, s) for s in map(spec_for_bits, (8, 4)) if _fits(s, args)},
+            s.name: model_bytes(args, s) for s in map(spec_for_bits, (8, 4)) if fits_group_size(s, args)},
         "plan": plan.as_dict() | {"ctx": ctx},
         "host_ram": {"pinned": plan.host_pinned, "headroom": HOST_HEADROOM if plan.host_pinned else 0,
                      "available": mem_available()},
