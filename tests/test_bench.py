@@ -388,9 +388,9 @@ def test_bits_flag_is_parsed_once_for_every_command():
     assert bits_flag(None) is None and bits_flag(16) is None
     assert (bits_flag(4).name, bits_flag(4).group_size) == ("nf4", 64)
     assert (bits_flag(8, 64).name, bits_flag(8, 64).group_size) == ("int8", 64)
-    with pytest.raises(UserError, match=r"^--bits 5: must be 4, 8 or 16 \\("):
+    with pytest.raises(UserError, match=r"^--bits 5: must be 4, 8 or 16 \("):
         bits_flag(5)
-    with pytest.raises(UserError, match=r"^--bits 16: must be 4 or 8 \\("):
+    with pytest.raises(UserError, match=r"^--bits 16: must be 4 or 8 \("):
         bits_flag(16, dense=False)
     with pytest.raises(UserError, match=r"^--bits 4 --group-size 48: nf4 group size must be a power of two"):
         bits_flag(4, 48)
