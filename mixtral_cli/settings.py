@@ -1,11 +1,11 @@
 """The settings that commands fill from their options, each with its defaults and its one validator.
 
 `SamplingConfig` and `GenerationConfig` say how to generate; `RuntimeOptions` says where and how the
-model runs; `ServeOptions` what the server does besides. Every front end builds these and calls their
-`validate()`: the command line before any weight loads, chat's `/set`, the server for each request,
-and the library entry points (`make_sampler`, `Completion`, `build_engine`) for callers that skip the
-others. The command line's option defaults are read from here, and `mixtral --help` must not load
-torch, so this module does not import it.
+model runs; `ServeOptions` what the server does besides. Settings are validated where they enter:
+the command line before any weight loads, chat's `/set`, the server for each request; and once more
+by the library entry points (`Completion` for generation settings, `build_engine` for runtime ones),
+for callers that skip those. The command line's option defaults are read from here, and
+`mixtral --help` must not load torch, so this module does not import it.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class SamplingConfig:
     min_p: float = 0.05  # 0: off
     repeat_penalty: float = 1.0  # 1: off
     repeat_last_n: int = 64
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens; 0: off
+    frequency_penalty: float = 0.0  # OpenAI's, per occurrence in the generated tokens; 0: off
     seed: int | None = None  # None: a fresh random seed
 
     def validate(self) -> None:
@@ -67,6 +69,9 @@ class SamplingConfig:
         _require(0 <= self.min_p < 1, "min_p", "in [0, 1)", self.min_p)
         _require(self.repeat_penalty > 0, "repeat_penalty", "> 0", self.repeat_penalty)
         _require(self.repeat_last_n >= 0, "repeat_last_n", ">= 0", self.repeat_last_n)
+        for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's range (not finite fails it too)
+            value = getattr(self, name)
+            _require(-2 <= value <= 2, name, "in [-2, 2]", f"{value:g}")
         low, high = SEED_RANGE
         _require(self.seed is None or low <= self.seed <= high, "seed", "a 64-bit integer", self.seed)
 
@@ -138,8 +143,9 @@ class ServeOptions:
     send_timeout: float = 30.0  # seconds a stream may wait for its reader before it is cut
 
     def validate(self) -> None:
-        """The port is checked where the socket is opened (`serve.listen`)."""
-        self.gen.validate()
+        """The server's own settings. `gen` is validated where it is built (the command line's
+        options) and, merged with each request's fields, per request; the port is checked where the
+        socket is opened (`server.process.listen`)."""
         if self.max_queue < 0:
             raise UserError(f"--max-queue must be at least 0, got {self.max_queue}")
         if not self.send_timeout > 0:

@@ -19,8 +19,9 @@ import pytest
 from mixtral_cli.checkpoints.tokenizer import Tokenizer
 from mixtral_cli.cli import ui
 from mixtral_cli.cli.chat import Chat, Conversation, DoesNotFit, apply_setting, read_message
-from mixtral_cli.engine.generate import Completion, GenerationConfig, SamplingConfig, Session
+from mixtral_cli.engine.generate import Completion, Session
 from mixtral_cli.errors import UserError
+from mixtral_cli.settings import GenerationConfig, SamplingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,76 +1,17 @@
-"""Sampler, stop conditions and KV-cache prefix reuse."""
+"""Stop conditions, the checks a Completion makes, and KV-cache prefix reuse (the sampler has
+test_sampling.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from mixtral_cli.engine.generate import (
-    Completion,
-    GenerationConfig,
-    SamplingConfig,
-    Session,
-    apply_repeat_penalty,
-    filter_logits,
-    make_sampler,
-)
-from mixtral_cli.errors import UserError
+from mixtral_cli.engine.generate import Completion, ContextOverflow, Session
+from mixtral_cli.settings import GenerationConfig, InvalidSetting, SamplingConfig
 
-NEG = float("-inf")
-
-
-def test_top_k_keeps_k_best():
-    logits = torch.tensor([1.0, 5.0, 3.0, 4.0, 2.0])
-    out = filter_logits(logits, top_k=2, top_p=1.0, min_p=0.0)
-    assert torch.isfinite(out).tolist() == [False, True, False, True, False]
-
-
-def test_top_p_keeps_smallest_nucleus():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    logits = probs.log()
-    keep = torch.isfinite(filter_logits(logits, top_k=0, top_p=0.8, min_p=0.0)).tolist()
-    assert keep == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
-    keep = torch.isfinite(filter_logits(logits, top_k=0, top_p=0.81, min_p=0.0)).tolist()
-    assert keep == [True, True, True, False]
-    assert torch.isfinite(filter_logits(logits, 0, 0.01, 0.0)).sum() == 1  # never empty
-
-
-def test_min_p_is_relative_to_the_best():
-    probs = torch.tensor([0.6, 0.3, 0.06, 0.04])
-    keep = torch.isfinite(filter_logits(probs.log(), 0, 1.0, min_p=0.09)).tolist()
-    assert keep == [True, True, True, False]  # threshold 0.054
-    keep = torch.isfinite(filter_logits(probs.log(), 0, 1.0, min_p=0.11)).tolist()
-    assert keep == [True, True, False, False]  # threshold 0.066
-
-
-def test_repeat_penalty_follows_llama_cpp():
-    logits = torch.tensor([2.0, -2.0, 1.0])
-    out = apply_repeat_penalty(logits, [0, 1, 1], 2.0)
-    assert out.tolist() == [1.0, -4.0, 1.0]
-    assert apply_repeat_penalty(logits, [0], 1.0) is logits
-
-
-def test_greedy_and_seeded_sampling():
-    logits = torch.randn(32000, generator=torch.Generator().manual_seed(0))
-    assert make_sampler(SamplingConfig(temperature=0))(logits, []) == int(logits.argmax())
-    a = make_sampler(SamplingConfig(temperature=1.5, top_k=0, top_p=1.0, min_p=0, seed=3))
-    b = make_sampler(SamplingConfig(temperature=1.5, top_k=0, top_p=1.0, min_p=0, seed=3))
-    seq_a = [a(logits, []) for _ in range(20)]
-    assert seq_a == [b(logits, []) for _ in range(20)]
-    assert len(set(seq_a)) > 1  # it really samples
-
-
-def test_sampling_respects_the_filters():
-    logits = torch.tensor([3.0, 2.9, 0.0, -1.0])
-    s = make_sampler(SamplingConfig(temperature=5.0, top_k=2, top_p=1.0, min_p=0.0, seed=0))
-    assert {s(logits, []) for _ in range(50)} == {0, 1}
-
-
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=1.0),
-                                 dict(top_k=-1), dict(repeat_penalty=0)])
-def test_bad_sampling_settings(bad):
-    with pytest.raises(UserError):
-        make_sampler(SamplingConfig(**bad))
+pytest_plugins = ["pytester"]
 
 
 # -- the loop on the tiny model ----------------------------------------------------------------
@@ -82,7 +23,7 @@ def complete(engine, prompt, **kw) -> Completion:
 PROMPT = [1, 22557, 28725, 910, 460, 368, 28804]
 
 
-# engine_fp32 is shared: conftest puts back its cache size and lm_head after each test.
+# engine_fp32 is shared: conftest puts back its cache size and lm_head after each test (checked below).
 def test_stop_string_cuts_the_text(engine_fp32):
     full = complete(engine_fp32, PROMPT, max_tokens=30)
     text = "".join(full)
@@ -103,8 +44,29 @@ def test_max_tokens_and_context_limit(engine_fp32):
     c = complete(engine_fp32, PROMPT, max_tokens=50)
     list(c)
     assert len(c.token_ids) <= 3 and c.finish_reason == "length"
-    with pytest.raises(UserError, match="context"):
-        complete(engine_fp32, list(range(3, 3 + len(PROMPT) + 3)))
+    too_long = list(range(3, 3 + len(PROMPT) + 3))
+    with pytest.raises(ContextOverflow) as e:
+        complete(engine_fp32, too_long)
+    assert (e.value.prompt_tokens, e.value.ctx) == (len(too_long), len(PROMPT) + 3)
+    assert e.value.message == f"the prompt is {len(too_long)} tokens but the context holds {len(PROMPT) + 3}"
+    assert e.value.hint == "shorten the prompt or raise -c/--ctx-size"
+
+
+def test_completion_validates_its_settings(engine_fp32):
+    with pytest.raises(InvalidSetting, match="top-p must be in"):
+        complete(engine_fp32, PROMPT, sampling=SamplingConfig(top_p=0))
+    with pytest.raises(InvalidSetting, match="max-tokens must be at least 1"):
+        complete(engine_fp32, PROMPT, max_tokens=0)
+
+
+def test_completion_tells_the_sampler_where_the_prompt_ends(engine_fp32):
+    """The presence penalty counts generated tokens only: a token of the prompt is not penalised
+    until it is generated."""
+    c = complete(engine_fp32, PROMPT, sampling=SamplingConfig(temperature=0, presence_penalty=2.0))
+    logits = torch.zeros(engine_fp32.model.lm_head.weight.shape[0])
+    logits[PROMPT[1]], logits[5] = 1.0, 0.5
+    assert c.sampler(logits, PROMPT) == PROMPT[1]
+    assert c.sampler(logits, PROMPT + [PROMPT[1]]) == 5  # 1 - 2 < 0.5
 
 
 def test_eos_stops_generation(engine_fp32):
@@ -117,15 +79,34 @@ def test_eos_stops_generation(engine_fp32):
     assert c.finish_reason == "stop" and "</s>" not in text
 
 
-def test_shared_engine_state_is_put_back(engine_fp32, tiny_ckpt):
-    """The test above changed lm_head (and others shrink the cache): the next test sees the original."""
-    from mixtral_cli.checkpoints.reader import Checkpoint
+INNER_TESTS = """
+import torch
 
+from mixtral_cli.checkpoints.reader import Checkpoint
+
+
+def test_changes_the_engine_and_fails(engine_fp32):
+    with torch.no_grad():
+        engine_fp32.model.lm_head.weight.zero_()
+    engine_fp32.model.setup_cache(8)
+    raise AssertionError("fails after changing the shared engine")
+
+
+def test_sees_the_engine_as_loaded(engine_fp32, tiny_ckpt):
     stored = Checkpoint(tiny_ckpt).tensor("lm_head.weight").float()
     assert torch.equal(engine_fp32.model.lm_head.weight, stored)
-    c = complete(engine_fp32, PROMPT, max_tokens=10)
-    list(c)
-    assert 2 not in c.token_ids and c.finish_reason == "length"
+    assert engine_fp32.model.max_len == 256
+"""
+
+
+def test_conftest_puts_the_shared_engine_back(pytester):
+    """What a test changes in `engine_fp32` (lm_head, the cache size) is put back before the next,
+    even when it fails: two tests in a session of their own, so their order is fixed."""
+    here = Path(__file__).parent
+    pytester.makeconftest((here / "conftest.py").read_text())
+    pytester.makepyfile(tiny=(here / "tiny.py").read_text(), test_inner=INNER_TESTS)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=1)
 
 
 def test_session_reuses_the_cached_prefix(engine_fp32):

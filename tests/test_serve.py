@@ -23,11 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import torch
 
-from mixtral_cli.engine.generate import GenerationConfig
-from mixtral_cli.server.http import EventStream, Job, ServeOptions, Server, with_penalties
-from mixtral_cli.server.protocol import Message, chat_prompt_ids
+from mixtral_cli.server.http import EventStream
+from mixtral_cli.server.process import Server
+from mixtral_cli.server.protocol import ChatRequest, Message, chat_prompt_ids, chat_settings
+from mixtral_cli.server.worker import Job
+from mixtral_cli.settings import GenerationConfig, ServeOptions
 
 KEY = "sk-test-0123456789"
 MODEL = "tiny-mixtral"
@@ -263,15 +264,16 @@ def test_penalties_are_applied(client):
     assert word and repeated == word * 12
 
 
-def test_with_penalties_follows_openai_formula():
-    logits = torch.tensor([1.0, 5.0, 4.9, 0.0])
-    picked = []
-    sampler = with_penalties(lambda lg, hist: picked.append(lg) or int(torch.argmax(lg)), prompt_len=2,
-                             presence=0.5, frequency=0.25)
-    # history: prompt [1, 1] (not penalised), generated [1, 1, 3]
-    assert sampler(logits, [1, 1, 1, 1, 3]) == 2
-    assert torch.allclose(picked[0], torch.tensor([1.0, 5.0 - 2 * 0.25 - 0.5, 4.9, 0.0 - 0.25 - 0.5]))
-    assert sampler(logits, [1, 1]) == 1  # nothing generated yet: nothing to penalise
+def test_request_fields_fill_the_sampling_settings():
+    defaults = GenerationConfig(max_tokens=None)
+    req = ChatRequest(messages=[Message(role="user", content="hi")], temperature=2, top_p=1,
+                      presence_penalty=-2, frequency_penalty=1.5, top_k=3, seed=2**63 - 1)  # OpenAI's bounds
+    s = chat_settings(req, defaults).gen.sampling
+    assert (s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.top_k, s.seed) == (
+        2, 1, -2, 1.5, 3, 2**63 - 1)
+    assert (s.min_p, s.repeat_penalty) == (defaults.sampling.min_p, defaults.sampling.repeat_penalty)
+    unset = chat_settings(ChatRequest(messages=[Message(role="user", content="hi")]), defaults).gen.sampling
+    assert unset == defaults.sampling
 
 
 def test_harmless_fields_are_accepted(server, client):
@@ -323,6 +325,8 @@ BAD = [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}] + user()},
      "messages[1].tool_calls"),
     ("negative temperature", CHAT, {"messages": user(), "temperature": -1}, "temperature"),
+    ("temperature above 2", CHAT, {"messages": user(), "temperature": 2.5}, "temperature"),
+    ("completion temperature above 2", COMPLETIONS, {"prompt": "a", "temperature": 3}, "temperature"),
     ("infinite temperature", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
      "temperature"),
     ("temperature not a number", CHAT, {"messages": user(), "temperature": "hot"}, "temperature"),
@@ -346,9 +350,11 @@ BAD = [
     ("stream_options without stream", CHAT, {"messages": user(), "stream_options": {"include_usage": True}},
      "stream_options"),
     ("seed too big", CHAT, {"messages": user(), "seed": 2**70}, "seed"),
+    ("seed above int64", CHAT, {"messages": user(), "seed": 2**63}, "seed"),
     ("seed too small", COMPLETIONS, {"prompt": "a", "seed": -2**63 - 1}, "seed"),
     ("negative top_p", COMPLETIONS, {"prompt": "a", "top_p": -0.5}, "top_p"),
     ("stop not text", CHAT, {"messages": user(), "stop": 3}, "stop"),
+    ("five stop sequences", CHAT, {"messages": user(), "stop": list("abcde")}, "stop"),
     ("bad input while streaming", CHAT, {"messages": [], "stream": True}, "messages"),
     ("echo", COMPLETIONS, {"prompt": "a", "echo": True}, "echo"),
     ("suffix", COMPLETIONS, {"prompt": "a", "suffix": "b"}, "suffix"),
@@ -371,6 +377,24 @@ def test_bad_input_is_a_400_error_object(server, case):
     assert http(server, "GET", "/health")[0] == 200
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("presence_penalty", 3, "presence_penalty: must be in [-2, 2], got 3"),
+    ("frequency_penalty", -2.5, "frequency_penalty: must be in [-2, 2], got -2.5"),
+    ("temperature", -1, "temperature: must be >= 0, got -1.0"),
+    ("temperature", 2.5, "temperature: must be in [0, 2], got 2.5"),
+    ("top_p", 1.5, "top_p: must be in (0, 1], got 1.5"),
+    ("seed", 2**63, f"seed: must be a signed 64-bit integer, got {2**63}"),
+    ("stop", list("abcde"), "stop: at most 4 stop sequences are allowed, got 5"),
+])
+def test_out_of_range_messages(field, value, message):
+    from mixtral_cli.server.protocol import APIError
+
+    with pytest.raises(APIError) as e:
+        chat_settings(ChatRequest(messages=[Message(role="user", content="hi")], **{field: value}),
+                      GenerationConfig())
+    assert (e.value.status, e.value.param, e.value.message) == (400, field, message)
+
+
 def test_fastapi_validation_errors_become_400_error_objects():
     from mixtral_cli.server.protocol import validation_error
 
@@ -387,7 +411,8 @@ def test_context_overflow(server):
     status, headers, raw = http(server, "POST", CHAT, {"messages": user("word " * 1100)})
     err = assert_error(status, headers, raw, 400, "messages", "context_length_exceeded")
     n = len(chat_prompt_ids(server.worker.engine.tokenizer, [Message(**m) for m in user("word " * 1100)]))
-    assert "1024" in err["message"] and str(n) in err["message"]
+    assert err["message"] == (f"This model's maximum context length is 1024 tokens, but the messages take "
+                              f"{n} tokens and the reply needs at least 1. Shorten the messages.")
     status, headers, raw = http(server, "POST", COMPLETIONS, {"prompt": "word " * 1100})
     assert_error(status, headers, raw, 400, "prompt", "context_length_exceeded")
 
@@ -661,7 +686,7 @@ def test_cli_key_from_environment_and_sigint(tiny_ckpt):
 
 def test_port_in_use_is_a_user_error():
     from mixtral_cli.errors import UserError
-    from mixtral_cli.server.http import listen
+    from mixtral_cli.server.process import listen
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -246,8 +246,8 @@ def serve(
     One request generates at a time; the others wait in order. SIGINT or SIGTERM stops the server.
     """
     _needs_torch(runtime.threads)
-    from ..server.http import is_loopback, listen, model_name
-    from ..server.http import serve as run_server
+    from ..server.process import is_loopback, listen, model_name
+    from ..server.process import serve as run_server
 
     opts = ServeOptions(model_name=model_name(model), gen=gen, system=system, host=host, port=port,
                         api_key=api_key or None, max_queue=max_queue, send_timeout=send_timeout)

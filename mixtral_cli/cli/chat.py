@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoints.tokenizer import Tokenizer
-from ..engine.generate import Completion, GenerationConfig, GenerationStats, Session
+from ..engine.generate import Completion, GenerationStats, Session
 from ..engine.loader import Engine
 from ..errors import UserError
+from ..settings import GenerationConfig
 from ..sizes import format_bytes
 from . import ui
 

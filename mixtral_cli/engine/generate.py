@@ -1,4 +1,4 @@
-"""Sampling, prefill and the decode loop, in pipeline order.
+"""Prefill and the decode loop, in pipeline order (the sampler is `sampling.py`'s).
 
 `Session` owns what the KV cache holds (the token ids at positions 0..n) so a follow-up prompt that
 shares a prefix with the cached one (the next chat turn) only prefills the new tokens.
@@ -7,69 +7,18 @@ shares a prefix with the cached one (the next chat turn) only prefills the new t
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..checkpoints.tokenizer import StreamDecoder, Tokenizer
 from ..errors import UserError
-from ..settings import GenerationConfig, SamplingConfig
+from ..settings import GenerationConfig, SamplingConfig  # noqa: F401 - callers take both settings from here
 from .model import Mixtral
 from .plan import PREFILL_CHUNK
-
-Sampler = Callable[[torch.Tensor, Sequence[int]], int]
-
-
-def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: float) -> torch.Tensor:
-    """llama.cpp's rule: a recently seen token's logit is divided by `penalty` if positive, else multiplied."""
-    if penalty == 1.0 or not recent:
-        return logits
-    ids = torch.tensor(sorted(set(recent)), device=logits.device)
-    seen = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits
-
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside top-k, outside the top-p nucleus, and below min-p x max prob.
-
-    logits [V] fp32. The nucleus keeps the smallest set of most likely tokens whose probability
-    reaches top_p (always at least one token).
-    """
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-        drop = before >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    if min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    return logits
-
-
-def make_sampler(cfg: SamplingConfig) -> Sampler:
-    """Penalties, then top-k, top-p, min-p, then temperature (llama.cpp's order). Seeded and reproducible."""
-    cfg.validate()
-    gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(7), "little"))
-
-    def sample(logits: torch.Tensor, history: Sequence[int]) -> int:
-        logits = apply_repeat_penalty(logits.float(), history[-cfg.repeat_last_n:] if cfg.repeat_last_n else [],
-                                      cfg.repeat_penalty)
-        if cfg.temperature == 0:
-            return int(torch.argmax(logits))
-        logits = filter_logits(logits, cfg.top_k, cfg.top_p, cfg.min_p)
-        probs = torch.softmax(logits / cfg.temperature, dim=-1).cpu()
-        return int(torch.multinomial(probs, 1, generator=gen))
-
-    return sample
+from .sampling import make_sampler
 
 
 def chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
@@ -144,12 +93,19 @@ class GenerationStats:
         return steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def check_fits(prompt_len: int, ctx: int) -> None:
-    if prompt_len >= ctx:
-        raise UserError(
-            f"the prompt is {prompt_len} tokens but the context holds {ctx}",
-            hint="shorten the prompt or raise -c/--ctx-size",
-        )
+class ContextOverflow(UserError):
+    """The prompt leaves no room in the context for even one generated token."""
+
+    def __init__(self, prompt_tokens: int, ctx: int) -> None:
+        super().__init__(f"the prompt is {prompt_tokens} tokens but the context holds {ctx}",
+                         hint="shorten the prompt or raise -c/--ctx-size")
+        self.prompt_tokens, self.ctx = prompt_tokens, ctx
+
+
+def check_fits(prompt_tokens: int, ctx: int) -> None:
+    """Raise ContextOverflow unless a prompt of `prompt_tokens` leaves room in `ctx` for a reply."""
+    if prompt_tokens >= ctx:
+        raise ContextOverflow(prompt_tokens, ctx)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int:
@@ -178,13 +134,16 @@ class Completion:
     def __init__(self, session: Session, tokenizer: Tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig,
                  *, continuation: bool = False) -> None:
         """`continuation`: the text continues the prompt (raw completion), so a leading space of the
-        first generated piece is kept; a chat reply starts fresh and drops it."""
+        first generated piece is kept; a chat reply starts fresh and drops it.
+
+        The library's one check of `cfg` (InvalidSetting) and of the prompt's length (ContextOverflow):
+        front ends check their input where it enters, and may leave both to this."""
         check_fits(len(prompt_ids), session.model.max_len)
         cfg.validate()
         self.session, self.tokenizer, self.cfg = session, tokenizer, cfg
         self.prompt_ids = list(prompt_ids)
         self.continuation = continuation
-        self.sampler = make_sampler(cfg.sampling)
+        self.sampler = make_sampler(cfg.sampling, prompt_len=len(self.prompt_ids))
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason = "length"

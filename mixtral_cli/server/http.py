@@ -1,12 +1,9 @@
-"""`mixtral serve`: OpenAI's HTTP API over one loaded model (FastAPI on uvicorn).
+"""OpenAI's HTTP API over one loaded model: the ASGI app (FastAPI), its endpoints and the
+server-sent events of a stream.
 
-One model, one generation at a time: requests wait in a FIFO queue (`Worker`) whose single thread
-does all tensor work, so the event loop keeps answering `/health` and `/v1/models` while a reply is
-generated. The worker keeps one `Session` for the server's life, so a request that extends the
-previous conversation (the next chat turn) only prefills its new tokens. A request whose client goes
-away is cancelled between two tokens; a stream whose reader stops reading is cut after a send timeout.
-
-Request parsing, validation and response shapes live in `openai_protocol.py`.
+Handlers parse and validate a request (`protocol.py`), queue its job on the `Worker` and shape what
+it generates. A request whose client goes away is cancelled between two tokens; a stream whose
+reader stops reading is cut after a send timeout. Listening and stopping are `process.py`'s.
 """
 
 from __future__ import annotations
@@ -14,32 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
-import logging
-import os
-import signal
-import socket
-import threading
 import time
-import traceback
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import anyio
 import pydantic
-import torch
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..engine.generate import Completion, Sampler, Session
+from ..engine.generate import ContextOverflow, check_fits
 from ..engine.loader import Engine
-from ..errors import UserError
 from ..settings import ServeOptions
 from .protocol import (
     APIError,
@@ -52,194 +37,21 @@ from .protocol import (
     chat_prompt_ids,
     chat_response,
     chat_settings,
-    check_context,
     completion_chunk,
     completion_prompt,
     completion_response,
     completion_settings,
+    context_length_exceeded,
     new_id,
     now,
-    usage,
     usage_chunk,
     validation_error,
 )
+from .worker import Job, Worker
 
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 
 
-# -- generation: one at a time, on the worker thread ------------------------------------------------
-def with_penalties(sample: Sampler, prompt_len: int, presence: float, frequency: float) -> Sampler:
-    """OpenAI's presence and frequency penalties over the tokens generated so far, then `sample`:
-    logit[t] -= frequency * count(t) + presence * (count(t) > 0)."""
-
-    def penalized(logits: torch.Tensor, history: Sequence[int]) -> int:
-        generated = history[prompt_len:]
-        if generated:
-            ids, counts = torch.tensor(list(generated)).unique(return_counts=True)
-            ids, counts = ids.to(logits.device), counts.to(logits.device)
-            logits = logits.float().clone()
-            logits[ids] -= counts * frequency + presence
-        return sample(logits, history)
-
-    return penalized
-
-
-class _Cancellable(Completion):
-    """A Completion that stops before computing the next token once `cancelled` is set."""
-
-    def __init__(self, *args, cancelled: threading.Event, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._cancelled = cancelled
-
-    def tokens(self) -> Iterator[int]:
-        if self._cancelled.is_set():
-            return
-        for token in super().tokens():
-            yield token
-            if self._cancelled.is_set():
-                return
-
-
-class Job:
-    """One request's generation. The worker thread posts ("text", piece) and finally ("end", None)
-    to `events`, an asyncio queue read on the event loop."""
-
-    def __init__(self, prompt_ids: list[int], settings: Settings, *, continuation: bool) -> None:
-        self.prompt_ids = prompt_ids
-        self.settings = settings
-        self.continuation = continuation
-        self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.state = "queued"  # then running, and done, cancelled or failed
-        self.completion: Completion | None = None
-        self.error: BaseException | None = None
-        self.disconnected = False  # the client went away
-        self.stalled = False  # the client stopped reading its stream
-        self.queued_at = time.perf_counter()
-        self.finished_at: float | None = None
-
-    def post(self, kind: str, value: str | None = None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.completion.stats.completion_tokens if self.completion else 0
-
-    @property
-    def cached_tokens(self) -> int:
-        """Prompt tokens whose KV entries were reused from the previous request."""
-        if not self.completion or not self.completion.stats.completion_tokens:
-            return 0
-        return self.prompt_tokens - self.completion.stats.prefill_tokens
-
-    def usage(self) -> dict:
-        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
-
-
-class Worker:
-    """A FIFO queue of jobs and the one thread that runs them against one `Session`."""
-
-    def __init__(self, engine: Engine, max_queue: int) -> None:
-        self.engine = engine
-        self.session = Session(engine.model)
-        self.max_queue = max_queue
-        self.running: Job | None = None
-        self.recent: deque[Job] = deque(maxlen=64)  # finished jobs, newest last
-        self.closed = False
-        self._queue: deque[Job] = deque()
-        self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="mixtral-generate", daemon=True)
-        self._thread.start()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    def submit(self, job: Job) -> None:
-        """Queue `job`, or raise a 503 APIError when the queue is full or the server is stopping."""
-        with self._cv:
-            if self.closed:
-                raise APIError(503, "the server is shutting down")
-            if len(self._queue) + (self.running is not None) > self.max_queue:
-                retry = self._retry_after()
-                raise APIError(503, f"the server is busy: one request is generating and {len(self._queue)} are "
-                                    f"waiting (the queue holds {self.max_queue}); retry in {retry} s",
-                               headers={"Retry-After": str(retry)})
-            self._queue.append(job)
-            self._cv.notify()
-
-    def _retry_after(self) -> int:
-        done = [j.finished_at - j.queued_at for j in self.recent if j.state == "done" and j.finished_at]
-        average = sum(done) / len(done) if done else 1.0
-        return max(1, min(60, round(average * (len(self._queue) + 1))))
-
-    def cancel(self, job: Job) -> None:
-        """Stop `job`: a waiting one leaves the queue now, a running one stops before its next token."""
-        with self._cv:
-            if job.state == "queued" and job in self._queue:
-                self._queue.remove(job)
-                job.cancelled.set()
-                self._finish(job, "cancelled")
-            elif job.state == "running":
-                job.cancelled.set()
-
-    def close(self) -> None:
-        """Refuse new jobs, cancel the waiting ones and the running one, let the thread end."""
-        with self._cv:
-            self.closed = True
-            for job in self._queue:
-                job.cancelled.set()
-                self._finish(job, "cancelled")
-            self._queue.clear()
-            if self.running is not None:
-                self.running.cancelled.set()
-            self._cv.notify_all()
-
-    def _finish(self, job: Job, state: str) -> None:
-        job.state, job.finished_at = state, time.perf_counter()
-        self.recent.append(job)
-        job.post("end")
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self.closed:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                job = self.running = self._queue.popleft()
-                job.state = "running"
-            try:
-                self._generate(job)
-                state = "cancelled" if job.cancelled.is_set() else "done"
-            except Exception as e:  # noqa: BLE001 - reported to the request as a 500, the server goes on
-                job.error, state = e, "failed"
-            with self._cv:
-                self.running = None
-                self._finish(job, state)
-
-    def _generate(self, job: Job) -> None:
-        s = job.settings
-        completion = _Cancellable(self.session, self.engine.tokenizer, job.prompt_ids, s.gen,
-                                  continuation=job.continuation, cancelled=job.cancelled)
-        if s.presence_penalty or s.frequency_penalty:
-            completion.sampler = with_penalties(completion.sampler, len(job.prompt_ids), s.presence_penalty,
-                                                s.frequency_penalty)
-        job.completion = completion
-        for piece in completion:
-            if job.cancelled.is_set():
-                return
-            if s.stream:
-                job.post("text", piece)
-
-
-# -- HTTP ------------------------------------------------------------------------------------------
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -426,15 +238,22 @@ class Api:
         body = await parse(request, ChatRequest)
         s = chat_settings(body, self.defaults)
         ids = chat_prompt_ids(self.engine.tokenizer, body.messages, self.opts.system)
-        check_context(len(ids), self.ctx, "messages")
+        self._check_fits(ids, "messages")
         return await self._answer(request, ids, s, chat=True)
 
     async def complete(self, request: Request) -> Response:
         body = await parse(request, CompletionRequest)
         s = completion_settings(body, self.defaults)
         ids = self.engine.tokenizer.encode(completion_prompt(body), bos=True)  # as `run --raw`
-        check_context(len(ids), self.ctx, "prompt")
+        self._check_fits(ids, "prompt")
         return await self._answer(request, ids, s, chat=False)
+
+    def _check_fits(self, ids: list[int], what: str) -> None:
+        """Refuse a prompt with no room for a reply here, with a 400 (on the worker it would be a 500)."""
+        try:
+            check_fits(len(ids), self.ctx)
+        except ContextOverflow as e:
+            raise context_length_exceeded(e.prompt_tokens, e.ctx, what) from None
 
     # -- generation
     async def _answer(self, request: Request, ids: list[int], s: Settings, *, chat: bool) -> Response:
@@ -505,138 +324,3 @@ class Api:
 
 def create_app(engine: Engine, worker: Worker, opts: ServeOptions, log: Callable[[str], None]) -> Gate:
     return Gate(Api(engine, worker, opts).app(), opts.api_key, log)
-
-
-# -- the server process ----------------------------------------------------------------------------
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (port 0: a free one), or a UserError saying why not."""
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port must be between 0 and 65535, got {port}")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as e:
-        raise UserError(f"cannot use --host {host}: {e.strerror}", hint="pass an IP address or a host name") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(128)
-    except OSError as e:
-        sock.close()
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}",
-                        hint="pick another --port, or stop what is using it") from None
-    return sock
-
-
-def base_url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
-
-
-class _UvicornLog(logging.Handler):
-    """uvicorn's own warnings and errors as server log lines."""
-
-    def __init__(self, level: int, log: Callable[[str], None]) -> None:
-        super().__init__(level)
-        self.log = log
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("ASGI callable returned without completing response"):
-            return  # a stream we cut on purpose (its request's line says so)
-        if record.exc_info:
-            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
-        self.log(message)
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn that cancels in-flight work as soon as a stop is requested, and treats SIGINT/SIGTERM
-    as the normal way to stop (no re-raised signal afterwards, so the process exits 0)."""
-
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None], log: Callable[[str], None]) -> None:
-        super().__init__(config)
-        self.on_exit, self.log = on_exit, log
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame) -> None:
-        if not self.should_exit:
-            self.log(f"{signal.Signals(sig).name}: stopping (in-flight requests are cancelled)")
-        super().handle_exit(sig, frame)
-        # not from inside the signal handler: it may have interrupted the loop thread holding the worker's lock
-        self._loop.call_soon_threadsafe(self.on_exit)
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-class Server:
-    """The model behind OpenAI's API on a listening socket. `run()` blocks until `stop()` or a signal."""
-
-    def __init__(self, engine: Engine, opts: ServeOptions, sock: socket.socket | None = None, *,
-                 log: Callable[[str], None]) -> None:
-        """`log` gets the server's lines: one per request, uvicorn's warnings, the stop (the command
-        line passes its terminal UI's, so the server itself prints nothing)."""
-        self.opts, self.log = opts, log
-        self.sock = sock or listen(opts.host, opts.port)
-        self.url = base_url(self.sock)
-        self.worker = Worker(engine, opts.max_queue)
-        config = uvicorn.Config(create_app(engine, self.worker, opts, log), interface="asgi3", http="h11", ws="none",
-                                lifespan="off", loop="asyncio", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=10)
-        self._uvicorn = _Uvicorn(config, on_exit=self.worker.close, log=log)
-
-    def run(self) -> None:
-        log = logging.getLogger("uvicorn.error")
-        handler = _UvicornLog(logging.WARNING, self.log)
-        log.addHandler(handler)
-        try:
-            self._uvicorn.run(sockets=[self.sock])
-        finally:
-            self.worker.close()
-            log.removeHandler(handler)
-            self.sock.close()
-
-    def stop(self) -> None:
-        """Cancel what runs and waits, then end `run()` (callable from any thread)."""
-        self.worker.close()
-        self._uvicorn.should_exit = True
-
-
-def serve(engine: Engine, opts: ServeOptions, sock: socket.socket, log: Callable[[str], None],
-          banner: Callable[[str, str, int, int, bool], None]) -> None:
-    """Serve until a signal; `banner(url, model, ctx, max_queue, keyed)` announces the server first."""
-    server = Server(engine, opts, sock, log=log)
-    banner(server.url, opts.model_name, engine.model.max_len, opts.max_queue, bool(opts.api_key))
-    server.run()
-    log("stopped")
-
-
-def model_name(spec: str | None) -> str:
-    """The name the API gives the model: the repo id, or a local checkpoint directory's name."""
-    from ..checkpoints.hub import DEFAULT_REPO
-
-    spec = spec or os.environ.get("MIXTRAL_MODEL") or DEFAULT_REPO
-    path = Path(spec).expanduser()
-    return path.resolve().name if path.is_dir() else spec

@@ -1,8 +1,20 @@
 """OpenAI's chat and completions API as data: request models, validation into generation settings,
 the chat prompt as mistral-common's v1 encoder builds it, and response and error objects.
 
-No HTTP and no tensors here; `serve.py` does the serving. Every refusal is an `APIError`, which the
+No HTTP and no tensors here; `http.py` does the serving. Every refusal is an `APIError`, which the
 server sends as OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
+
+A request the official API would refuse for a value out of its documented range (temperature in
+[0, 2], top_p in [0, 1], presence and frequency penalties in [-2, 2], at most 4 stop sequences, a
+signed 64-bit seed, max_tokens at least 1) is refused here too, with a 400. Deliberate differences,
+where this server accepts what OpenAI refuses:
+
+- llama.cpp's extras `top_k`, `min_p` and `repeat_penalty` are accepted (with this project's ranges);
+- fields the server does not know are ignored (OpenAI refuses unrecognised arguments), so clients
+  that send newer fields work;
+- any `model` name is accepted; responses name the model served;
+- a `max_tokens` beyond the room left in the context is cut to that room (the reply then ends with
+  finish_reason "length"); OpenAI refuses such a request.
 """
 
 from __future__ import annotations
@@ -105,8 +117,6 @@ class Settings:
     """What one request asks of the generator."""
 
     gen: GenerationConfig
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     stream: bool = False
     include_usage: bool = False
 
@@ -116,19 +126,17 @@ def _refuse_if(condition: bool, param: str, message: str) -> None:
         raise bad_request(param, message)
 
 
-def _number(value: float | None, param: str, low: float, high: float, *, low_open: bool = False,
-            high_open: bool = False) -> None:
-    if value is None:
-        return
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise bad_request(param, f"must be in {lo}{low:g}, {high:g}{hi}, got {value:g}")
+def _in_range(value: float | None, param: str, low: float, high: float) -> None:
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        raise bad_request(param, f"must be in [{low:g}, {high:g}], got {value:g}")
 
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")  # SamplingConfig's names
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                   "frequency_penalty", "seed")  # SamplingConfig's names
 SMALLEST_TOP_P = 1e-9
+MAX_TEMPERATURE = 2  # OpenAI's; the command line's --temp may go higher
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's: a signed 64-bit integer
 
 
 def settings(req: _Request, defaults: GenerationConfig, *, max_tokens: int | None = None,
@@ -138,20 +146,25 @@ def settings(req: _Request, defaults: GenerationConfig, *, max_tokens: int | Non
     _refuse_if(bool(req.logit_bias), "logit_bias", "is not supported")
     _refuse_if(req.stream_options is not None and not req.stream, "stream_options",
                "is only allowed when stream is true")
-    _number(req.presence_penalty, "presence_penalty", -2, 2)
-    _number(req.frequency_penalty, "frequency_penalty", -2, 2)
     chosen = {name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name) is not None}
     if chosen.get("top_p") == 0:  # OpenAI allows it (only the most likely token): the smallest nucleus we take
         chosen["top_p"] = SMALLEST_TOP_P
     stop = defaults.stop if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    _refuse_if(req.stop is not None and len(stop) > MAX_STOP, "stop",
+               f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}")
     gen = replace(defaults, max_tokens=defaults.max_tokens if max_tokens is None else max_tokens, stop=stop,
                   sampling=replace(defaults.sampling, **chosen))
     try:
         gen.validate()
     except InvalidSetting as e:
         raise bad_request(max_tokens_param if e.field == "max_tokens" else e.field, e.problem) from None
-    return Settings(gen, presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                    stream=bool(req.stream), include_usage=bool(req.stream_options and req.stream_options.include_usage))
+    # OpenAI's ranges where they are narrower than the settings' own (checked above, with their messages)
+    _in_range(req.temperature, "temperature", 0, MAX_TEMPERATURE)
+    low, high = SEED_RANGE
+    _refuse_if(req.seed is not None and not low <= req.seed <= high, "seed",
+               f"must be a signed 64-bit integer, got {req.seed}")
+    return Settings(gen, stream=bool(req.stream),
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
 def chat_settings(req: ChatRequest, defaults: GenerationConfig) -> Settings:
@@ -283,11 +296,12 @@ def chat_prompt_ids(tok: Tokenizer, messages: Sequence[Message], default_system:
     return ids
 
 
-def check_context(prompt_tokens: int, ctx: int, what: str) -> None:
-    if prompt_tokens >= ctx:
-        raise APIError(400, f"This model's maximum context length is {ctx} tokens, but the {what} take "
-                            f"{prompt_tokens} tokens and the reply needs at least 1. Shorten the {what}.",
-                       param=what, code="context_length_exceeded")
+def context_length_exceeded(prompt_tokens: int, ctx: int, what: str) -> APIError:
+    """OpenAI's refusal of a prompt (`what`: the request's `messages` or `prompt`) that leaves no room
+    for a reply; whether it does is `engine.generate.check_fits`' to say."""
+    return APIError(400, f"This model's maximum context length is {ctx} tokens, but the {what} take "
+                         f"{prompt_tokens} tokens and the reply needs at least 1. Shorten the {what}.",
+                    param=what, code="context_length_exceeded")
 
 
 # -- responses -------------------------------------------------------------------------------------
