@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from mixtral_cli.engine.experts import ExpertCache, ExpertLayout, ExpertStore, SyncTransfer
-from mixtral_cli.engine.generate import Completion, GenerationConfig, SamplingConfig, Session
+from mixtral_cli.engine.generate import Completion, Session
 from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 from mixtral_cli.kernels.formats import quantize, spec_for_bits
+from mixtral_cli.settings import GenerationConfig, SamplingConfig
 
 CPU = torch.device("cpu")
 

@@ -7,10 +7,11 @@ import torch
 from tiny import TINY_CONFIG, write_checkpoint
 
 from mixtral_cli.engine.evaluate import perplexity, window_nll
-from mixtral_cli.engine.generate import Completion, GenerationConfig, SamplingConfig, Session, chunks
+from mixtral_cli.engine.generate import Completion, Session, chunks
 from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 from mixtral_cli.engine.model import attention_mask
 from mixtral_cli.kernels import dispatch, native
+from mixtral_cli.settings import GenerationConfig, SamplingConfig
 
 RTOL = 1e-4
 

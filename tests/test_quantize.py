@@ -422,8 +422,9 @@ def test_offloaded_quantized_experts_match_resident(quantized, bits):
     """Quantized experts packed into the host store and copied into slots (prepared forms rebuilt
     on every refill) give the same greedy tokens as the all-resident quantized model."""
     from mixtral_cli.engine.experts import ExpertCache
-    from mixtral_cli.engine.generate import Completion, GenerationConfig, SamplingConfig, Session
+    from mixtral_cli.engine.generate import Completion, Session
     from mixtral_cli.engine.loader import RuntimeOptions, load_engine
+    from mixtral_cli.settings import GenerationConfig, SamplingConfig
 
     def greedy(slots: int | None) -> tuple[list[int], object]:
         eng = load_engine(quantized[bits], RuntimeOptions(device="cpu", dtype="bfloat16", ctx_size=64,

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.config import ModelArgs, args_from_config, load_config
-from ..engine.generate import Completion, GenerationConfig, Session
+from ..engine.generate import Completion, Session
 from ..engine.loader import Engine
 from ..errors import UserError
+from ..settings import GenerationConfig
 from ..sizes import format_bytes, format_count, parse_size
 from . import ui
 

@@ -22,12 +22,9 @@ import torch
 from torch import nn
 
 from ..checkpoints.layout import EXPERT_PROJS
-from ..errors import UserError
 from ..kernels.formats import QuantizedTensor, aligned
 from ..kernels.linear import DenseLinear, QuantLinear, QuantSwiGLU
-from ..sizes import format_gb
 from ..system.host_memory import (
-    HOST_HEADROOM,
     AvailableRam,
     CudaHostRegister,
     HostSlab,
@@ -36,7 +33,7 @@ from ..system.host_memory import (
 )
 from .cpu_experts import CpuExperts, CpuJobs
 from .model import Expert
-from .plan import fewer_bits_hint
+from .plan import host_ram_refusal
 from .provider import CacheStats, ExpertFn
 
 
@@ -142,13 +139,8 @@ class ExpertLayout:
 # -- the host store -------------------------------------------------------------------------------
 def check_host_ram(need: int, available: int | None, layout: ExpertLayout | None = None) -> None:
     """Refuse to pin `need` bytes when `room_for` says no: page-locked memory cannot be swapped out."""
-    if room_for(need, available):
-        return
-    fewer = fewer_bits_hint(layout.spec if layout is not None else None)
-    hint = "free some RAM or use a machine with more"
-    raise UserError(f"the expert store needs {format_gb(need)} of pinned host RAM plus {format_gb(HOST_HEADROOM)} "
-                    f"for the system, and {format_gb(available)} is available",
-                    hint=f"use {fewer}, or {hint}" if fewer else hint)
+    if not room_for(need, available):
+        raise host_ram_refusal("the expert store", need, True, available, layout.spec if layout is not None else None)
 
 
 class ExpertStore:

@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoints.tokenizer import StreamDecoder, Tokenizer
 from ..errors import UserError
-from ..settings import GenerationConfig, SamplingConfig  # noqa: F401 - callers take both settings from here
+from ..settings import GenerationConfig
 from .model import Mixtral
 from .plan import PREFILL_CHUNK
 from .sampling import make_sampler

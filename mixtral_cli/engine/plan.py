@@ -265,13 +265,17 @@ class HostPlan:
     def require(self, what: str = "the model") -> HostPlan:
         """Refuse a plan that does not fit, in one line naming the need and what to do."""
         if not self.fits:
-            kind = "pinned host RAM" if self.pinned else "host RAM"
-            bits = fewer_bits_hint(self.spec)
-            hint = "free some RAM or use a machine with more"
-            raise UserError(f"{what} needs {format_gb(self.held)} of {kind} plus {format_gb(HOST_HEADROOM)} for the "
-                            f"system, and {format_gb(self.available or 0)} is available",
-                            hint=f"use {bits}, or {hint}" if bits else hint)
+            raise host_ram_refusal(what, self.held, self.pinned, self.available, self.spec)
         return self
+
+
+def host_ram_refusal(what: str, need: int, pinned: bool, available: int | None, spec: QuantSpec | None) -> UserError:
+    """The one message for host RAM that `room_for` refuses: the need, what is free, what to do."""
+    kind = "pinned host RAM" if pinned else "host RAM"
+    bits = fewer_bits_hint(spec)
+    hint = "free some RAM or use a machine with more"
+    return UserError(f"{what} needs {format_gb(need)} of {kind} plus {format_gb(HOST_HEADROOM)} for the system, "
+                     f"and {format_gb(available or 0)} is available", hint=f"use {bits}, or {hint}" if bits else hint)
 
 
 def plan_host(args: ModelArgs, spec: QuantSpec | None, device: str, resident: bool, dense_bytes: int,
