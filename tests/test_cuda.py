@@ -28,9 +28,10 @@ from mixtral_cli.engine.experts import ExpertCache, ResidentExperts
 from mixtral_cli.engine.generate import Session, chunks
 from mixtral_cli.engine.loader import RuntimeOptions, build_engine, fused_attention_available
 from mixtral_cli.engine.plan import CUDA_CONTEXT_BYTES, plan_memory
-from mixtral_cli.kernels import dispatch
+from mixtral_cli.kernels import bnb_cuda, dispatch
 from mixtral_cli.kernels.formats import quantize, spec_for_bits
 from mixtral_cli.kernels.linear import QuantLinear
+from mixtral_cli.kernels.reference import reference_matmul
 from mixtral_cli.system.host_memory import mem_available
 
 pytestmark = [
@@ -93,7 +94,7 @@ def test_bitsandbytes_cuda_paths_match_the_reference(bits, dtype):
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("bf16 needs compute capability 8.0")
     dev = torch.device("cuda", torch.cuda.current_device())
-    assert dispatch.bnb_cuda_ok(dev), "bitsandbytes' CUDA kernels failed their self-test"
+    assert bnb_cuda.probe(dev), "bitsandbytes' CUDA kernels failed their self-test"
     g = torch.Generator().manual_seed(bits)
     for shape in ((1024, 512), (512, 1024)):
         qt = quantize(torch.randn(shape, generator=g) * 0.02, spec_for_bits(bits)).to(dev)
@@ -103,7 +104,7 @@ def test_bitsandbytes_cuda_paths_match_the_reference(bits, dtype):
             path = dispatch.select_path(x, qt, prep)
             assert path == ("bnb_cuda_nf4" if bits == 4 else "bnb_cuda_int8")
             got = dispatch.matmul(x, qt, prep).float()
-            ref = dispatch.reference_matmul(x.float(), qt)
+            ref = reference_matmul(x.float(), qt)
             tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
             assert float((got - ref).abs().max()) <= tol * float(ref.abs().max()), (shape, rows, path)
 

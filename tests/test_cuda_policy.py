@@ -16,8 +16,16 @@ import pytest
 import torch
 
 from mixtral_cli.engine.loader import cuda_bf16_native
-from mixtral_cli.kernels import dispatch
-from mixtral_cli.kernels.formats import dequantize, quantize, spec_for_bits
+from mixtral_cli.kernels import bnb_cuda
+from mixtral_cli.kernels.formats import (
+    DYNAMIC_CODE,
+    INT8_CODE,
+    dequantize,
+    device_code,
+    quantize,
+    spec_for_bits,
+)
+from mixtral_cli.kernels.reference import reference_matmul
 
 bnb = pytest.importorskip("bitsandbytes")
 CPU = torch.device("cpu")
@@ -38,7 +46,7 @@ def test_auto_dtype_is_bf16_only_from_compute_capability_8(capability, native):
 
 
 def test_int8_code_table_is_the_signed_byte_value():
-    code = dispatch.INT8_CODE
+    code = INT8_CODE
     assert code.dtype == torch.float32 and code.shape == (256,)
     assert code[0] == 0 and code[1] == 1 and code[127] == 127 and code[129] == -127 and code[255] == -1
     # every stored int8 value u, read as a byte b, decodes to u
@@ -49,42 +57,42 @@ def test_int8_code_table_is_the_signed_byte_value():
 def test_bitsandbytes_blockwise_kernel_decodes_our_int8_format_exactly():
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
     qt = quantize(w, spec_for_bits(8))  # group 128
-    state = dispatch._cuda_int8_state(qt)
+    state = bnb_cuda.int8_quant_state(qt)
     assert state.blocksize == 128 and state.absmax.data_ptr() == qt.parts["scales"].data_ptr()  # a view
     got = torch.ops.bitsandbytes.dequantize_blockwise.default(
         qt.parts["qweight"].view(torch.uint8), state.absmax, state.code, state.blocksize, torch.float32)
     assert torch.equal(got, dequantize(qt))
     # the int8 CUDA path's code, run here on CPU tensors, against the float64 reference
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
-    y = dispatch._bnb_cuda_int8(x, qt, dispatch.Prepared(CPU, quant_state=state))
-    torch.testing.assert_close(y, dispatch.reference_matmul(x, qt), rtol=1e-5, atol=1e-5)
+    y = bnb_cuda.int8_matmul(x, qt, state)
+    torch.testing.assert_close(y, reference_matmul(x, qt), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_block_sizes_the_kernel_takes():
-    assert [g for g in (2, 4, 6, 8, 16, 32, 64, 96, 128, 256, 384) if dispatch.int8_block_ok(g)] == [8, 16, 32, 64, 128, 256]
+    assert [g for g in (2, 4, 6, 8, 16, 32, 64, 96, 128, 256, 384) if bnb_cuda.int8_block_ok(g)] == [8, 16, 32, 64, 128, 256]
 
 
 def test_code_tables_are_copied_to_a_device_once():
-    assert dispatch.device_code("nf4", CPU) is dispatch.device_code("nf4", CPU)
-    assert torch.equal(dispatch.device_code("dynamic", CPU), dispatch.DYNAMIC_CODE)
+    assert device_code("nf4", CPU) is device_code("nf4", CPU)
+    assert torch.equal(device_code("dynamic", CPU), DYNAMIC_CODE)
     qt = quantize(torch.randn(64, 128), spec_for_bits(4))
-    a, b = dispatch._cuda_quant_state(qt), dispatch._cuda_quant_state(qt)
+    a, b = bnb_cuda.nf4_quant_state(qt), bnb_cuda.nf4_quant_state(qt)
     assert a.code is b.code and a.state2.code is b.state2.code  # no per-state (per-refill) copy
     assert a.absmax.data_ptr() == qt.parts["scales"].data_ptr()  # views of the stored parts
 
 
 def test_bitsandbytes_probe_passes_where_its_kernels_work():
     # the probe runs the CUDA paths' code on the given device; bitsandbytes' CPU kernels stand in here
-    assert dispatch.bnb_cuda_ok.__wrapped__(CPU) is True
+    assert bnb_cuda.probe.__wrapped__(CPU) is True
 
 
 def test_broken_bitsandbytes_falls_back_with_one_warning_line(monkeypatch, caplog):
     def broken(*a, **k):
         raise RuntimeError("libbitsandbytes_cuda126.so: cannot open shared object file\nmore detail")
 
-    monkeypatch.setattr(dispatch, "_bnb_cuda_int8", broken)
+    monkeypatch.setattr(bnb_cuda, "int8_matmul", broken)
     with caplog.at_level(logging.WARNING, logger="mixtral_cli"):
-        assert dispatch.bnb_cuda_ok.__wrapped__(CPU) is False
+        assert bnb_cuda.probe.__wrapped__(CPU) is False
     lines = [r.getMessage() for r in caplog.records if r.name == "mixtral_cli"]
     assert len(lines) == 1 and "\n" not in lines[0]
     assert "cannot open shared object" in lines[0] and "slower" in lines[0]

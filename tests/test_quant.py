@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from mixtral_cli.kernels import (
     QuantizedTensor,
     QuantLinear,
+    bnb_cuda,
     dequantize,
     dispatch,
     native,
@@ -22,6 +23,7 @@ from mixtral_cli.kernels import (
     spec_for_bits,
 )
 from mixtral_cli.kernels.formats import DYNAMIC_CODE, NESTED_BLOCK, NF4_CODE, nf4_absmax
+from mixtral_cli.kernels.reference import plain_weight
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -69,7 +71,7 @@ def test_nf4_matches_bitsandbytes_layout_and_error(big_weights, dist):
     bnb_err = (bnbf.dequantize_blockwise(st.absmax, st.state2) + st.offset - true_absmax).abs()
     assert (ours_err <= bnb_err + 1e-7).all()
     # bitsandbytes decodes our parts to exactly our dequantization
-    state = dispatch._cuda_quant_state(qt)
+    state = bnb_cuda.nf4_quant_state(qt)
     state.dtype = torch.float32
     ours = dequantize(qt)
     assert torch.equal(bnbf.dequantize_4bit(qt.parts["qweight"], state), ours)
@@ -343,7 +345,7 @@ def test_native_nf4_dequantize_is_exact(expert_qts):
     the float64 definition up to float32 rounding."""
     qt = expert_qts[4]
     want = dequantize(qt)
-    torch.testing.assert_close(want, dispatch._plain_weight(qt).float(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(want, plain_weight(qt).float(), rtol=1e-6, atol=1e-9)
     for isa in native.isas():
         assert torch.equal(dispatch.dequantize_fast(qt, torch.float32, isa), want), isa
 
@@ -535,7 +537,7 @@ def swiglu_qts():
 
 
 def _swiglu_reference(x, qts):
-    w1, w3, w2 = (dispatch._plain_weight(q) for q in qts)
+    w1, w3, w2 = (plain_weight(q) for q in qts)
     x = x.double()
     return torch.nn.functional.silu(x @ w1.T) * (x @ w3.T) @ w2.T
 
@@ -593,7 +595,7 @@ def test_quant_swiglu_module_reads_refilled_parts(swiglu_qts):
     mod = QuantSwiGLU(w1, w2, w3)
     assert set(mod.state_dict()) == {f"{n}.{p}" for n in ("w1", "w2", "w3") for p in a[0].parts}
     torch.testing.assert_close(mod(x), dispatch.swiglu(x, a))
-    c = tuple(quantize(-dispatch._plain_weight(q).float(), spec_for_bits(4)) for q in b)  # other weights, same layout
+    c = tuple(quantize(-plain_weight(q).float(), spec_for_bits(4)) for q in b)  # other weights, same layout
     for lin, q in zip((w1, w3, w2), c, strict=True):
         for name, t in q.parts.items():
             getattr(lin, name).copy_(t)

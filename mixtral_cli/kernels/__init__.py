@@ -14,9 +14,10 @@ the norms and the embeddings (and ``lm_head``) stay in 16/32-bit; the model load
 modules are quantized, this package never does.
 """
 
-from .dispatch import Prepared, matmul, prepare, reference_matmul, select_path
+from .dispatch import Prepared, matmul, prepare, select_path
 from .formats import FORMAT_VERSION, QuantizedTensor, QuantSpec, dequantize, quantize, spec_for_bits
 from .linear import QuantLinear
+from .reference import reference_matmul
 
 __all__ = [
     "FORMAT_VERSION",

@@ -58,7 +58,6 @@ need one call per block.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,8 +66,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import native
-from .formats import DYNAMIC_CODE, NESTED_BLOCK, NF4_CODE, QuantizedTensor, dequantize
+from . import bnb_cuda, native
+from .formats import DYNAMIC_CODE, NF4_CODE, QuantizedTensor, dequantize
 
 # Set to force how many tokens per call the native kernels take (benchmarks do); None: measured
 # defaults per machine kind, see `native_max_tokens`.
@@ -108,65 +107,6 @@ def native_max_tokens(dense_dtype: torch.dtype | None = None) -> int:
 NF4_LEVELS_I8 = torch.round(NF4_CODE * 63).to(torch.int8)
 
 
-@functools.cache
-def _bnb():
-    # bitsandbytes logs a warning at import when the optional `kernels` package is absent; its
-    # built-in CPU kernel is used then, so keep the user's terminal clean.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-        import bitsandbytes.functional
-    except Exception:  # missing, or no usable native library
-        return None
-    return bitsandbytes
-
-
-INT8_CODE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).float()  # code[u] = float(int8(u))
-_CODES = {"nf4": NF4_CODE, "dynamic": DYNAMIC_CODE, "int8": INT8_CODE}
-log = logging.getLogger("mixtral_cli")
-
-
-@functools.cache
-def device_code(name: str, device: torch.device) -> torch.Tensor:
-    """The code table ``name`` (nf4, dynamic, int8) on ``device``, copied there once per device: a
-    copy per call is a synchronous host-to-device transfer (a host sync)."""
-    return _CODES[name].to(device)
-
-
-@functools.cache
-def bnb_cuda_ok(device: torch.device) -> bool:
-    """Whether bitsandbytes' CUDA kernels load and compute right on ``device``, checked once per
-    device on small matrices against the reference. A broken install (its native library failed to
-    load) still imports and fails only at the first call; then one warning line is logged and the
-    plain torch paths are used."""
-    bnb = _bnb()
-    if bnb is None:
-        log.warning("bitsandbytes is not installed: quantized experts on CUDA use the slower plain torch path")
-        return False
-    try:
-        from .formats import quantize, spec_for_bits
-
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(256, 512, generator=g)
-        for bits in (4, 8):
-            qt = quantize(w, spec_for_bits(bits)).to(device)
-            prep = Prepared(qt.device, quant_state=_cuda_state(qt))
-            for rows in (1, 37):
-                x = torch.randn(rows, 512, generator=g).to(device, torch.float16)
-                got = (_bnb_cuda_nf4 if bits == 4 else _bnb_cuda_int8)(x, qt, prep).float()
-                ref = reference_matmul(x.float(), qt)
-                if not torch.allclose(got, ref, rtol=0.02, atol=0.02 * float(ref.abs().max())):
-                    raise RuntimeError(f"{bits}-bit results differ from the reference")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return True
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("bitsandbytes' CUDA kernels do not work here (%s): quantized experts use the slower plain torch path",
-                    msg)
-        return False
-
-
 @dataclass
 class Prepared:
     """Device-specific state for one ``QuantizedTensor``; never written to disk."""
@@ -176,53 +116,13 @@ class Prepared:
     quant_state: object | None = None  # bitsandbytes QuantState on CUDA
 
 
-def _cuda_quant_state(qt: QuantizedTensor):
-    """The nf4 ``QuantState``: views of the stored parts plus the per-device code tables (so it stays
-    valid when the parts are overwritten in place, as an expert-slot refill does)."""
-    from bitsandbytes.functional import QuantState
-
-    dev = qt.device
-    p = qt.parts
-    state2 = QuantState(absmax=p["scales_absmax"], code=device_code("dynamic", dev), blocksize=NESTED_BLOCK,
-                        dtype=torch.float32)
-    return QuantState(
-        absmax=p["scales"],
-        shape=torch.Size(qt.shape),
-        code=device_code("nf4", dev),
-        blocksize=qt.spec.group_size,
-        quant_type="nf4",
-        dtype=torch.bfloat16,
-        offset=p["scales_offset"].reshape(()),
-        state2=state2,
-    )
-
-
-def _cuda_int8_state(qt: QuantizedTensor):
-    """The int8 format as bitsandbytes' blockwise 8-bit state: the scales are the block absmax."""
-    from bitsandbytes.functional import QuantState
-
-    return QuantState(absmax=qt.parts["scales"].view(-1), code=device_code("int8", qt.device),
-                      blocksize=qt.spec.group_size, dtype=torch.float32)
-
-
-def int8_block_ok(group_size: int) -> bool:
-    """bitsandbytes' blockwise kernel gives each thread 8 consecutive values under one absmax and
-    finds the block by a shift: the block must be a power of two of at least 8."""
-    return group_size >= 8 and group_size & (group_size - 1) == 0
-
-
-def _cuda_state(qt: QuantizedTensor):
-    return _cuda_quant_state(qt) if qt.spec.name == "nf4" else _cuda_int8_state(qt)
-
-
 def prepare(qt: QuantizedTensor) -> Prepared:
     """Build what the fast paths for ``qt``'s device need (kernel state; never a weight copy on CPU).
     On CUDA it holds only views of the stored parts and per-device tables, so it survives in-place
     refills (``mixtral_cli.experts`` relies on that and builds it once per slot)."""
     prep = Prepared(qt.device)
-    if qt.device.type == "cuda" and (qt.spec.name == "nf4" or int8_block_ok(qt.spec.group_size)) \
-            and bnb_cuda_ok(qt.device):
-        prep.quant_state = _cuda_state(qt)
+    if bnb_cuda.usable(qt):
+        prep.quant_state = bnb_cuda.quant_state(qt)
     return prep
 
 
@@ -263,10 +163,6 @@ def _native_int8_usable(qt: QuantizedTensor, prep: Prepared) -> bool:
     return native.available() and qt.spec.group_size % 32 == 0
 
 
-def _bnb_cuda_usable(qt: QuantizedTensor, prep: Prepared) -> bool:
-    return prep.quant_state is not None
-
-
 @dataclass(frozen=True)
 class KernelPath:
     name: str
@@ -278,20 +174,8 @@ class KernelPath:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _bnb_cuda_nf4(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared, isa: str | None = None) -> torch.Tensor:
-    import bitsandbytes as bnb
-
-    qs = prep.quant_state
-    qs.dtype = x2.dtype
-    # the transposed view is how bitsandbytes' Linear4bit passes its weight
-    return bnb.matmul_4bit(x2, qt.parts["qweight"].t(), quant_state=qs)
-
-
-def _bnb_cuda_int8(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared, isa: str | None = None) -> torch.Tensor:
-    qs = prep.quant_state
-    w = torch.ops.bitsandbytes.dequantize_blockwise.default(
-        qt.parts["qweight"].view(torch.uint8), qs.absmax, qs.code, qs.blocksize, x2.dtype)  # [out, in]
-    return F.linear(x2, w)
+def _bnb_cuda_usable(qt: QuantizedTensor, prep: Prepared) -> bool:
+    return prep.quant_state is not None
 
 
 def _dequant(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared | None = None, isa: str | None = None) -> torch.Tensor:
@@ -301,8 +185,10 @@ def _dequant(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared | None = None
 PATHS: tuple[KernelPath, ...] = (
     KernelPath("native_nf4", "nf4", "cpu", _native_nf4_usable, True, _native_nf4),
     KernelPath("native_int8", "int8", "cpu", _native_int8_usable, True, _native_int8),
-    KernelPath("bnb_cuda_nf4", "nf4", "cuda", _bnb_cuda_usable, False, _bnb_cuda_nf4),
-    KernelPath("bnb_cuda_int8", "int8", "cuda", _bnb_cuda_usable, False, _bnb_cuda_int8),
+    KernelPath("bnb_cuda_nf4", "nf4", "cuda", _bnb_cuda_usable, False,
+               lambda x2, qt, prep, isa=None: bnb_cuda.nf4_matmul(x2, qt, prep.quant_state)),
+    KernelPath("bnb_cuda_int8", "int8", "cuda", _bnb_cuda_usable, False,
+               lambda x2, qt, prep, isa=None: bnb_cuda.int8_matmul(x2, qt, prep.quant_state)),
     KernelPath("dequant", None, None, lambda qt, prep: True, False, _dequant),
 )
 _BY_NAME = {p.name: p for p in PATHS}
@@ -460,25 +346,3 @@ def swiglu(x: torch.Tensor, qts: tuple[QuantizedTensor, QuantizedTensor, Quantiz
         (w1, w3, w2), (p1, p3, p2) = qts, preps
         return matmul(F.silu(matmul(x, w1, p1, isa=isa)) * matmul(x, w3, p3, isa=isa), w2, p2, isa=isa)
     return native.swiglu(x.reshape(-1, x.shape[-1]), weights, isa, out_dtype=x.dtype).reshape(x.shape)
-
-
-def _plain_weight(qt: QuantizedTensor) -> torch.Tensor:
-    """The float64 weight decoded element by element from the format's definition (independent of
-    ``formats.dequantize`` and of the kernels)."""
-    out_f, in_f = qt.shape
-    p = {k: v.cpu() for k, v in qt.parts.items()}
-    gs = qt.spec.group_size
-    if qt.spec.name == "int8":
-        return p["qweight"].double() * p["scales"].double().repeat_interleave(gs, dim=1)
-    q = p["qweight"].reshape(-1).long()
-    codes = torch.stack([q // 16, q % 16], dim=1).reshape(-1)  # element order: high nibble first
-    n_blocks = p["scales"].numel()
-    second = p["scales_absmax"].double().repeat_interleave(NESTED_BLOCK)[:n_blocks]
-    absmax = DYNAMIC_CODE.double()[p["scales"].long()] * second + p["scales_offset"].double()
-    return (NF4_CODE.double()[codes] * absmax.repeat_interleave(gs)).view(out_f, in_f)
-
-
-@torch.no_grad()
-def reference_matmul(x: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
-    """The plain reference every path is tested against: ``x @ W.T`` in float64, cast to ``x.dtype``."""
-    return (x.cpu().double() @ _plain_weight(qt).T).to(dtype=x.dtype, device=x.device)

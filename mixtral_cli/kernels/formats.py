@@ -1,4 +1,8 @@
-"""Quantized weight formats: specs, storage container, reference quantize/dequantize.
+"""Quantized weight formats: specs, storage container, reference quantize/dequantize, the format table.
+
+One job over ~450 lines: what each format is, down to the exact arithmetic of its reference
+quantizer, which the native quantizers must match bit for bit; splitting the definition from that
+arithmetic would put one format's facts in two files.
 
 Two formats, both weight-only and block-wise along ``in_features`` (the last axis of an
 ``nn.Linear`` weight ``[out_features, in_features]``):
@@ -349,7 +353,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec, *, reference: bool = False) -> Qu
 def nf4_absmax(qt: QuantizedTensor) -> torch.Tensor:
     """The float32 absmax of every nf4 block (undoes the double quantization)."""
     p = qt.parts
-    code = _table_on("dynamic", p["scales"].device)
+    code = device_code("dynamic", p["scales"].device)
     n = p["scales"].numel()
     a = code[p["scales"].long()]
     pad = (-n) % NESTED_BLOCK
@@ -361,10 +365,15 @@ _NF4_PAIRS = torch.stack([NF4_CODE[torch.arange(256) >> 4], NF4_CODE[torch.arang
 _CUDA_CHUNK_ELEMS = 1 << 22  # weights per row chunk on a GPU: float32 temporaries of 16 MiB
 
 
+INT8_CODE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).float()  # code[u] = float(int8(u))
+_CODES = {"nf4": NF4_CODE, "dynamic": DYNAMIC_CODE, "int8": INT8_CODE, "nf4_pairs": _NF4_PAIRS}
+
+
 @functools.cache
-def _table_on(name: str, device: torch.device) -> torch.Tensor:
-    """A code table on `device`, copied once per device (each copy to a GPU is a host sync)."""
-    return {"dynamic": DYNAMIC_CODE, "nf4_pairs": _NF4_PAIRS}[name].to(device)
+def device_code(name: str, device: torch.device) -> torch.Tensor:
+    """The code table ``name`` (nf4, dynamic, int8, nf4_pairs) on ``device``, copied there once per
+    device: a copy per call is a synchronous host-to-device transfer (a host sync)."""
+    return _CODES[name].to(device)
 
 
 def _dequantize_rows(in_f: int, device: torch.device) -> int:
@@ -376,7 +385,7 @@ def _dequantize_nf4(qt: QuantizedTensor, out: torch.Tensor) -> None:
     out_f, in_f = qt.shape
     gs, dev = qt.spec.group_size, out.device
     rows = _dequantize_rows(in_f, dev)
-    pairs = _table_on("nf4_pairs", dev)  # byte -> (high code, low code)
+    pairs = device_code("nf4_pairs", dev)  # byte -> (high code, low code)
     packed = qt.parts["qweight"].view(out_f, in_f // 2)
     absmax = nf4_absmax(qt).view(out_f, in_f // gs)
     for r0 in range(0, out_f, rows):
