@@ -35,6 +35,6 @@ def format_count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def format_gb(n: float) -> str:
-    """Decimal gigabytes with one decimal, for RAM and bandwidth figures: '23.6 GB'."""
-    return f"{n / 1e9:.1f} GB"
+def format_gb(n: float, digits: int = 1) -> str:
+    """Decimal gigabytes, for RAM and bandwidth figures: '23.6 GB' (``digits`` decimals)."""
+    return f"{n / 1e9:.{digits}f} GB"

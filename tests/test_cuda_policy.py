@@ -4,7 +4,7 @@ The CUDA-only code is kept thin (streams, events, page-locking, kernel calls); w
 is checked here: which dtype `--dtype auto` picks per compute capability, that the int8 format is
 exactly what bitsandbytes' blockwise kernel decodes, which block sizes that kernel takes, that the
 code tables are copied to a device once, that a broken bitsandbytes falls back with one warning
-line, and that the installed bitsandbytes reads nf4's nested absmax inside its fused kernel.
+line, and that bitsandbytes decodes nf4's nested absmax from the stored parts itself.
 tests/test_cuda.py runs the same paths on a GPU (`pytest -m cuda`).
 """
 
@@ -29,6 +29,7 @@ from mixtral_cli.kernels.reference import reference_matmul
 
 bnb = pytest.importorskip("bitsandbytes")
 CPU = torch.device("cpu")
+META = torch.device("meta")
 
 
 @pytest.mark.parametrize("capability, native", [
@@ -73,12 +74,15 @@ def test_int8_block_sizes_the_kernel_takes():
 
 
 def test_code_tables_are_copied_to_a_device_once():
-    assert device_code("nf4", CPU) is device_code("nf4", CPU)
+    # A move to the meta device makes a new tensor on every call, as a move to a GPU does; on the CPU
+    # `.to` hands back the table itself, which would hide a missing cache.
+    assert device_code("nf4", META) is device_code("nf4", META)
     assert torch.equal(device_code("dynamic", CPU), DYNAMIC_CODE)
-    qt = quantize(torch.randn(64, 128), spec_for_bits(4))
-    a, b = bnb_cuda.nf4_quant_state(qt), bnb_cuda.nf4_quant_state(qt)
+    moved = quantize(torch.randn(64, 128), spec_for_bits(4)).to(META)
+    a, b = bnb_cuda.nf4_quant_state(moved), bnb_cuda.nf4_quant_state(moved)
     assert a.code is b.code and a.state2.code is b.state2.code  # no per-state (per-refill) copy
-    assert a.absmax.data_ptr() == qt.parts["scales"].data_ptr()  # views of the stored parts
+    qt = quantize(torch.randn(64, 128), spec_for_bits(4))
+    assert bnb_cuda.nf4_quant_state(qt).absmax.data_ptr() == qt.parts["scales"].data_ptr()  # views of the stored parts
 
 
 def test_bitsandbytes_probe_passes_where_its_kernels_work():
@@ -98,16 +102,19 @@ def test_broken_bitsandbytes_falls_back_with_one_warning_line(monkeypatch, caplo
     assert "cannot open shared object" in lines[0] and "slower" in lines[0]
 
 
-def test_installed_bitsandbytes_reads_the_nested_absmax_in_its_fused_kernel():
-    """From 0.50, `matmul_4bit` hands a double-quantized state to the `gemm_4bit` op as the 8-bit
-    absmax, its code and the second-level absmax and offset; the fused kernel (every call of up to
-    4 tokens) decodes them itself. Before 0.50 the batch-1 path (`gemv_4bit`) expanded the nested
-    absmax with two extra kernels on every call; the project requires 0.50."""
-    import inspect
-
-    from bitsandbytes.autograd import _functions
-
-    major, minor = (int(v) for v in bnb.__version__.split(".")[:2])
-    assert (major, minor) >= (0, 50)
-    src = inspect.getsource(_functions.matmul_4bit)
-    assert "absmax_8bit=quant_state.absmax" in src and "absmax_code=quant_state.state2.code" in src
+@pytest.mark.parametrize("rows", [1, 4])  # up to 4 tokens: one fused kernel on CUDA
+def test_bitsandbytes_reads_the_nested_absmax_from_the_stored_parts(rows):
+    """The nf4 state hands bitsandbytes the double-quantized absmax as it is stored (8-bit codes, their
+    code table, the second-level absmax and the offset, as views), and `matmul_4bit` decodes it
+    itself: after the parts are overwritten in place, as an expert-slot refill does, the same state
+    multiplies by the new weight."""
+    g = torch.Generator().manual_seed(rows)
+    slot = quantize(torch.randn(64, 512, generator=g), spec_for_bits(4))
+    refill = quantize(3 * torch.randn(64, 512, generator=g), spec_for_bits(4))  # other absmax, offset
+    state = bnb_cuda.nf4_quant_state(slot)
+    assert state.nested
+    for name, t in refill.parts.items():
+        slot.parts[name].copy_(t)
+    x = torch.randn(rows, 512, generator=g)
+    y = bnb_cuda.nf4_matmul(x, slot, state)
+    torch.testing.assert_close(y, reference_matmul(x, refill), rtol=1e-4, atol=1e-4)

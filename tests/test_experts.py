@@ -212,21 +212,47 @@ def test_store_pins_exactly_its_bytes_in_one_slab():
     assert cpu.pinned_bytes == 0 and len(pinner.calls) == 2 and cpu.slab.size >= 2 * 3 * 192
 
 
-def test_store_for_8x7b_at_4_bits_pins_21_7_gib_not_32():
+def test_store_for_8x7b_at_4_bits_pins_21_7_gib_not_32(monkeypatch):
+    """Built as the loader builds it, from one expert quantized at Mixtral-8x7B's shapes. The slab's
+    mapping is one page here (its size is recorded) and the RAM reading is faked, so nothing near
+    21.7 GiB is allocated. The caching host allocator would have pinned a power of two per expert
+    (128 MiB each, 32 GiB)."""
     import json
+    import mmap
     from pathlib import Path
 
     from mixtral_cli.checkpoints.config import ModelArgs
-    from mixtral_cli.checkpoints.layout import packed_expert_bytes
+    from mixtral_cli.checkpoints.layout import EXPERT_PROJS, expert_shape
+    from mixtral_cli.errors import UserError
+    from mixtral_cli.system import host_memory
 
     cfg = json.loads((Path(__file__).parent / "data" / "mixtral-8x7b-instruct-v0.1.config.json").read_text())
-    nb = packed_expert_bytes(ModelArgs.from_dict(cfg), spec_for_bits(4))
+    args = ModelArgs.from_dict(cfg)
+    spec = spec_for_bits(4)
+    by_shape = {shape: quantize(torch.zeros(shape, dtype=torch.bfloat16), spec)
+                for shape in {expert_shape(args, p) for p in EXPERT_PROJS}}
+    layout = ExpertLayout([by_shape[expert_shape(args, p)] for p in EXPERT_PROJS])
     # per matrix: 29,360,128 codes + 917,504 scales + 14,336 second-level absmax + 4 (-> 64) offset
-    assert nb == 3 * (29_360_128 + 917_504 + 14_336 + 64) == 90_876_096
-    total = 256 * nb
-    assert total == 23_264_280_576 and total % 4096 == 0  # 21.67 GiB, page-aligned: pinned as is
-    # the caching host allocator would have pinned a power of two per expert: 128 MiB each, 32 GiB
-    assert 256 * 2 ** (nb - 1).bit_length() == 32 * 2**30
+    assert layout.nbytes == 3 * (29_360_128 + 917_504 + 14_336 + 64) == 90_876_096
+
+    mapped: list[int] = []
+
+    def one_page(size: int, huge_pages: bool = False) -> mmap.mmap:
+        mapped.append(size)
+        return mmap.mmap(-1, mmap.PAGESIZE)
+
+    monkeypatch.setattr(host_memory, "anonymous_mapping", one_page)
+    pinner = RecordingPinner()
+    store = ExpertStore(layout, args.num_hidden_layers, args.num_local_experts, pin=True, pinner=pinner,
+                        available=lambda: 64 * 2**30)
+    total = 23_264_280_576  # 21.67 GiB, page-aligned: pinned as is
+    assert mapped == [total] and [(op, n) for op, _, n in pinner.calls] == [("register", total)]
+    assert store.nbytes() == store.pinned_bytes == total
+    store.close()
+    with pytest.raises(UserError, match="pinned host RAM"):  # a 16 GiB machine cannot hold it
+        ExpertStore(layout, args.num_hidden_layers, args.num_local_experts, pin=True, pinner=RecordingPinner(),
+                    available=lambda: 16 * 2**30)
+    assert len(mapped) == 1  # refused before mapping anything
 
 
 def test_store_refuses_to_pin_more_than_ram_allows():

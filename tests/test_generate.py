@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mixtral_cli.checkpoints.reader import Checkpoint
 from mixtral_cli.engine.generate import Completion, ContextOverflow, Session
 from mixtral_cli.settings import GenerationConfig, InvalidSetting, SamplingConfig
 
@@ -79,34 +80,47 @@ def test_eos_stops_generation(engine_fp32):
     assert c.finish_reason == "stop" and "</s>" not in text
 
 
-INNER_TESTS = """
+CHANGES_THE_ENGINE = """
+import pytest
 import torch
 
-from mixtral_cli.checkpoints.reader import Checkpoint
 
-
-def test_changes_the_engine_and_fails(engine_fp32):
+@pytest.mark.parametrize("fails", [False, True])
+def test_changes_the_engine(engine_fp32, fails):
     with torch.no_grad():
         engine_fp32.model.lm_head.weight.zero_()
     engine_fp32.model.setup_cache(8)
-    raise AssertionError("fails after changing the shared engine")
-
-
-def test_sees_the_engine_as_loaded(engine_fp32, tiny_ckpt):
-    stored = Checkpoint(tiny_ckpt).tensor("lm_head.weight").float()
-    assert torch.equal(engine_fp32.model.lm_head.weight, stored)
-    assert engine_fp32.model.max_len == 256
+    assert not fails
 """
 
 
-def test_conftest_puts_the_shared_engine_back(pytester):
-    """What a test changes in `engine_fp32` (lm_head, the cache size) is put back before the next,
-    even when it fails: two tests in a session of their own, so their order is fixed."""
+class EngineAfterEachTest:
+    """A plugin for the inner session: the engine each test used, as it is once that test's teardown
+    (where conftest puts it back) is over."""
+
+    def __init__(self) -> None:
+        self.after: dict[str, tuple[torch.Tensor, int]] = {}
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item):
+        engine = item.funcargs["engine_fp32"]
+        yield
+        self.after[item.name] = (engine.model.lm_head.weight.detach().clone(), engine.model.max_len)
+
+
+def test_conftest_puts_the_shared_engine_back(pytester, tiny_ckpt):
+    """What a test changes in `engine_fp32` (lm_head, the cache size) is put back after it, whether it
+    passes or fails, in a session of its own with this repository's conftest."""
     here = Path(__file__).parent
     pytester.makeconftest((here / "conftest.py").read_text())
-    pytester.makepyfile(tiny=(here / "tiny.py").read_text(), test_inner=INNER_TESTS)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    pytester.makepyfile(tiny=(here / "tiny.py").read_text(), test_inner=CHANGES_THE_ENGINE)
+    watch = EngineAfterEachTest()
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", plugins=[watch])
     result.assert_outcomes(passed=1, failed=1)
+    stored = Checkpoint(tiny_ckpt).tensor("lm_head.weight").float()  # tiny.py writes the same weights each time
+    assert sorted(watch.after) == ["test_changes_the_engine[False]", "test_changes_the_engine[True]"]
+    for lm_head, max_len in watch.after.values():
+        assert torch.equal(lm_head, stored) and max_len == 256
 
 
 def test_session_reuses_the_cached_prefix(engine_fp32):

@@ -1,28 +1,22 @@
-"""What `mixtral bench` measures besides the engines themselves: device-synchronised timing, the
-memory and host-to-device bandwidth probes, peak RSS, and the RAM check before a model is built.
-Used by bench (our engine) and baseline (transformers) alike."""
+"""What `mixtral bench` measures besides the engines themselves: the memory and host-to-device
+bandwidth probes and the median of several runs. Device-synchronised timing (``sync``) and the peak
+RSS come from ``mixtral_cli.system`` and are imported from here by bench (our engine) and baseline
+(transformers) alike."""
 
 from __future__ import annotations
 
-import math
-import resource
 import statistics
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..engine.experts import ExpertStore
 from ..system.host_memory import CudaHostRegister, HostSlab
+from ..system.host_memory import peak_rss_bytes as peak_rss_bytes  # re-exported for bench.run
+from ..system.timing import best_time
+from ..system.timing import sync as sync  # re-exported for bench.run and bench.baseline
 
 WARMUP_TOKENS = 4  # decoded untimed after each prefill, before the timed steps
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -49,22 +43,10 @@ def median_times(runs: list[RunTimes]) -> RunTimes:
                     statistics.median(r.decode_s for r in runs), runs[0].prompt_tokens, runs[0].gen_tokens)
 
 
-def _best_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    fn()
-    sync(device)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def memory_bandwidth(device: torch.device, nbytes: int = 512 * 2**20, reps: int = 5) -> float:
     """Read bandwidth (bytes/s): the best time of summing a float32 tensor much larger than the caches."""
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    t = _best_time(lambda: x.sum(), device, reps)
+    t = best_time(lambda: x.sum(), device, reps)
     return nbytes / t
 
 
@@ -91,14 +73,9 @@ def host_to_device_bandwidth(device: torch.device, nbytes: int, reps: int = 5,
         dst = torch.empty(nbytes, dtype=torch.uint8)
         method = "host memcpy (CPU slots)"
     try:
-        t = _best_time(lambda: dst.copy_(src, non_blocking=True), device, reps)
+        t = best_time(lambda: dst.copy_(src, non_blocking=True), device, reps)
     finally:
         if slab is not None:
             del src
             slab.close()
     return nbytes / t, method
-
-
-def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from ..errors import UserError
 from ..sizes import format_bytes
 from .hub import (
     DEFAULT_REPO,
+    SHA1_RE,
     cached_snapshot,
     complete_dir,
     hub_cache_dir,
@@ -53,7 +53,6 @@ from .hub import (
 )
 
 _CHUNK_HASH = 8 * 1024 * 1024
-_SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 class DownloadError(UserError):
@@ -275,7 +274,7 @@ def _verify(path: Path, f: RemoteFile) -> str | None:
         got = _digest(path, hashlib.sha256())
         if got != f.sha256.lower():
             return f"sha256 {got[:12]}... instead of {f.sha256[:12]}..."
-    elif f.blob_id and _SHA1_RE.match(f.blob_id):
+    elif f.blob_id and SHA1_RE.match(f.blob_id):
         h = hashlib.sha1()
         h.update(b"blob %d\0" % size)
         got = _digest(path, h)

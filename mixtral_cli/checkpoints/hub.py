@@ -34,7 +34,7 @@ WANTED_PATTERNS: tuple[str, ...] = (
 EXCLUDED_PATTERNS: tuple[str, ...] = ("*.pt", "*.pth", "*.bin", "consolidated*")
 
 INDEX_FILE = "model.safetensors.index.json"
-_SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA1_RE = re.compile(r"^[0-9a-f]{40}$")  # a git object id: a commit, or a regular file's blob id
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -114,7 +114,7 @@ def cached_snapshot(repo_id: str, revision: str | None, cache_dir: Path | None =
     if not snapshots.is_dir():
         return None
     rev = revision or "main"
-    commit = rev if _SHA1_RE.match(rev) else None
+    commit = rev if SHA1_RE.match(rev) else None
     ref = storage / "refs" / rev
     if commit is None and ref.is_file():
         commit = ref.read_text().strip()

@@ -16,7 +16,6 @@ so the tests check the policy and the counters with token-identical output.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import CPU_EXPERT_MODES
+from ..system.timing import best_time
 from .provider import ExpertFn
 
 
@@ -73,16 +73,6 @@ def layer_miss_time(miss_rate: float, top_k: int, costs: ExpertCosts, mode: str)
     this is what bounds decode: tokens/s <= 1 / (layers x this + the rest))."""
     return sum(math.comb(top_k, n) * miss_rate**n * (1 - miss_rate) ** (top_k - n) * miss_time(n, costs, mode)
                for n in range(top_k + 1))
-
-
-def _best_of(fn, reps: int = 3) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class CpuExperts:
@@ -154,16 +144,11 @@ def measure_costs(store, device: torch.device, scratch: torch.Tensor, dtype: tor
     """Time one expert's host-to-device copy (into `scratch`, a free slot) and one token through it on
     the CPU, best of three each."""
     src = store.buffers[0][0]
-
-    def copy() -> None:
-        scratch.copy_(src, non_blocking=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     expert = CpuExperts(store, 1, dtype, "never", ExpertCosts(0.0, 0.0))
     x = torch.randn(1, hidden_size).to(dtype)
     try:
         with torch.inference_mode():
-            return ExpertCosts(copy_s=_best_of(copy), cpu_s=_best_of(lambda: expert.module(0, 0)(x)))
+            return ExpertCosts(copy_s=best_time(lambda: scratch.copy_(src, non_blocking=True), device),
+                               cpu_s=best_time(lambda: expert.module(0, 0)(x)))
     finally:
         expert.close()

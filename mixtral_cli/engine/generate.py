@@ -16,6 +16,7 @@ import torch
 from ..checkpoints.tokenizer import StreamDecoder, Tokenizer
 from ..errors import UserError
 from ..settings import GenerationConfig
+from ..system.timing import sync
 from .model import Mixtral
 from .plan import PREFILL_CHUNK
 from .sampling import make_sampler
@@ -24,12 +25,6 @@ from .sampling import make_sampler
 def chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
     """[start, end) cut into consecutive pieces of at most `size` positions."""
     return [(a, min(a + size, end)) for a in range(start, end, size)]
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (so that a timer read next measures it)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Session:

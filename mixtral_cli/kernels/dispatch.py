@@ -32,7 +32,7 @@ path                    format  when
 
 The native paths are preferred up to ``native_max_tokens()`` tokens per call (on CPUs without
 AVX512-BF16 that is a whole prefill chunk); above it, one exact dequantize plus torch's GEMM is
-faster (measured by benchmarks/bench_quant.py). Inference only: callers run the products under
+faster (measurements: docs/benchmarks.md 7.3). Inference only: callers run the products under
 ``torch.inference_mode`` (the model does); the native paths record no autograd graph. Nothing
 derived from the stored parts is kept on the CPU: the native kernels read them where they lie
 (the CPU run's weight arena, ``mixtral_cli/system/host_memory.py``, or the expert store).
@@ -89,12 +89,11 @@ def torch_bf16_is_native() -> bool:
 def native_max_tokens(dense_dtype: torch.dtype | None = None) -> int:
     """The most tokens per call for which the native kernels beat dequantize (or convert) + torch's GEMM.
 
-    ``dense_dtype``: the weight dtype of a dense product; None for a quantized one. Measured on the
-    AVX2-only machine (docs/benchmarks.md 7.3, 14336x4096 and 4096x4096, 2 threads): without a native
-    bf16 GEMM, torch's bf16 ``F.linear`` is 2-3x slower than the native kernels at every size up to
-    a whole prefill chunk (512 tokens), quantized or 16-bit dense; torch's float32 GEMM overtakes the
-    native float32 GEMV above 64 tokens. With AVX512-BF16 the earlier crossover of 16 tokens is kept
-    (not re-measured with these kernels)."""
+    ``dense_dtype``: the weight dtype of a dense product; None for a quantized one. Without a native
+    bf16 GEMM (no AVX512-BF16), torch's bf16 ``F.linear`` converts inside its kernel and loses to the
+    native kernels up to a whole prefill chunk, quantized or 16-bit dense: 512; torch's float32 GEMM
+    overtakes the native float32 GEMV much sooner: 64 for float32 dense weights. With a native bf16
+    GEMM: 16. The measurements: docs/benchmarks.md 7.3."""
     if NATIVE_MAX_TOKENS is not None:
         return NATIVE_MAX_TOKENS
     if torch_bf16_is_native():

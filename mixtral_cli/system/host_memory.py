@@ -3,6 +3,7 @@ live in.
 
 - ``mem_available`` and ``room_for``: the kernel's ``MemAvailable``, and whether a run may hold
   ``nbytes`` more while leaving the system ``HOST_HEADROOM`` (every fit decision of the project asks this).
+- ``peak_rss_bytes``: the most host RAM this process has held so far (its peak resident set).
 - ``HostSlab``: one anonymous, page-aligned mapping, page-locked for the GPU with ``cudaHostRegister``
   when asked (exactly its bytes, none of torch's pinned allocator's power-of-two rounding): the
   expert store.
@@ -16,6 +17,8 @@ live in.
 from __future__ import annotations
 
 import mmap
+import resource
+import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +52,12 @@ def room_for(nbytes: int, available: int | None) -> bool:
     system (True where that cannot be read). Page-locked memory cannot be swapped out, and running
     short ends in the OOM killer, so every placement in host RAM asks this one rule."""
     return available is None or nbytes + HOST_HEADROOM <= available
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set in bytes (``getrusage`` counts KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 class CudaHostRegister:

@@ -11,21 +11,21 @@ from __future__ import annotations
 import os
 
 # Passive waiting: an OpenMP thread that reaches the end of a parallel region sleeps instead of
-# spinning. On a busy machine a spinning thread holds its core while the thread it waits for is
-# descheduled, which turns every parallel region into a wait for the scheduler (a 10x collapse of
-# decode with one competing process on 2 cores); a sleeping one hands its core over. The cost on a
-# quiet machine is one futex wake per region, and decode's heavy products run in the project's own
-# kernels (kernels.native), whose pool hands out work in small chunks and spins only briefly.
-# Measured in docs/benchmarks.md ("Decode with a competing process").
+# spinning. A spinning thread holds its core while the thread it waits for is descheduled, so on a
+# busy machine every parallel region becomes a wait for the scheduler; a sleeping one hands its core
+# over. The cost on a quiet machine is one wake-up per region (docs/benchmarks.md 3.4).
 DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def configure_cpu_threads_env(threads: int | None = None) -> None:
     """Set the thread environment for a process that is about to import torch.
 
-    ``threads`` is the command's ``-t/--threads`` (``None``: not given); the count itself is applied
-    through ``torch.set_num_threads`` when the engine is built (``runtime.apply_threads``).
-    Variables the user set are left alone. It must not import torch.
+    ``threads`` is the command's ``-t/--threads`` (``None``: not given). Given, it becomes
+    ``OMP_NUM_THREADS`` even over the user's value, since the flag is the more specific request: torch's
+    OpenMP and MKL pools, and the native kernels (which take torch's count when they load), then start
+    at that size. The defaults leave variables the user set alone. It must not import torch.
     """
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -11,8 +11,9 @@ variable ``ATEN_CPU_CAPABILITY`` (the one that steers torch's own kernels) caps 
 way: ``default`` forces ``scalar``, ``avx2`` or higher allows ``avx2``.
 
 If no compiler is found or the build fails, ``available()`` is False, the callers fall back to
-plain torch paths, and one notice line is logged. ``MIXTRAL_REQUIRE_NATIVE=1`` turns that into an
-error (CI sets it).
+plain torch paths, and one warning is logged (this module prints nothing: the CLI decides where log
+records go, ``cli.ui.setup_logging``). ``MIXTRAL_REQUIRE_NATIVE=1`` turns that into an error (CI sets
+it). A build is logged at info level, since the first run pauses for it.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger("mixtral_cli")
+log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("mxkernels.c")
 CFLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
@@ -66,6 +66,7 @@ def build() -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("compiling the native CPU kernels with %s into %s (once per source version)", cc, out.parent)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
@@ -86,7 +87,7 @@ def _lib() -> ctypes.CDLL | None:
     except (NativeBuildError, OSError) as e:
         if os.environ.get("MIXTRAL_REQUIRE_NATIVE") == "1":
             raise
-        print(f"notice: native CPU kernels unavailable ({e}); using slower torch paths", file=sys.stderr)
+        log.warning("native CPU kernels unavailable (%s); using slower torch paths", e)
         return None
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     z = ctypes.c_size_t
