@@ -50,7 +50,13 @@ def prepare(d: Path, layers: int, llama_src: Path | None) -> None:
 
     from mixtral_cli.bench.synthetic import PRESETS, SyntheticCheckpoint
     from mixtral_cli.checkpoints.config import ModelArgs
-    from mixtral_cli.checkpoints.layout import EXPERT_PROJS, expert_prefix, layer_prefix, shared_shapes
+    from mixtral_cli.checkpoints.layout import (
+        EXPERT_PROJS,
+        Quantization,
+        expert_prefix,
+        layer_prefix,
+        shared_shapes,
+    )
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from tiny import TINY_CONFIG, V1_TOKENIZER
@@ -58,7 +64,7 @@ def prepare(d: Path, layers: int, llama_src: Path | None) -> None:
     hf = d / "hf"
     hf.mkdir(parents=True, exist_ok=True)
     args = ModelArgs(**(PRESETS["8x7b"] | {"num_hidden_layers": layers}))
-    ck = SyntheticCheckpoint(args, None, seed=1)
+    ck = SyntheticCheckpoint(args, Quantization(), seed=1)
     shards: list[dict[str, torch.Tensor]] = [{}]
     for name in shared_shapes(args):
         if not name.startswith("model.layers."):

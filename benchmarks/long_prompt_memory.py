@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import json, resource, sys, time, torch
-from mixtral_cli.synthetic import SyntheticCheckpoint, preset_args
-from mixtral_cli.generate import Session
-from mixtral_cli.runtime import RuntimeOptions, build_engine
+from mixtral_cli.bench.synthetic import SyntheticCheckpoint, preset_args
+from mixtral_cli.checkpoints.layout import Quantization
+from mixtral_cli.engine.generate import Session
+from mixtral_cli.engine.loader import RuntimeOptions, build_engine
 n, threads = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(threads)
-eng = build_engine(SyntheticCheckpoint(preset_args("mini"), None), None,
+eng = build_engine(SyntheticCheckpoint(preset_args("mini"), Quantization()), None,
                    RuntimeOptions(device="cpu", dtype="bfloat16", ctx_size=4096))
 ids = torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

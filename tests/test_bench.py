@@ -21,7 +21,7 @@ from mixtral_cli.bench.measure import WARMUP_TOKENS, RunTimes
 from mixtral_cli.bench.result import Bandwidth, BaselineResult
 from mixtral_cli.bench.run import BenchOptions, hybrid_bound, run_bench, sweep_slots
 from mixtral_cli.bench.synthetic import SyntheticCheckpoint, preset_args, synthetic_quantized
-from mixtral_cli.checkpoints.layout import EXPERT_PROJS, bits_flag, expert_shape
+from mixtral_cli.checkpoints.layout import EXPERT_PROJS, Quantization, bits_flag, expert_shape
 from mixtral_cli.engine.cpu_experts import ExpertCosts
 from mixtral_cli.engine.loader import build_engine
 from mixtral_cli.engine.provider import CacheStats
@@ -30,7 +30,7 @@ from mixtral_cli.kernels.formats import QuantizedTensor, dequantize, spec_for_bi
 from mixtral_cli.settings import RuntimeOptions
 
 TOP_FIELDS = {
-    "model", "synthetic", "note", "bits", "expert_format", "device", "dtype", "threads", "params_total",
+    "model", "synthetic", "note", "bits", "expert_format", "attn_bits", "output_bits", "device", "dtype", "threads", "params_total",
     "params_active", "slots_per_layer", "prefetch", "prompt_tokens", "gen_tokens", "warmup_tokens", "rounds",
     "load_s", "prefill_tokens_per_s", "time_to_first_token_s", "decode_tokens_per_s", "decode_ms_per_token",
     "peak_rss_bytes", "peak_gpu_bytes", "peak_gpu_reserved_bytes", "expert_cache", "prefill_expert_cache", "bandwidth", "bound", "baseline",
@@ -245,7 +245,7 @@ def test_sweep_is_capped_and_frees_each_cache(monkeypatch):
 
     from mixtral_cli.engine.experts import ExpertCache
 
-    ckpt = SyntheticCheckpoint(preset_args("tiny"), spec_for_bits(4))
+    ckpt = SyntheticCheckpoint(preset_args("tiny"), Quantization(experts=spec_for_bits(4)))
     engine = build_engine(ckpt, None, RuntimeOptions(device="cpu", dtype="float32", ctx_size=32, experts_in_gpu=2))
     alive: list = []
     caches: list = [weakref.ref(engine.experts)]  # the cache built with the engine
@@ -303,7 +303,7 @@ def test_transformers_baseline_holds_the_same_weights():
     pytest.importorskip("transformers")
     from mixtral_cli.bench.baseline import build_transformers
 
-    ckpt = SyntheticCheckpoint(preset_args("tiny"), None)
+    ckpt = SyntheticCheckpoint(preset_args("tiny"), Quantization())
     engine = build_engine(ckpt, None, RuntimeOptions(device="cpu", dtype="float32", ctx_size=32))
     hf = build_transformers(ckpt, ckpt.args, torch.float32)
     ids = list(range(100, 116))
@@ -328,7 +328,12 @@ def test_baseline_runs_on_our_gpu_when_it_fits_else_says_so():
 def test_synthetic_quantized_parts_have_stored_shapes_and_dtypes(bits):
     spec = spec_for_bits(bits)
     args = preset_args("mini")
-    ckpt = SyntheticCheckpoint(args, spec)
+    ckpt = SyntheticCheckpoint(args, Quantization(experts=spec, attention=spec, output=spec))
+    for prefix, shape in (("model.layers.2.self_attn.k_proj", (256, 1024)), ("lm_head", (32000, 1024))):
+        w = ckpt.weight(prefix)
+        assert isinstance(w, QuantizedTensor) and w.spec == spec and w.shape == shape
+        assert {n: (tuple(t.shape), t.dtype) for n, t in w.parts.items()} == {
+            n: (tuple(s), d) for n, (s, d) in QuantizedTensor.expected_parts(spec, shape).items()}
     for proj in EXPERT_PROJS:
         shape = expert_shape(args, proj)
         w = ckpt.expert_weight(3, 5, proj)
@@ -351,8 +356,8 @@ def test_synthetic_quantized_parts_have_stored_shapes_and_dtypes(bits):
 
 def test_synthetic_dense_and_shared_tensors():
     args = preset_args("tiny")
-    ckpt = SyntheticCheckpoint(args, bits_flag(16))
-    assert ckpt.quant is None
+    ckpt = SyntheticCheckpoint(args, Quantization(experts=bits_flag(16)))
+    assert ckpt.quant.dense
     for proj in EXPERT_PROJS:
         w = ckpt.expert_weight(1, 2, proj)
         assert w.dtype == torch.bfloat16 and tuple(w.shape) == expert_shape(args, proj)

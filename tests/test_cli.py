@@ -53,6 +53,22 @@ def test_info_plan_for_24gib_at_4_bits():
     assert plan["total"] <= 24 * 2**30
 
 
+def test_info_4bit_attention_plans_more_expert_slots():
+    def info(*flags: str) -> dict:
+        proc = mixtral("info", str(REAL_CONFIG), "--bits", "4", "--gpu-mem", "24GiB", "--ctx", "4096", "--json", *flags)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    bf16, nf4 = info(), info("--attn-bits", "4", "--output-bits", "8")
+    assert nf4["plan"]["experts_on_device"] - bf16["plan"]["experts_on_device"] >= 16
+    assert (bf16["attn_bits"], nf4["attn_bits"], nf4["output_bits"]) == (16, 4, 8)
+    g = nf4["groups"]
+    assert g["attention"]["bytes"] == 32 * 21_637_136 == g["attention"]["gpu_bytes"]  # tests/test_plan.py by hand
+    assert g["experts"]["host_bytes"] == nf4["plan"]["host_pinned"] > 0
+    assert nf4["bytes_weights"]["other"] < bf16["bytes_weights"]["other"]
+    assert_user_error(mixtral("info", str(REAL_CONFIG), "--attn-bits", "5"), "--attn-bits 5")
+
+
 def test_info_accounts_for_host_ram():
     """Offloaded experts all live in a pinned host store (256 x 90,876,096 bytes at 4 bits), and loading
     keeps 2 GiB free for the system; with every expert on the GPU nothing is pinned."""

@@ -5,7 +5,8 @@
 - chunked prefill gives one-pass logits (float32, within CHUNK_RTOL of the largest logit);
 - after a 4k-token prompt, torch's peak reserved memory plus the CUDA context stays within --gpu-mem;
 - the expert store is pinned (`is_pinned()`) and torch's caching host allocator holds no pinned bytes;
-- slot refills keep each slot's QuantState; stall time is measured and finite.
+- slot refills keep each slot's QuantState; stall time is measured and finite;
+- quantized attention and output layers run on the bitsandbytes paths and match their dequantized weights.
 
 Weights are synthetic (`mixtral_cli.bench.synthetic.SyntheticCheckpoint`): the checks are about memory,
 placement and numerics, not text quality.
@@ -24,6 +25,8 @@ import torch
 
 from mixtral_cli.bench.synthetic import PRESETS, SyntheticCheckpoint, preset_args
 from mixtral_cli.checkpoints.config import ModelArgs
+from mixtral_cli.checkpoints.layout import Quantization
+from mixtral_cli.checkpoints.source import CheckpointSource
 from mixtral_cli.engine.experts import ExpertCache, ResidentExperts
 from mixtral_cli.engine.generate import Session, chunks
 from mixtral_cli.engine.loader import RuntimeOptions, build_engine, fused_attention_available
@@ -48,9 +51,48 @@ SMALL = ModelArgs(**(PRESETS["tiny"] | {"hidden_size": 512, "intermediate_size":
                                          "max_position_embeddings": 4096}))
 
 
+def experts_at(bits: int | None) -> Quantization:
+    return Quantization(experts=spec_for_bits(bits) if bits in (4, 8) else None)
+
+
 def engine(args: ModelArgs, bits: int | None, **opts):
-    spec = spec_for_bits(bits) if bits in (4, 8) else None
-    return build_engine(SyntheticCheckpoint(args, spec), None, RuntimeOptions(device="cuda", **opts))
+    return build_engine(SyntheticCheckpoint(args, experts_at(bits)), None, RuntimeOptions(device="cuda", **opts))
+
+
+class Dequantized(CheckpointSource):
+    """Another source's weights, every quantized one dequantized to bf16: the dense twin of a model."""
+
+    def __init__(self, inner: CheckpointSource) -> None:
+        self.inner, self.args, self.quant = inner, inner.args, Quantization()
+
+    def tensor(self, name, into=None, dtype=None):
+        prefix = name.removesuffix(".weight")
+        t = self.inner.dense_weight(prefix) if self.inner.quant.spec_for(prefix) else self.inner.tensor(name)
+        return t if into is None else into.copy(t, dtype)
+
+    def weight(self, prefix, into=None, dtype=None):
+        return self.tensor(f"{prefix}.weight", into, dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_attention_and_output_on_cuda_match_their_dequantized_weights(bits):
+    """Every linear layer quantized: attention and lm_head are QuantLinears on the bitsandbytes paths,
+    and the logits match the same weights dequantized and run dense (prefill and one decode step)."""
+    spec = spec_for_bits(bits)
+    src = SyntheticCheckpoint(SMALL, Quantization(experts=spec, attention=spec, output=spec))
+    opts = RuntimeOptions(device="cuda", dtype="bfloat16", ctx_size=64)
+    quantized, dense = build_engine(src, None, opts), build_engine(Dequantized(src), None, opts)
+    m = quantized.model
+    assert isinstance(m.lm_head, QuantLinear) and isinstance(m.model.layers[0].self_attn.q_proj, QuantLinear)
+    x = torch.randn(3, SMALL.hidden_size, device="cuda", dtype=torch.bfloat16)
+    assert dispatch.select_path(x, m.lm_head.qt, m.lm_head.prepared()) == f"bnb_cuda_{spec.name}"
+    ids = torch.tensor(prompt(20, seed=5), device="cuda")
+    for eng in (quantized, dense):
+        eng.model.setup_cache(64)
+    a, b = quantized.model(ids, 0), dense.model(ids, 0)
+    assert float((a - b).norm() / b.norm()) < 0.03
+    a, b = quantized.model(ids[:1], 20), dense.model(ids[:1], 20)
+    assert float((a - b).norm() / b.norm()) < 0.03
 
 
 def greedy(eng, prompt: list[int], n: int) -> list[int]:
@@ -131,7 +173,7 @@ def _within_budget_after_long_prompt(preset: str, budget: int, prompt_tokens: in
     cache = eng.experts
     assert isinstance(cache, ExpertCache)
     dev = torch.device("cuda")
-    plan = plan_memory(args, spec_for_bits(4), 4096, budget, eng.dtype.itemsize,
+    plan = plan_memory(args, experts_at(4), 4096, budget, eng.dtype.itemsize,
                        fused_attention_available(dev, eng.dtype, args))
     assert cache.stats.slots_per_layer == plan.slots_per_layer < args.num_local_experts
     greedy(eng, prompt(prompt_tokens, seed=2), 4)
@@ -185,6 +227,6 @@ def test_bench_on_the_gpu_sweeps_within_the_planner_allowance(tmp_path):
     r = json.loads(proc.stdout)
     assert r["device"].startswith("cuda") and r["peak_gpu_reserved_bytes"] >= r["peak_gpu_bytes"] > 0
     args, dev = preset_args("mini"), torch.device("cuda")
-    cap = plan_memory(args, spec_for_bits(4), 600 + 4 + 8 + 1, budget, 2,
+    cap = plan_memory(args, experts_at(4), 600 + 4 + 8 + 1, budget, 2,
                       fused_attention_available(dev, torch.bfloat16, args)).slots_per_layer
     assert [row["slots_per_layer"] for row in r["sweep"]] == list(range(2, cap + 1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mixtral_cli.checkpoints.config import ModelArgs
-from mixtral_cli.checkpoints.layout import EMBEDDING, EXPERT_PROJS, packed_expert_bytes
+from mixtral_cli.checkpoints.layout import EMBEDDING, EXPERT_PROJS, Quantization, packed_expert_bytes
 from mixtral_cli.checkpoints.quantize import quantize_checkpoint
 from mixtral_cli.checkpoints.reader import Checkpoint
 from mixtral_cli.engine import loader as runtime
@@ -67,13 +67,16 @@ def test_a_truncated_shard_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_cpu_engine_streams_its_weights_from_the_arena(tiny_ckpt, tmp_path, bits):
-    """Every shared weight but the embedding and every resident expert part lie, without overlap, in one
-    block of exactly `arena_bytes`; the embedding stays in the mapped file."""
+    """Every shared weight but the embedding (quantized attention and output parts included) and every
+    resident expert part lie, without overlap, in one block of exactly `arena_bytes`; the embedding
+    stays in the mapped file."""
     src = tiny_ckpt if bits is None else quantize_checkpoint(tiny_ckpt, tmp_path / f"q{bits}", bits, 64)
     ck = Checkpoint(src)
     eng = build_engine(ck, None, RuntimeOptions(device="cpu", dtype="bfloat16", ctx_size=32))
     m, args = eng.model, ck.args
-    tensors = [m.get_parameter(name) for name in streamed_shared(args)]
+    stored = dict(m.named_parameters()) | dict(m.named_buffers())  # a QuantLinear's parts are buffers
+    tensors = [stored[name] for name in streamed_shared(args, ck.quant)]
+    assert bits is None or "lm_head.qweight" in streamed_shared(args, ck.quant)
     for layer in m.experts.experts:
         for expert in layer:
             for proj in EXPERT_PROJS:
@@ -95,13 +98,13 @@ def test_tied_embeddings_stream_from_the_arena(tmp_path):
 
     d = write_checkpoint(tmp_path / "tied", dict(TINY_CONFIG, tie_word_embeddings=True), shards=1)
     ck = Checkpoint(d)
-    assert EMBEDDING in streamed_shared(ck.args)
+    assert EMBEDDING in streamed_shared(ck.args, ck.quant)
     eng = build_engine(ck, None, RuntimeOptions(device="cpu", dtype="float32", ctx_size=32))
     m = eng.model
     assert m.lm_head.weight is m.model.embed_tokens.weight
     embed = m.lm_head.weight
     assert torch.equal(embed, ck.tensor(EMBEDDING).float())
-    span = arena_bytes(ck.args, None, 4, experts=True)
+    span = arena_bytes(ck.args, Quantization(), 4, experts=True)
     ptrs = [p.data_ptr() for p in m.parameters()]
     assert max(ptrs) - min(ptrs) < span  # every weight in one arena (the experts, not parameters here, first)
     assert embed.data_ptr() in range(min(ptrs), min(ptrs) + span)
@@ -121,19 +124,20 @@ def test_host_plan_falls_back_to_the_mapped_files_only_for_a_checkpoint():
     fit its pinned store."""
     args = ModelArgs(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
-    arena = arena_bytes(args, None, 2, experts=True)
+    dense = Quantization()
+    arena = arena_bytes(args, dense, 2, experts=True)
     short = arena + HOST_HEADROOM - 1
-    ok = plan_host(args, None, "cpu", True, 2, True, arena + HOST_HEADROOM)
+    ok = plan_host(args, dense, "cpu", True, 2, True, arena + HOST_HEADROOM)
     assert ok.fits and not ok.mapped and ok.held == arena
-    mapped = plan_host(args, None, "cpu", True, 2, True, short)
+    mapped = plan_host(args, dense, "cpu", True, 2, True, short)
     assert mapped.fits and mapped.mapped and mapped.held == 0
-    generated = plan_host(args, None, "cpu", True, 2, False, short)
+    generated = plan_host(args, dense, "cpu", True, 2, False, short)
     assert not generated.fits
     with pytest.raises(UserError, match="needs .* of host RAM") as e:
         generated.require()
     assert "--bits 4" in e.value.hint
     store = 2 * 8 * packed_expert_bytes(args, None, 2)
-    cuda = plan_host(args, None, "cuda", False, 2, True, store + HOST_HEADROOM - 1)
+    cuda = plan_host(args, dense, "cuda", False, 2, True, store + HOST_HEADROOM - 1)
     assert cuda.pinned and cuda.store == store and not cuda.fits
 
 

@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 
 from mixtral_cli.checkpoints.config import ModelArgs
-from mixtral_cli.checkpoints.layout import packed_expert_bytes
+from mixtral_cli.checkpoints.layout import Quantization, packed_expert_bytes
 from mixtral_cli.engine.plan import (
     all_experts_bytes,
+    attention_bytes,
     bytes_per_token,
     copy_wait_s,
     decode_bound,
     expert_bytes,
     model_bytes,
+    output_bytes,
     plan_memory,
     require_fit,
     shared_bytes,
@@ -24,6 +26,13 @@ from mixtral_cli.engine.plan import (
 )
 from mixtral_cli.errors import UserError
 from mixtral_cli.kernels.formats import spec_for_bits
+
+DENSE = Quantization()
+
+
+def experts(bits: int) -> Quantization:
+    """Only the experts quantized (format version 1's layout)."""
+    return Quantization(experts=spec_for_bits(bits))
 
 ARGS = ModelArgs.from_dict(json.loads((Path(__file__).parent / "data" / "mixtral-8x7b-instruct-v0.1.config.json").read_text()))
 GiB = 2**30
@@ -69,12 +78,12 @@ def test_expert_bytes_by_hand():
 
 def test_model_bytes_by_hand():
     # the shared weights stay bf16: 2 x 1,605,636,096
-    assert shared_bytes(ARGS) == 3_211_272_192
+    assert shared_bytes(ARGS, DENSE) == 3_211_272_192
     # 32 layers x 8 experts = 256 experts
     assert all_experts_bytes(ARGS, spec_for_bits(4)) == 256 * 90_875_916 == 23_264_234_496
-    assert model_bytes(ARGS, spec_for_bits(4)) == 3_211_272_192 + 23_264_234_496 == 26_475_506_688
-    assert model_bytes(ARGS, spec_for_bits(8)) == 3_211_272_192 + 256 * 181_665_792 == 49_717_714_944
-    assert model_bytes(ARGS, None) == 2 * 46_702_792_704  # bf16 everywhere
+    assert model_bytes(ARGS, experts(4)) == 3_211_272_192 + 23_264_234_496 == 26_475_506_688
+    assert model_bytes(ARGS, experts(8)) == 3_211_272_192 + 256 * 181_665_792 == 49_717_714_944
+    assert model_bytes(ARGS, DENSE) == 2 * 46_702_792_704  # bf16 everywhere
 
 
 def test_bytes_per_token_by_hand():
@@ -84,14 +93,45 @@ def test_bytes_per_token_by_hand():
     # router 4x8 = 32, two norms 16 -> 240 params per layer; one expert 3 x 8 x 16 = 384 params
     # bf16: per layer 2 x 240 + 2 experts x 768 bytes = 2016; KV over 10 positions: 2 x 1 x 4 x 10 x 2 = 160
     # head: embedding row 8 + final norm 8 + lm_head 80 = 96 params = 192 bytes
-    assert bytes_per_token(a, None, 2, 10) == 192 + 2 * (2016 + 160)
+    assert bytes_per_token(a, DENSE, 2, 10) == 192 + 2 * (2016 + 160)
     # int8, group 8: one 8x16 or 16x8 matrix = 128 int8 + 16 float32 scales = 192 bytes; expert 576
     spec = spec_for_bits(8, group_size=8)
-    assert bytes_per_token(a, spec, 2, 0) == 192 + 2 * (480 + 2 * 576)
+    assert bytes_per_token(a, Quantization(experts=spec), 2, 0) == 192 + 2 * (480 + 2 * 576)
     # a mean context of 2.5 positions: KV 2 x 1 x 4 x 2.5 x 2 = 40 bytes per layer
-    assert bytes_per_token(a, None, 2, 2.5) == 192 + 2 * (2016 + 40)
+    assert bytes_per_token(a, DENSE, 2, 2.5) == 192 + 2 * (2016 + 40)
     # 8x7B, 4-bit experts, empty context: 2 x 1,474,568,192 shared bytes + 64 experts x 90,875,916
-    assert bytes_per_token(ARGS, spec_for_bits(4), 2, 0) == 2_949_136_384 + 5_816_058_624
+    assert bytes_per_token(ARGS, experts(4), 2, 0) == 2_949_136_384 + 5_816_058_624
+    # everything int8 in groups of 8: attention 192 int8 + 24 float32 scales = 288 bytes a layer; the
+    # 10x8 lm_head 80 + 10 x 4 = 120 bytes; embedding row, final norm 32; router and norms 2 x 48 a layer
+    everything = Quantization(experts=spec, attention=spec, output=spec)
+    assert bytes_per_token(a, everything, 2, 0) == 32 + 120 + 2 * (288 + 96 + 2 * 576)
+
+
+def test_quantized_attention_and_output_bytes_by_hand():
+    # nf4 q and o (4096 x 4096): 8,388,608 code bytes + 262,144 block scales + 1,024 x 4 nested absmax
+    # + 4 offset; k and v (1024 x 4096): 2,097,152 + 65,536 + 256 x 4 + 4
+    q, kv = 8_388_608 + 262_144 + 4_096 + 4, 2_097_152 + 65_536 + 1_024 + 4
+    assert attention_bytes(ARGS, spec_for_bits(4)) == 2 * q + 2 * kv == 21_637_136
+    assert attention_bytes(ARGS, None) == 4096 * 10240 * 2
+    # int8 lm_head 32000 x 4096: one byte a weight and a float32 scale per 128
+    assert output_bytes(ARGS, spec_for_bits(8)) == 131_072_000 + 1_024_000 * 4
+    assert shared_bytes(ARGS, Quantization(attention=spec_for_bits(4))) == 3_211_272_192 - 32 * (83_886_080 - 21_637_136)
+
+
+def test_4bit_attention_plans_16_more_expert_slots_on_8x7b():
+    """24 GiB, 4096 tokens: 16-bit attention (2.5 GiB resident) leaves 6 slots a layer, 4-bit (0.64 GiB) 7."""
+    bf16 = plan_memory(ARGS, experts(4), 4096, 24 * GiB)
+    nf4 = plan_memory(ARGS, Quantization(experts=spec_for_bits(4), attention=spec_for_bits(4)), 4096, 24 * GiB)
+    assert bf16.attention - nf4.attention == 32 * (83_886_080 - 21_637_136)
+    assert (bf16.slots_per_layer, nf4.slots_per_layer) == (6, 7)
+    assert nf4.experts_on_device - bf16.experts_on_device == 32 >= 16
+
+
+def test_quantized_output_reserves_its_dequantized_matrix():
+    """Above a few tokens a quantized matmul may dequantize its whole matrix: the output layer's
+    32000 x 4096 (bf16) is then the largest, above an expert's 14336 x 4096."""
+    out8 = Quantization(experts=spec_for_bits(4), output=spec_for_bits(8))
+    assert workspace(ARGS, out8, 4096).dequantized_matrix == 32000 * 4096 * 2
 
 
 def test_decode_bound_by_hand():
@@ -120,7 +160,7 @@ def test_packed_expert_bytes_by_hand():
 
 def test_workspace_of_one_512_token_chunk_by_hand():
     # bf16, chunk 512 over a 4096-token context
-    ws = workspace(ARGS, spec_for_bits(4), 4096)
+    ws = workspace(ARGS, experts(4), 4096)
     assert ws.activations == 8 * 4 * MiB  # 8 tensors of [512, 4096] bf16, 4 MiB each
     assert ws.expert_intermediates == 3 * 14 * MiB  # 3 tensors of [512, 14336] bf16
     assert ws.attention == 2 * MiB + 4 * MiB  # the [512, 4096] mask as bool, then as bf16
@@ -129,21 +169,21 @@ def test_workspace_of_one_512_token_chunk_by_hand():
     assert ws.logits == 16 * 32000 * (2 + 4 + 4)  # 16 rows: bf16 logits, fp32 copy, fp32 log-probs
     assert ws.total == 199 * MiB + 5_120_000
     # int8 dequantizes one matrix in one pass to bf16: 112 MiB, no absmax
-    assert workspace(ARGS, spec_for_bits(8), 4096).dequantized_matrix == 112 * MiB
-    assert workspace(ARGS, None, 4096).dequantized_matrix == 0
+    assert workspace(ARGS, experts(8), 4096).dequantized_matrix == 112 * MiB
+    assert workspace(ARGS, DENSE, 4096).dequantized_matrix == 0
     # without a fused kernel for masked GQA, the math path's scores of the chunk against the whole
     # context: fp32 scores + probabilities 2 x 32 x 512 x 4096 x 4 (512 MiB), K and V expanded to 32
     # heads in fp32 2 x 32 x 4096 x 128 x 4 (128 MiB), q in fp32 32 x 512 x 128 x 4 (8 MiB)
-    math = workspace(ARGS, spec_for_bits(4), 4096, fused_attention=False)
+    math = workspace(ARGS, experts(4), 4096, fused_attention=False)
     assert math.attention == 6 * MiB + 512 * MiB + 128 * MiB + 8 * MiB
     # a context shorter than a chunk is one chunk of its own length
-    short = workspace(ARGS, None, 100)
+    short = workspace(ARGS, DENSE, 100)
     assert short.activations == 8 * 100 * 4096 * 2 and short.attention == 100 * 100 * 3
 
 
 def test_plan_8x7b_4bit_24gib_4096_ctx_by_hand():
     budget = 24 * GiB
-    plan = plan_memory(ARGS, spec_for_bits(4), 4096, budget)
+    plan = plan_memory(ARGS, experts(4), 4096, budget)
     assert plan.embeddings == (2 * 32000 * 4096 + 4096) * 2 == 524_296_192
     assert plan.attention == 32 * 4096 * (2 * 4096 + 2 * 1024) * 2 == 2_684_354_560
     assert plan.norms_and_routers == 32 * (2 * 4096 + 8 * 4096) * 2 == 2_621_440
@@ -160,24 +200,24 @@ def test_plan_8x7b_4bit_24gib_4096_ctx_by_hand():
     # offloaded: every expert sits in the pinned host store, 256 x 90,876,096 bytes
     assert plan.host_pinned == 23_264_280_576
     # 8-bit experts at the same budget: 3 slots of 181,665,792 bytes per layer
-    assert plan_memory(ARGS, spec_for_bits(8), 4096, budget).slots_per_layer == 3
+    assert plan_memory(ARGS, experts(8), 4096, budget).slots_per_layer == 3
 
 
 def test_math_attention_reservation_costs_slots_at_long_context():
-    fused = plan_memory(ARGS, spec_for_bits(4), 32768, 24 * GiB)
-    math = plan_memory(ARGS, spec_for_bits(4), 32768, 24 * GiB, fused_attention=False)
+    fused = plan_memory(ARGS, experts(4), 32768, 24 * GiB)
+    math = plan_memory(ARGS, experts(4), 32768, 24 * GiB, fused_attention=False)
     # 512 x 32768 fp32 scores and probabilities for 32 heads: 4 GiB more
     assert math.workspace - fused.workspace == 4 * GiB + 2 * 32 * 32768 * 128 * 4 + 32 * 512 * 128 * 4
     assert math.slots_per_layer < fused.slots_per_layer
 
 
 def test_everything_fits_on_a_big_card():
-    plan = plan_memory(ARGS, spec_for_bits(4), 4096, 80 * GiB)
+    plan = plan_memory(ARGS, experts(4), 4096, 80 * GiB)
     assert plan.slots_per_layer == 8 and not plan.offloaded and plan.host_pinned == 0
 
 
 def test_too_small_budget_names_the_minimum():
-    plan = plan_memory(ARGS, spec_for_bits(4), 4096, 6 * GiB)
+    plan = plan_memory(ARGS, experts(4), 4096, 6 * GiB)
     assert not plan.fits
     with pytest.raises(UserError) as err:
         require_fit(plan, 2, 4096)
@@ -185,12 +225,12 @@ def test_too_small_budget_names_the_minimum():
     assert plan.minimum_budget == 10_857_758_721
     assert "10.11 GiB" in err.value.hint
     # the minimum is enough, and just below it is not
-    assert plan_memory(ARGS, spec_for_bits(4), 4096, plan.minimum_budget).slots_per_layer == 2
-    assert not plan_memory(ARGS, spec_for_bits(4), 4096, plan.minimum_budget - 2**20).fits
+    assert plan_memory(ARGS, experts(4), 4096, plan.minimum_budget).slots_per_layer == 2
+    assert not plan_memory(ARGS, experts(4), 4096, plan.minimum_budget - 2**20).fits
 
 
 def test_longer_context_costs_slots():
-    short = plan_memory(ARGS, spec_for_bits(4), 4096, 24 * GiB)
-    long = plan_memory(ARGS, spec_for_bits(4), 32768, 24 * GiB)
+    short = plan_memory(ARGS, experts(4), 4096, 24 * GiB)
+    long = plan_memory(ARGS, experts(4), 32768, 24 * GiB)
     assert long.kv_cache == 8 * short.kv_cache
     assert long.slots_per_layer < short.slots_per_layer

@@ -16,15 +16,31 @@ from safetensors.torch import load_file, save_file
 from tiny import TINY_CONFIG, write_checkpoint
 
 import mixtral_cli.checkpoints.quantize as qmod
-from mixtral_cli.checkpoints.layout import EXPERT_PROJS, INDEX_NAME, expert_prefix, shared_shapes
+from mixtral_cli.checkpoints.layout import (
+    GROUP_MODULES,
+    INDEX_NAME,
+    Quantization,
+    expert_prefix,
+    group_of,
+    linear_shapes,
+    shared_shapes,
+)
 from mixtral_cli.checkpoints.quantize import default_output_dir, quantize_checkpoint
 from mixtral_cli.checkpoints.reader import Checkpoint
 from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 from mixtral_cli.errors import UserError
 from mixtral_cli.kernels.formats import FORMAT_VERSION, QuantizedTensor, quantize, spec_for_bits
 
-# tiny experts are [128, 64] / [64, 128]: int8's default block (128) does not divide 64
+# tiny experts are [128, 64] / [64, 128]: int8's default block (128) does not divide 64, so without
+# --group-size the quantizer takes int8 in groups of 64 (the largest default that fits)
 GROUP = {4: None, 8: 64}
+
+
+def expected_quant(bits: int) -> Quantization:
+    """What `quantize --bits B` writes for the tiny model with the default group bits: attention at
+    B, the output layer at 8, every group size the largest default that divides 64."""
+    return Quantization(experts=spec_for_bits(bits, GROUP[bits]), attention=spec_for_bits(bits, GROUP[bits]),
+                        output=spec_for_bits(8, 64))
 TEXT = "The quick brown fox jumps over the lazy dog. " * 6
 
 
@@ -76,9 +92,12 @@ def test_cli_quantize_then_run_and_perplexity_without_source(tmp_path, tiny_ckpt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-mixtral", f"tiny-mixtral-q{bits}"]
     cfg = json.loads((out / "config.json").read_text())
     spec = spec_for_bits(bits, GROUP[bits])
-    assert cfg["quantization"]["format"] == spec.name and cfg["quantization"]["bits"] == bits
-    assert cfg["quantization"]["group_size"] == spec.group_size
-    assert cfg["quantization"]["format_version"] == FORMAT_VERSION
+    groups = cfg["quantization"]["groups"]
+    assert groups["experts"]["format"] == spec.name and groups["experts"]["bits"] == bits
+    assert groups["experts"]["group_size"] == spec.group_size
+    assert groups["attention"]["bits"] == bits and groups["output"]["bits"] == 8
+    assert cfg["quantization"]["format_version"] == FORMAT_VERSION == 2
+    assert Checkpoint(out).quant == expected_quant(bits)
     assert len(list(out.glob("model-*.safetensors"))) > 1
 
     shutil.rmtree(src)  # the quantized checkpoint must stand alone
@@ -104,7 +123,7 @@ def test_cli_refuses_existing_output_unless_force(tmp_path, tiny_ckpt):
     assert (out / "config.json").read_text() == before
     proc = mixtral("quantize", str(tiny_ckpt), "--bits", "8", "--group-size", "64", "--out", str(out), "--force")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
+    assert json.loads((out / "config.json").read_text())["quantization"]["groups"]["experts"]["bits"] == 8
     Checkpoint(out)  # complete and valid
     assert leftovers(tmp_path) == []
 
@@ -150,7 +169,7 @@ def test_cli_refuses_a_broken_source_before_writing_anything(tmp_path, tiny_ckpt
     (3, None, "bits"),
     (4, 48, "group size"),
     (8, 3, "group size"),
-    (8, None, "does not divide"),  # int8's default 128 does not divide the tiny hidden size 64
+    (8, 128, "does not divide"),  # an explicit group size is never changed: 128 does not divide 64
 ])
 def test_bad_bits_or_group_size(tmp_path, tiny_ckpt, bits, group, needle):
     with pytest.raises(UserError, match=needle):
@@ -161,36 +180,69 @@ def test_bad_bits_or_group_size(tmp_path, tiny_ckpt, bits, group, needle):
 # -- what is written --------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [4, 8])
 def test_round_trip_is_bit_exact(quantized, tiny_ckpt, bits):
-    spec = spec_for_bits(bits, GROUP[bits])
+    """Every linear weight of every group (experts, attention, output) holds exactly the reference
+    quantizer's parts for its group's format."""
     src, out = Checkpoint(tiny_ckpt), Checkpoint(quantized[bits])
-    assert out.quant == spec
-    a = src.args
-    for L in range(a.num_hidden_layers):
-        for e in range(a.num_local_experts):
-            for proj in EXPERT_PROJS:
-                want = quantize(src.expert_weight(L, e, proj), spec)
-                got = out.expert_weight(L, e, proj)
-                assert isinstance(got, QuantizedTensor) and got.shape == want.shape
-                assert got.parts.keys() == want.parts.keys()
-                for k in want.parts:
-                    assert got.parts[k].dtype == want.parts[k].dtype, (L, e, proj, k)
-                    assert torch.equal(got.parts[k], want.parts[k]), (L, e, proj, k)
+    assert out.quant == expected_quant(bits)
+    groups = set()
+    for prefix in linear_shapes(src.args):
+        spec = out.quant.spec_for(prefix)
+        groups.add(group_of(prefix))
+        want = quantize(src.weight(prefix), spec, reference=True)
+        got = out.weight(prefix)
+        assert isinstance(got, QuantizedTensor) and got.shape == want.shape and got.spec == spec
+        assert got.parts.keys() == want.parts.keys()
+        for k in want.parts:
+            assert got.parts[k].dtype == want.parts[k].dtype, (prefix, k)
+            assert torch.equal(got.parts[k], want.parts[k]), (prefix, k)
+    assert groups == set(GROUP_MODULES)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_non_expert_tensors_are_byte_identical(quantized, tiny_ckpt, bits):
+def test_tensors_outside_the_groups_are_byte_identical(quantized, tiny_ckpt, bits):
     src, out = Checkpoint(tiny_ckpt), Checkpoint(quantized[bits])
-    names = shared_shapes(src.args)
-    assert len(names) > 10
-    for name in names:
+    kept = [n for n in shared_shapes(src.args) if group_of(n.removesuffix(".weight")) is None]
+    assert len(kept) > 8 and "model.embed_tokens.weight" in kept  # norms, routers, the embedding table
+    for name in kept:
         a, b = src.tensor(name), out.tensor(name)
         assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
-    # nothing but the expert projections changed name or got quantized
-    expert_keys = {f"{expert_prefix(L, e, p)}.{part}" for L in range(src.args.num_hidden_layers)
-                   for e in range(src.args.num_local_experts) for p in EXPERT_PROJS
-                   for part in QuantizedTensor.expected_parts(out.quant, (1024, 1024))}
-    assert set(out.tensors) == set(names) | expert_keys
+    # every linear weight of a group is stored as its parts only, and nothing else is written
+    parts = {f"{prefix}.{part}" for prefix, shape in linear_shapes(src.args).items()
+             for part in QuantizedTensor.expected_parts(out.quant.spec_for(prefix), shape)}
+    assert set(out.tensors) == set(kept) | parts
+
+
+def test_groups_at_16_bits_stay_bf16_and_experts_only_matches_version_1(tmp_path, tiny_ckpt):
+    """`--attn-bits 16 --output-bits 16` copies attention and lm_head byte for byte; the same
+    checkpoint described in format version 1 (experts only, no re-quantizing) loads to the same
+    logits."""
+    out = quantize_checkpoint(tiny_ckpt, tmp_path / "v2", 4, None, attn_bits=16, output_bits=16)
+    ck = Checkpoint(out)
+    assert ck.quant == Quantization(experts=spec_for_bits(4))
+    src = Checkpoint(tiny_ckpt)
+    for name in ("lm_head.weight", "model.layers.1.self_attn.o_proj.weight"):
+        assert torch.equal(ck.tensor(name).view(torch.uint8), src.tensor(name).view(torch.uint8))
+    v1 = tmp_path / "v1"
+    shutil.copytree(out, v1)
+    cfg = json.loads((v1 / "config.json").read_text())
+    cfg["quantization"] = {"format": "nf4", "bits": 4, "group_size": 64, "format_version": 1,
+                           "modules": list(GROUP_MODULES["experts"])}
+    (v1 / "config.json").write_text(json.dumps(cfg))
+    assert Checkpoint(v1).quant == ck.quant
+    ids = prompt(24)
+    opts = RuntimeOptions(device="cpu", dtype="float32", ctx_size=32)
+    assert torch.equal(load_engine(v1, opts).model(ids, 0), load_engine(out, opts).model(ids, 0))
+
+
+def test_quantized_attention_and_output_are_quantlinears(quantized):
+    from mixtral_cli.kernels.linear import QuantLinear
+
+    m = load_engine(quantized[4], RuntimeOptions(device="cpu", dtype="float32", ctx_size=16)).model
+    attn = m.model.layers[2].self_attn
+    assert all(isinstance(getattr(attn, p), QuantLinear) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert isinstance(m.lm_head, QuantLinear) and m.lm_head.spec == spec_for_bits(8, 64)
+    assert isinstance(m.model.embed_tokens.weight, torch.Tensor) and m.model.embed_tokens.weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -217,8 +269,10 @@ def test_layout_index_shards_and_copied_files(quantized, tiny_ckpt, bits):
     cfg, orig = json.loads((out / "config.json").read_text()), json.loads((tiny_ckpt / "config.json").read_text())
     q = cfg.pop("quantization")
     assert cfg == orig
-    assert set(q) == {"format", "bits", "group_size", "format_version", "modules"}
-    assert sorted(q["modules"]) == [f"model.layers.*.block_sparse_moe.experts.*.{p}" for p in ("w1", "w2", "w3")]
+    assert set(q) == {"format_version", "groups"} and set(q["groups"]) == {"experts", "attention", "output"}
+    assert sorted(q["groups"]["experts"]["modules"]) == [f"model.layers.*.block_sparse_moe.experts.*.{p}"
+                                                         for p in ("w1", "w2", "w3")]
+    assert q["groups"]["output"]["modules"] == ["lm_head"]
 
 
 def test_logits_close_to_unquantized_and_8bit_closer(quantized, engine_fp32):
@@ -256,6 +310,8 @@ def _rewrite_tensor(ckpt: Path, name: str, new: torch.Tensor | None) -> None:
 @pytest.mark.parametrize("damage, needle, cli", [
     ("missing", "missing", True),
     ("version", "version 99", True),
+    ("group", "unknown quantization group 'embedding'", True),
+    ("group bits", "unsupported quantization of the attention", True),
     ("shape", "shape", False),
     ("dtype", "dtype", False),
     ("modules", "modules", False),
@@ -271,10 +327,15 @@ def test_corrupted_quantized_checkpoint_is_one_line_error(tmp_path, quantized, d
         _rewrite_tensor(ckpt, f"{expert_prefix(0, 0, 'w1')}.scales_absmax", torch.zeros(1, dtype=torch.float16))
     else:
         cfg = json.loads((ckpt / "config.json").read_text())
+        groups = cfg["quantization"]["groups"]
         if damage == "version":
             cfg["quantization"]["format_version"] = 99
+        elif damage == "group":
+            groups["embedding"] = {"bits": 8, "format": "int8", "group_size": 64}
+        elif damage == "group bits":
+            groups["attention"]["bits"] = 5
         else:
-            cfg["quantization"]["modules"].append("model.layers.*.self_attn.q_proj")
+            groups["experts"]["modules"].append("model.layers.*.self_attn.q_proj")
         (ckpt / "config.json").write_text(json.dumps(cfg))
     if cli:  # how the user sees it
         proc = mixtral("run", "--raw", "--json", "--temp", "0", "-n", "2", "-m", str(ckpt), "hi")

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoints.config import ModelArgs
+from ..checkpoints.layout import Quantization, expert_prefix, group_of
+from ..checkpoints.source import CheckpointSource
 from ..engine.plan import model_bytes, plan_host
 from ..errors import UserError
-from ..kernels.formats import QuantizedTensor, dequantize
 from ..system.host_memory import mem_available
 from .measure import WARMUP_TOKENS, RunTimes, sync
 
@@ -47,33 +48,25 @@ def _hf_config(args: ModelArgs):
     )
 
 
-def dense_expert(ckpt, layer: int, expert: int, proj: str) -> torch.Tensor:
-    """One expert projection as bf16 [out, in], dequantized when the checkpoint stores it quantized."""
-    fn = getattr(ckpt, "dense_expert_weight", None)
-    if fn is not None:
-        return fn(layer, expert, proj)
-    w = ckpt.expert_weight(layer, expert, proj)
-    return dequantize(w, torch.bfloat16) if isinstance(w, QuantizedTensor) else w
-
-
-def _hf_tensor(ckpt, args: ModelArgs, name: str) -> torch.Tensor:
+def _hf_tensor(ckpt: CheckpointSource, args: ModelArgs, name: str) -> torch.Tensor:
     """The tensor for one transformers parameter name, from Hub-named weights (both the per-expert
-    layout of transformers 4 and the fused `gate_up_proj` / `down_proj` layout of transformers 5)."""
+    layout of transformers 4 and the fused `gate_up_proj` / `down_proj` layout of transformers 5),
+    dequantized to bf16 where the checkpoint stores it quantized."""
     hub = name.replace(".mlp.", ".block_sparse_moe.")
     if hub.endswith(".experts.gate_up_proj") or hub.endswith(".experts.down_proj"):
         layer = int(hub.split(".")[2])
         E = args.num_local_experts
         if hub.endswith("gate_up_proj"):
-            return torch.stack([torch.cat([dense_expert(ckpt, layer, e, "w1"), dense_expert(ckpt, layer, e, "w3")])
-                                for e in range(E)])
-        return torch.stack([dense_expert(ckpt, layer, e, "w2") for e in range(E)])
-    if ".experts." in hub:
-        parts = hub.split(".")  # model.layers.L.block_sparse_moe.experts.E.wN.weight
-        return dense_expert(ckpt, int(parts[2]), int(parts[5]), parts[6])
+            return torch.stack([torch.cat([ckpt.dense_weight(expert_prefix(layer, e, "w1")),
+                                           ckpt.dense_weight(expert_prefix(layer, e, "w3"))]) for e in range(E)])
+        return torch.stack([ckpt.dense_weight(expert_prefix(layer, e, "w2")) for e in range(E)])
+    prefix = hub.removesuffix(".weight")
+    if group_of(prefix) is not None:
+        return ckpt.dense_weight(prefix)
     return ckpt.tensor(hub)
 
 
-def build_transformers(ckpt, args: ModelArgs, dtype: torch.dtype):
+def build_transformers(ckpt: CheckpointSource, args: ModelArgs, dtype: torch.dtype):
     """transformers' MixtralForCausalLM holding the same weights (dense; quantized experts dequantized)."""
     try:
         from transformers import MixtralForCausalLM
@@ -144,16 +137,16 @@ def baseline_device(device: torch.device, dense_bytes: int, free_bytes: int | No
                                  f"do not fit the {(free_bytes or 0) / 1e9:.1f} GB free there; the ratios compare devices")
 
 
-def pick_transformers(ckpt, args: ModelArgs, prompt: list[int], log: Callable[[str], None],
+def pick_transformers(ckpt: CheckpointSource, args: ModelArgs, prompt: list[int], log: Callable[[str], None],
                       device: torch.device = torch.device("cpu")) -> tuple[object, BaselineInfo]:
     """transformers on our device if it fits there (else the CPU, said plainly), in its faster dtype
     there (bfloat16 or float32, timed briefly; on CUDA float32 only if it fits too)."""
     import transformers
 
-    dense = model_bytes(args, None)  # bfloat16
+    dense = model_bytes(args, Quantization())  # bfloat16
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     where, note = baseline_device(device, dense, free)
-    plan_host(args, None, "cpu", True, 2, False, mem_available()).require("the transformers baseline (built dense on the host)")
+    plan_host(args, Quantization(), "cpu", True, 2, False, mem_available()).require("the transformers baseline (built dense on the host)")
     probe_prompt, probe_gen = prompt[: min(len(prompt), 32)], 8
     log(f"transformers: building the model on {where}")
     model = build_transformers(ckpt, args, torch.bfloat16).to(where)
@@ -170,7 +163,8 @@ def pick_transformers(ckpt, args: ModelArgs, prompt: list[int], log: Callable[[s
     gc.collect()
     if where.type == "cuda":
         torch.cuda.empty_cache()
-    weights = "the same bfloat16 weights" if ckpt.quant is None else "the experts dequantized to bfloat16"
+    weights = ("the same bfloat16 weights" if ckpt.quant.dense
+               else f"the same weights dequantized to bfloat16 ({ckpt.quant.describe()})")
     impl = getattr(model.config, "_experts_implementation", None)
     return model, BaselineInfo("transformers", transformers.__version__, best, str(where), note, impl, weights,
                                candidates)

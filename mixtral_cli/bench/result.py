@@ -89,6 +89,8 @@ class BenchResult:
     note: str | None
     bits: int
     expert_format: str
+    attn_bits: int  # 16: bfloat16
+    output_bits: int
     device: str
     dtype: str
     threads: int

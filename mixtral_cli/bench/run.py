@@ -8,8 +8,8 @@ Random routers route differently from trained ones: expert-cache hit rates measu
 presets say nothing about real text; only the speeds per hit rate carry over.
 
 This module runs the benchmark and measures our engine; `measure` holds the machine probes,
-`baseline` the transformers engine, `plan` the byte accounting and the bound, `bench_result` what
-is reported.
+`baseline` the transformers engine, `plan` the byte accounting and the bound, `result` what is
+reported.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints.layout import bits_flag
+from ..checkpoints.layout import Quantization, bits_flag
 from ..checkpoints.reader import Checkpoint
+from ..checkpoints.source import CheckpointSource
 from ..engine.cpu_experts import layer_miss_time
 from ..engine.experts import ExpertCache, ExpertStore
 from ..engine.generate import Session
-from ..engine.loader import Engine, apply_threads, build_engine, fused_attention_available, pick_device
+from ..engine.loader import Engine, build_engine, fused_attention_available, gpu_budget, pick_device
 from ..engine.plan import bytes_per_token, copy_wait_s, decode_bound, expert_bytes, plan_memory
 from ..engine.provider import CacheStats
 from ..errors import UserError
@@ -64,6 +65,8 @@ class BenchOptions:
     preset: str | None = None
     model_dir: Path | None = None
     bits: int | None = None
+    attn_bits: int | None = None
+    output_bits: int | None = None
     prompt_tokens: int = 512
     gen_tokens: int = 128
     baseline: str | None = None
@@ -89,16 +92,26 @@ def _validate(o: BenchOptions) -> None:
         raise UserError("--layers applies to --preset only", hint="a checkpoint (-m) runs all its layers")
 
 
-def open_checkpoint(o: BenchOptions):
-    spec = bits_flag(o.bits)
+def _wanted(o: BenchOptions, base: Quantization) -> Quantization:
+    """The formats the flags ask for, each group not named keeping `base`'s."""
+    flags = {"experts": (o.bits, "--bits"), "attention": (o.attn_bits, "--attn-bits"),
+             "output": (o.output_bits, "--output-bits")}
+    return Quantization(**{group: base.spec(group) if bits is None else bits_flag(bits, flag=flag)
+                           for group, (bits, flag) in flags.items()})
+
+
+def open_checkpoint(o: BenchOptions) -> CheckpointSource:
+    """The weights to measure: a preset's random ones in the flags' formats (bfloat16 where none is
+    given), or the checkpoint, quantized as it is read where the flags ask for other formats."""
     if o.preset is not None:
-        return SyntheticCheckpoint(preset_args(o.preset, o.layers), spec if o.bits is not None else None, o.seed)
+        return SyntheticCheckpoint(preset_args(o.preset, o.layers), _wanted(o, Quantization()), o.seed)
     ckpt = Checkpoint(o.model_dir)
-    if o.bits is None or (o.bits == 16 and ckpt.quant is None) or ckpt.quant == spec:
+    wanted = _wanted(o, ckpt.quant)
+    if wanted == ckpt.quant:
         return ckpt
-    if ckpt.quant is not None:
-        raise UserError(f"{o.model_dir} holds {ckpt.quant.bits}-bit experts; --bits {o.bits} needs the original checkpoint")
-    return QuantizingCheckpoint(ckpt, spec)
+    if not ckpt.quant.dense:
+        raise UserError(f"{o.model_dir} is quantized ({ckpt.quant.describe()}); other formats need the original checkpoint")
+    return QuantizingCheckpoint(ckpt, wanted)
 
 
 # -- measuring our engine --------------------------------------------------------------------------
@@ -189,7 +202,7 @@ class _Measured:
     baseline: BaselineResult | None
 
 
-def _runtime(o: BenchOptions, ckpt) -> tuple[RuntimeOptions, int | None]:
+def _runtime(o: BenchOptions, ckpt: CheckpointSource) -> tuple[RuntimeOptions, int | None]:
     """The measured engine's runtime options (a context just long enough; with `--sweep-slots` an
     expert store to sweep over), once the run fits the model's positions and the host's RAM; and on
     CUDA the budget the planner divides (as `build_engine` computes it), which caps the sweep."""
@@ -200,8 +213,7 @@ def _runtime(o: BenchOptions, ckpt) -> tuple[RuntimeOptions, int | None]:
     runtime = replace(o.runtime, ctx_size=ctx)
     if o.sweep_slots and runtime.experts_in_gpu is None:
         runtime.experts_in_gpu = args.num_experts_per_tok
-    gpu_budget = (runtime.gpu_mem or torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
-    return runtime, gpu_budget
+    return runtime, gpu_budget(runtime.gpu_mem, device) if device.type == "cuda" else None
 
 
 def _probe_bandwidth(engine: Engine, one_expert: int) -> Bandwidth:
@@ -260,13 +272,16 @@ def _bound(engine: Engine, o: BenchOptions, bw: Bandwidth, one_expert: int, m: _
 
 
 def _result(o: BenchOptions, engine: Engine, load_s: float, m: _Measured, bw: Bandwidth, bound: Bound) -> BenchResult:
-    args, spec, ours = engine.args, engine.checkpoint.quant, m.ours
+    args, quant, ours = engine.args, engine.checkpoint.quant, m.ours
+    spec = quant.experts
     return BenchResult(
         model=f"preset:{o.preset}" if o.preset else str(o.model_dir),
         synthetic=o.preset is not None,
         note=SYNTHETIC_NOTE if o.preset else None,
         bits=spec.bits if spec else 16,
         expert_format=spec.name if spec else "bfloat16",
+        attn_bits=quant.attention.bits if quant.attention else 16,
+        output_bits=quant.output.bits if quant.output else 16,
         device=str(engine.device),
         dtype=str(engine.dtype).removeprefix("torch."),
         threads=torch.get_num_threads(),
@@ -295,12 +310,12 @@ def _result(o: BenchOptions, engine: Engine, load_s: float, m: _Measured, bw: Ba
 
 
 def _sweep(result: BenchResult, engine: Engine, prompt: list[int], o: BenchOptions, ctx: int,
-           gpu_budget: int | None, log: Callable[[str], None]) -> None:
+           budget: int | None, log: Callable[[str], None]) -> None:
     """`--sweep-slots`: the rows into `result`, and the CSV (and PNG) files written."""
     args, device, dtype = engine.args, engine.device, engine.dtype
     k_max = args.num_local_experts
-    if gpu_budget is not None:  # no more slots than the planner allows this budget
-        k_max = min(k_max, plan_memory(args, engine.checkpoint.quant, ctx, gpu_budget, dtype.itemsize,
+    if budget is not None:  # no more slots than the planner allows this budget
+        k_max = min(k_max, plan_memory(args, engine.checkpoint.quant, ctx, budget, dtype.itemsize,
                                        fused_attention_available(device, dtype, args)).slots_per_layer)
     bound = result.bound
     result.sweep = sweep_slots(engine, prompt, o.gen_tokens, result.bandwidth, bound.weight_bytes_per_token,
@@ -313,20 +328,19 @@ def _sweep(result: BenchResult, engine: Engine, prompt: list[int], o: BenchOptio
 def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> BenchResult:
     """Run the benchmark described by `o` (`--json` prints the result's `as_dict()`)."""
     _validate(o)
-    apply_threads(o.runtime.threads)
     ckpt = open_checkpoint(o)
-    runtime, gpu_budget = _runtime(o, ckpt)
+    runtime, budget = _runtime(o, ckpt)
     log("building the model")
     t0 = time.perf_counter()
     engine = build_engine(ckpt, None, runtime)  # bench feeds token ids: no tokenizer needed
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(o.seed)
     prompt = torch.randint(3, ckpt.args.vocab_size, (o.prompt_tokens,), generator=gen).tolist()
-    one_expert = expert_bytes(ckpt.args, ckpt.quant, engine.dtype.itemsize)
+    one_expert = expert_bytes(ckpt.args, ckpt.quant.experts, engine.dtype.itemsize)
     log("measuring bandwidth")
     bw = _probe_bandwidth(engine, one_expert)
     m = _measure(engine, ckpt, prompt, o, log)
     result = _result(o, engine, load_s, m, bw, _bound(engine, o, bw, one_expert, m))
     if o.sweep_slots:
-        _sweep(result, engine, prompt, o, runtime.ctx_size, gpu_budget, log)
+        _sweep(result, engine, prompt, o, runtime.ctx_size, budget, log)
     return result

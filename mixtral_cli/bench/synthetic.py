@@ -1,4 +1,4 @@
-"""Synthetic models: preset shapes and reproducible random weights behind Checkpoint's interface.
+"""Synthetic models: preset shapes and reproducible random weights behind `CheckpointSource`.
 
 `bench --preset` and the tests run on these. Random weights are generated directly in the target
 format, one expert at a time, so the 8x7B preset at 4 bits never materialises the bf16 model. The
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checkpoints.config import ModelArgs
-from ..checkpoints.layout import expert_shape, shared_shapes
-from ..checkpoints.reader import Checkpoint
+from ..checkpoints.layout import Quantization, linear_shapes, shared_shapes, weight_shape
+from ..checkpoints.source import CheckpointSource, Weight
 from ..errors import UserError
-from ..kernels.formats import QuantizedTensor, QuantSpec, dequantize, quantize
+from ..kernels.formats import QuantizedTensor, QuantSpec, quantize
 
 if TYPE_CHECKING:
     from ..system.host_memory import HostArena
@@ -79,16 +79,17 @@ def synthetic_quantized(spec: QuantSpec, shape: tuple[int, int], g: torch.Genera
     return QuantizedTensor(spec, shape, parts)
 
 
-class SyntheticCheckpoint:
-    """Random weights behind Checkpoint's interface (`args`, `quant`, `tensor`, `expert_weight`),
-    generated on request and reproducible: the same name always gives the same tensor."""
+class SyntheticCheckpoint(CheckpointSource):
+    """Random weights, generated on request and reproducible: the same name always gives the same
+    tensor; each linear weight is generated directly in its group's format (`quant`)."""
 
-    def __init__(self, args: ModelArgs, quant: QuantSpec | None, seed: int = 0) -> None:
+    def __init__(self, args: ModelArgs, quant: Quantization, seed: int = 0) -> None:
         self.args, self.quant, self.seed = args, quant, seed
-        self.shapes = shared_shapes(args)
+        self.shapes = shared_shapes(args) | {f"{p}.weight": shape for p, shape in linear_shapes(args).items()}
 
     def tensor(self, name: str, into: HostArena | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor in bf16; with ``into``, copied into the arena in ``dtype`` (as `Checkpoint.tensor`)."""
+        """The tensor in bf16 (any dense one, linear weights included); with ``into``, copied into the
+        arena in ``dtype`` (as `Checkpoint.tensor`)."""
         shape = self.shapes[name]
         g = _generator(self.seed, name)
         if len(shape) == 1:  # norms
@@ -98,35 +99,26 @@ class SyntheticCheckpoint:
             t = (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
         return t if into is None else into.copy(t, dtype)
 
-    def dense_expert_weight(self, layer: int, expert: int, proj: str) -> torch.Tensor:
-        """The expert projection as bf16 [out, in] (dequantized when the format is quantized)."""
-        w = self.expert_weight(layer, expert, proj)
-        return dequantize(w, torch.bfloat16) if isinstance(w, QuantizedTensor) else w
-
-    def expert_weight(self, layer: int, expert: int, proj: str, into: HostArena | None = None,
-                      dtype: torch.dtype | None = None) -> torch.Tensor | QuantizedTensor:
-        shape = expert_shape(self.args, proj)
-        g = _generator(self.seed, layer, expert, proj)
-        if self.quant is not None:
-            w = synthetic_quantized(self.quant, shape, g)
-        else:
-            w = (torch.randn(shape, generator=g) / math.sqrt(shape[1])).to(torch.bfloat16)
+    def weight(self, prefix: str, into: HostArena | None = None, dtype: torch.dtype | None = None) -> Weight:
+        spec = self.quant.spec_for(prefix)
+        if spec is None:
+            return self.tensor(f"{prefix}.weight", into, dtype)
+        w = synthetic_quantized(spec, weight_shape(self.args, prefix), _generator(self.seed, prefix))
         return w if into is None else into.copy_weight(w, dtype)
 
 
-class QuantizingCheckpoint:
-    """A dense checkpoint seen through a quantized format: experts are quantized as they are read."""
+class QuantizingCheckpoint(CheckpointSource):
+    """A dense checkpoint seen through `quant`: each quantized group's weights are quantized as read."""
 
-    def __init__(self, ckpt: Checkpoint, spec: QuantSpec) -> None:
-        self.inner, self.args, self.quant = ckpt, ckpt.args, spec
+    def __init__(self, ckpt: CheckpointSource, quant: Quantization) -> None:
+        self.inner, self.args, self.quant = ckpt, ckpt.args, quant
 
     def tensor(self, name: str, into: HostArena | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.inner.tensor(name, into, dtype)
 
-    def expert_weight(self, layer: int, expert: int, proj: str, into: HostArena | None = None,
-                      dtype: torch.dtype | None = None) -> QuantizedTensor:
-        w = quantize(self.inner.expert_weight(layer, expert, proj), self.quant)
+    def weight(self, prefix: str, into: HostArena | None = None, dtype: torch.dtype | None = None) -> Weight:
+        spec = self.quant.spec_for(prefix)
+        if spec is None:
+            return self.inner.weight(prefix, into, dtype)
+        w = quantize(self.inner.weight(prefix), spec)
         return w if into is None else into.copy_weight(w, dtype)
-
-    def dense_expert_weight(self, layer: int, expert: int, proj: str) -> torch.Tensor:
-        return dequantize(self.expert_weight(layer, expert, proj), torch.bfloat16)

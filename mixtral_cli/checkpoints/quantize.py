@@ -1,8 +1,10 @@
 """Write a quantized copy of a Hub-layout Mixtral checkpoint (the `mixtral quantize` verb).
 
-Only the expert projections (``w1``, ``w2``, ``w3`` of every expert of every layer) are quantized;
-everything else (embeddings, attention, norms, router gate, ``lm_head``) is copied byte for byte.
-The layout written here is documented in ``docs/format.md``.
+Three groups of linear weights may be quantized, each to its own bits (`layout.Quantization`): the
+expert projections (``--bits``), the attention projections (``--attn-bits``) and the output layer
+(``--output-bits``; with tied embeddings a quantized copy is stored beside the shared table, which the
+embedding lookup keeps reading exactly). The router gate, the norms and the embedding table are
+copied byte for byte. The layout written here is documented in ``docs/format.md``.
 
 Memory: the work is streamed one source tensor at a time. Every tensor is read from the
 memory-mapped source shard and the shard handle is dropped right after, so the pages of the
@@ -36,8 +38,19 @@ import torch
 from ..errors import UserError
 from ..kernels.formats import ALIGN, FORMAT_VERSION, QuantizedTensor, QuantSpec, tensor_bytes
 from ..kernels.formats import quantize as quantize_tensor
-from .layout import EXPERT_PROJS, INDEX_NAME, bits_flag, expert_prefix, expert_shape
-from .reader import QUANTIZED_MODULES, SAFETENSORS_DTYPES, Checkpoint
+from .config import ModelArgs
+from .layout import (
+    EMBEDDING,
+    GROUP_MODULES,
+    INDEX_NAME,
+    OUTPUT,
+    Quantization,
+    bits_flag,
+    fitted_default,
+    group_size_problem,
+    linear_shapes,
+)
+from .reader import SAFETENSORS_DTYPES, Checkpoint
 from .tokenizer import Tokenizer
 
 # Output shards are cut at about this size (a shard never splits the parts of one weight).
@@ -87,15 +100,25 @@ class OutTensor:
         return tensor_bytes(self.shape, self.dtype)
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """One quantized weight written from a source tensor: its prefix, format and [out, in] shape."""
+
+    prefix: str
+    spec: QuantSpec
+    shape: tuple[int, int]
+
+
 @dataclass
 class Unit:
-    """One source tensor and the output tensors it becomes (one, or the parts of a quantized weight)."""
+    """One source tensor and the output tensors it becomes: itself when `copied`, and the parts of
+    each of its `conversions` (one, or two for a tied embedding whose output layer is quantized)."""
 
     source: str
     source_bytes: int
     outputs: list[OutTensor]
-    weight_shape: tuple[int, int] | None = None  # set for the quantized expert weights
-    prefix: str = ""
+    copied: bool = True
+    conversions: list[Conversion] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -115,28 +138,26 @@ def _natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def plan_units(ckpt: Checkpoint, spec: QuantSpec) -> list[Unit]:
+def plan_units(ckpt: Checkpoint, quant: Quantization) -> list[Unit]:
     """Every tensor of the output, grouped by source tensor, in source shard order."""
-    a = ckpt.args
-    experts: dict[str, tuple[str, tuple[int, int]]] = {}
-    for L in range(a.num_hidden_layers):
-        for e in range(a.num_local_experts):
-            for proj in EXPERT_PROJS:
-                prefix = expert_prefix(L, e, proj)
-                experts[f"{prefix}.weight"] = (prefix, expert_shape(a, proj))
+    quantized = {f"{prefix}.weight": Conversion(prefix, spec, shape)
+                 for prefix, shape in linear_shapes(ckpt.args).items()
+                 if (spec := quant.spec_for(prefix)) is not None}
+    if ckpt.args.tie_word_embeddings and f"{OUTPUT}.weight" in quantized:  # the output reads the embedding
+        quantized[EMBEDDING] = quantized.pop(f"{OUTPUT}.weight")
     file_rank = {f: i for i, f in enumerate(ckpt.files)}
     names = sorted(ckpt.expected(), key=lambda n: (file_rank[ckpt.tensors[n].file], _natural_key(n)))
     units = []
     for name in names:
         info = ckpt.tensors[name]
         src = OutTensor(name, info.shape, info.dtype)
-        if name in experts:
-            prefix, shape = experts[name]
-            parts = QuantizedTensor.expected_parts(spec, shape)
-            outs = [OutTensor(f"{prefix}.{p}", tuple(s), dt) for p, (s, dt) in parts.items()]
-            units.append(Unit(name, src.nbytes, outs, shape, prefix))
-        else:
-            units.append(Unit(name, src.nbytes, [src]))
+        conv = quantized.get(name)
+        copied = conv is None or name == EMBEDDING  # the embedding table itself is never quantized
+        outs = [src] if copied else []
+        if conv is not None:
+            outs += [OutTensor(f"{conv.prefix}.{p}", tuple(shape), dt)
+                     for p, (shape, dt) in QuantizedTensor.expected_parts(conv.spec, conv.shape).items()]
+        units.append(Unit(name, src.nbytes, outs, copied, [conv] if conv else []))
     return units
 
 
@@ -269,17 +290,16 @@ class _ShardWriter:
         os.fsync(self.fh.fileno())
 
 
-def _convert(ckpt: Checkpoint, unit: Unit, spec: QuantSpec) -> Iterator[tuple[str, torch.Tensor]]:
+def _convert(ckpt: Checkpoint, unit: Unit) -> Iterator[tuple[str, torch.Tensor]]:
     t = ckpt.tensor(unit.source)
-    if unit.weight_shape is None:
+    if unit.copied:
         yield unit.source, t
-        return
-    qt = quantize_tensor(t, spec)
+    for conv in unit.conversions:
+        yield from quantize_tensor(t, conv.spec).state_dict(conv.prefix).items()
     del t
-    yield from qt.state_dict(unit.prefix).items()
 
 
-def _write_files(ckpt: Checkpoint, tmp: Path, spec: QuantSpec, shards: list[Shard],
+def _write_files(ckpt: Checkpoint, tmp: Path, shards: list[Shard],
                  progress: QuantizeProgressSink) -> dict[str, str]:
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
@@ -288,7 +308,7 @@ def _write_files(ckpt: Checkpoint, tmp: Path, spec: QuantSpec, shards: list[Shar
         with path.open("wb") as fh:
             writer = _ShardWriter(fh, [t for u in shard.units for t in u.outputs], path)
             for unit in shard.units:
-                for out_name, tensor in _convert(ckpt, unit, spec):
+                for out_name, tensor in _convert(ckpt, unit):
                     writer.write(out_name, tensor)
                     weight_map[out_name] = name
                 ckpt.close()  # unmap the source pages of this tensor before the next one
@@ -332,6 +352,30 @@ def _place(tmp: Path, out: Path) -> None:
 # The verb
 
 
+def default_group_bits(bits: int) -> dict[str, int]:
+    """`--attn-bits` and `--output-bits` when not given, for expert `bits`: attention at the experts'
+    bits, the output layer at 8, as llama.cpp's q4_0 files keep their output layer at higher precision
+    (q6_K) than the rest; the output sees every token's full distribution, so its error is the one
+    every position pays. Not yet chosen from a KL table on a trained model (see docs/benchmarks.md)."""
+    return {"attention": bits, "output": 8}
+
+
+def quantization_flags(bits: int, attn_bits: int | None, output_bits: int | None,
+                       group_size: int | None) -> Quantization:
+    """The formats `--bits`, `--attn-bits`, `--output-bits` and `--group-size` (the experts') name."""
+    defaults = default_group_bits(bits)
+    experts = bits_flag(bits, group_size, dense=False)
+    attention = bits_flag(defaults["attention"] if attn_bits is None else attn_bits, flag="--attn-bits")
+    output = bits_flag(defaults["output"] if output_bits is None else output_bits, flag="--output-bits")
+    return Quantization(experts=experts, attention=attention, output=output)
+
+
+def fit_default_groups(quant: Quantization, args: ModelArgs, explicit: set[str]) -> Quantization:
+    """Each group whose group size nobody chose (all but `explicit`) with a default that fits `args`."""
+    return Quantization(**{g: spec if spec is None or g in explicit else fitted_default(spec, args, g)
+                           for g in GROUP_MODULES for spec in [quant.spec(g)]})
+
+
 def quantize_checkpoint(
     src: Path,
     out: Path | None,
@@ -340,33 +384,35 @@ def quantize_checkpoint(
     force: bool = False,
     progress: QuantizeProgressSink | None = None,
     *,
+    attn_bits: int | None = None,
+    output_bits: int | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     cwd: Path | None = None,
 ) -> Path:
-    """Quantize the experts of the Hub-layout checkpoint in ``src`` into ``out`` and return ``out``.
+    """Quantize the Hub-layout checkpoint in ``src`` into ``out`` and return ``out``.
 
-    ``out`` defaults to :func:`default_output_dir`. ``bits`` 4 gives nf4, 8 gives int8; ``group_size``
-    defaults to the format's block. Raises ``UserError`` for bad arguments, a quantized or broken
-    source, or an existing output without ``force``.
+    ``out`` defaults to :func:`default_output_dir`. ``bits`` (the experts), ``attn_bits`` and
+    ``output_bits``: 4 gives nf4, 8 int8, 16 (the two others only) keeps bfloat16; None takes
+    :func:`default_group_bits`. ``group_size`` (the experts') defaults to the format's block. Raises
+    ``UserError`` for bad arguments, a quantized or broken source, or an existing output without ``force``.
     """
     progress = progress or NullQuantizeProgress()
     if shard_bytes <= 0:
         raise UserError(f"shard size must be positive, got {shard_bytes}")
-    spec = bits_flag(bits, group_size, dense=False)
+    quant = quantization_flags(bits, attn_bits, output_bits, group_size)
     src = Path(src).resolve()
     ckpt = Checkpoint(src)
-    if ckpt.quant is not None:
-        q = ckpt.quant
-        raise UserError(f"{src} is already quantized ({q.name}, {q.bits}-bit)",
+    if not ckpt.quant.dense:
+        raise UserError(f"{src} is already quantized ({ckpt.quant.describe()})",
                         hint="quantize the original bf16 checkpoint instead")
-    a = ckpt.args
-    for proj in ("w1", "w2"):
-        try:
-            spec.check_shape(expert_shape(a, proj))
-        except ValueError:
-            in_f = expert_shape(a, proj)[1]
-            raise UserError(f"group size {spec.group_size} does not divide {in_f}, the input width of the experts' {proj}",
-                            hint="pass a --group-size that divides both hidden_size and intermediate_size") from None
+    quant = fit_default_groups(quant, ckpt.args, {"experts"} if group_size is not None else set())
+    for group in GROUP_MODULES:
+        spec = quant.spec(group)
+        problem = spec and group_size_problem(spec, ckpt.args, group)
+        if problem:
+            hint = ("pass a --group-size that divides both hidden_size and intermediate_size" if group == "experts"
+                    else f"keep the {group} in bf16 (16 bits) or use the other format")
+            raise UserError(problem, hint=hint)
     if not (src / "tokenizer.model").is_file():
         raise UserError(f"no tokenizer.model in {src}", hint="re-run `mixtral download` for this model")
     Tokenizer.from_file(src / "tokenizer.model")  # a damaged tokenizer is refused before anything is written
@@ -382,7 +428,7 @@ def quantize_checkpoint(
             raise UserError(f"refusing to replace {out}: it is not a quantized checkpoint or an empty directory",
                             hint="remove it yourself or choose another --out")
 
-    units = plan_units(ckpt, spec)
+    units = plan_units(ckpt, quant)
     shards = plan_shards(units, shard_bytes)
     total_out = sum(u.nbytes for u in units)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -395,18 +441,12 @@ def quantize_checkpoint(
                         f"{format_bytes(free)} free", hint="free some space or pass another --out")
 
     config = json.loads((src / "config.json").read_text())
-    config["quantization"] = {
-        "format": spec.name,
-        "bits": spec.bits,
-        "group_size": spec.group_size,
-        "format_version": FORMAT_VERSION,
-        "modules": list(QUANTIZED_MODULES),
-    }
+    config["quantization"] = quantization_config(quant)
     tmp = temp_dir_for(out)
     tmp.mkdir()
     progress.begin(len(units), sum(u.source_bytes for u in units))
     try:
-        weight_map = _write_files(ckpt, tmp, spec, shards, progress)
+        weight_map = _write_files(ckpt, tmp, shards, progress)
         _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total_out}, "weight_map": weight_map})
         for name in COPIED_FILES:
             if (src / name).is_file():
@@ -414,8 +454,8 @@ def quantize_checkpoint(
         _write_json(tmp / "config.json", config)  # last: until now the directory is not a model
         _fsync_dir(tmp)
         check = Checkpoint(tmp)  # re-read every header: present, shapes, dtypes
-        if check.quant != spec:
-            raise RuntimeError(f"internal error: wrote {check.quant}, expected {spec}")
+        if check.quant != quant:
+            raise RuntimeError(f"internal error: wrote {check.quant}, expected {quant}")
         check.close()
         _place(tmp, out)
     except BaseException:
@@ -427,9 +467,20 @@ def quantize_checkpoint(
     return out
 
 
+def quantization_config(quant: Quantization) -> dict[str, Any]:
+    """config.json's "quantization" object for `quant` (format version 2, docs/format.md)."""
+    groups = {}
+    for group, modules in GROUP_MODULES.items():
+        spec = quant.spec(group)
+        entry = {"bits": 16} if spec is None else {"format": spec.name, "bits": spec.bits, "group_size": spec.group_size}
+        groups[group] = entry | {"modules": list(modules)}
+    return {"format_version": FORMAT_VERSION, "groups": groups}
+
+
 def quantize_cli(src: Path, bits: int, out: Path | None, group_size: int | None, force: bool,
-                 shard_bytes: int | None, make_progress: Callable[[], Any]) -> Path:
+                 shard_bytes: int | None, make_progress: Callable[[], Any], *,
+                 attn_bits: int | None = None, output_bits: int | None = None) -> Path:
     """Run :func:`quantize_checkpoint` on the resolved model directory under a progress display."""
     with make_progress() as progress:
-        return quantize_checkpoint(Path(src), out, bits, group_size, force, progress,
-                                   shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES)
+        return quantize_checkpoint(Path(src), out, bits, group_size, force, progress, attn_bits=attn_bits,
+                                   output_bits=output_bits, shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES)

@@ -18,8 +18,9 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
 from ..kernels.formats import FORMAT_VERSION, QuantizedTensor, QuantSpec, spec_for_bits
-from .config import load_config
-from .layout import EXPERT_PROJS, INDEX_NAME, expert_prefix, expert_shape, shared_shapes
+from .config import ModelArgs, load_config
+from .layout import GROUP_MODULES, INDEX_NAME, Quantization, group_size_problem, stored_tensors, weight_shape
+from .source import CheckpointSource, Weight
 
 if TYPE_CHECKING:
     from ..system.host_memory import HostArena
@@ -32,45 +33,64 @@ SAFETENSORS_DTYPES = {
 }
 
 
-# The modules a quantized checkpoint of this format version may quantize (config "modules").
-QUANTIZED_MODULES = tuple(f"model.layers.*.block_sparse_moe.experts.*.{p}" for p in EXPERT_PROJS)
-
-
-def parse_quantization(cfg: dict[str, Any], path: Path) -> QuantSpec | None:
-    """The `"quantization"` object of a quantized checkpoint's config.json, validated.
-
-    Required keys: `format`, `bits`, `group_size`, `format_version`; `modules`, when present, must
-    list exactly the expert projections (`QUANTIZED_MODULES`), the only ones this version reads.
-    """
-    q = cfg.get("quantization")
-    if q is None:
-        return None
+def _group_spec(entry: Any, group: str, path: Path) -> QuantSpec | None:
+    """One group's entry: {"bits": 16} (dense), or {"format", "bits", "group_size"} of a known format."""
     try:
-        version = int(q["format_version"])
-        spec = QuantSpec(name=str(q["format"]), bits=int(q["bits"]), group_size=int(q["group_size"]))
+        bits = int(entry["bits"])
+        if bits == 16:
+            return None
+        spec = QuantSpec(name=str(entry["format"]), bits=bits, group_size=int(entry["group_size"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: malformed 'quantization' entry ({e})") from e
-    if version != FORMAT_VERSION:
-        raise UserError(
-            f"{path}: quantized format version {version} is not supported (this build reads version {FORMAT_VERSION})",
-            hint="re-run `mixtral quantize` on the original checkpoint with this version",
-        )
+        raise UserError(f"{path}: malformed {group!r} entry in 'quantization' ({e})") from e
     try:
         known = spec_for_bits(spec.bits, spec.group_size)
     except ValueError as e:
-        raise UserError(f"{path}: unsupported quantization ({e})") from None
+        raise UserError(f"{path}: unsupported quantization of the {group} ({e})") from None
     if known.name != spec.name:
         raise UserError(f"{path}: unsupported quantization format {spec.name!r} with {spec.bits} bits",
-                        hint=f"{spec.bits}-bit checkpoints use format {known.name!r}")
-    modules = q.get("modules")
-    if modules is not None and (not isinstance(modules, list) or sorted(modules) != sorted(QUANTIZED_MODULES)):
-        raise UserError(f"{path}: quantized modules {modules} are not supported",
-                        hint="this version reads checkpoints whose expert w1/w2/w3 only are quantized")
-    D, I = cfg.get("hidden_size"), cfg.get("intermediate_size")
-    for in_f in (D, I):
-        if isinstance(in_f, int) and in_f > 0 and in_f % spec.group_size:
-            raise UserError(f"{path}: quantization group size {spec.group_size} does not divide {in_f}")
+                        hint=f"{spec.bits}-bit weights use format {known.name!r}")
+    modules = entry.get("modules")
+    if modules is not None and (not isinstance(modules, list) or sorted(modules) != sorted(GROUP_MODULES[group])):
+        raise UserError(f"{path}: quantized modules {modules} do not match the {group} group",
+                        hint=f"the {group} group is {list(GROUP_MODULES[group])}")
     return spec
+
+
+def parse_quantization(cfg: dict[str, Any], path: Path, args: ModelArgs) -> Quantization:
+    """The `"quantization"` object of config.json, validated (docs/format.md); `Quantization()` when absent.
+
+    Version 2 names each group (`experts`, `attention`, `output`) with its bits; version 1 (experts
+    only) has `format`, `bits`, `group_size` at the top. Any other version or group is refused.
+    """
+    q = cfg.get("quantization")
+    if q is None:
+        return Quantization()
+    try:
+        version = int(q["format_version"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: malformed 'quantization' entry ({e})") from e
+    if version == 1:
+        quant = Quantization(experts=_group_spec({"modules": q.get("modules"), **q}, "experts", path))
+    elif version == FORMAT_VERSION:
+        groups = q.get("groups")
+        if not isinstance(groups, dict):
+            raise UserError(f"{path}: malformed 'quantization' entry (no 'groups' object)")
+        unknown = sorted(set(groups) - set(GROUP_MODULES))
+        if unknown:
+            raise UserError(f"{path}: unknown quantization group {unknown[0]!r} (known: {', '.join(GROUP_MODULES)})",
+                            hint="this checkpoint was written by a newer mixtral-cli: upgrade, or quantize again")
+        quant = Quantization(**{g: _group_spec(groups.get(g, {"bits": 16}), g, path) for g in GROUP_MODULES})
+    else:
+        raise UserError(
+            f"{path}: quantized format version {version} is not supported (this build reads versions 1 and {FORMAT_VERSION})",
+            hint="re-run `mixtral quantize` on the original checkpoint with this version",
+        )
+    for group in GROUP_MODULES:
+        spec = quant.spec(group)
+        problem = spec and group_size_problem(spec, args, group)
+        if problem:
+            raise UserError(f"{path}: quantization {problem}")
+    return quant
 
 
 @dataclass(frozen=True)
@@ -82,15 +102,17 @@ class TensorInfo:
     nbytes: int
 
 
-class Checkpoint:
+class Checkpoint(CheckpointSource):
     """A checkpoint directory: config, tensor directory across shards, lazy reads."""
+
+    memory_mapped = True
 
     def __init__(self, model_dir: Path) -> None:
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise UserError(f"model directory {self.dir} does not exist")
         self.args, self.config = load_config(self.dir)
-        self.quant = parse_quantization(self.config, self.dir / "config.json")
+        self.quant = parse_quantization(self.config, self.dir / "config.json", self.args)
         self.files = self._shard_files()
         self.tensors = self._read_headers()
         self._handles: dict[Path, Any] = {}
@@ -136,21 +158,7 @@ class Checkpoint:
     # -- validation ----------------------------------------------------------------------------
     def expected(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
         """Every tensor the model needs: shape and exact dtype (None: any float dtype)."""
-        want: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {
-            name: (shape, None) for name, shape in shared_shapes(self.args).items()
-        }
-        a = self.args
-        for L in range(a.num_hidden_layers):
-            for e in range(a.num_local_experts):
-                for proj in EXPERT_PROJS:
-                    prefix = expert_prefix(L, e, proj)
-                    shape = expert_shape(a, proj)
-                    if self.quant is None:
-                        want[f"{prefix}.weight"] = (shape, None)
-                    else:
-                        for part, (pshape, pdtype) in QuantizedTensor.expected_parts(self.quant, shape).items():
-                            want[f"{prefix}.{part}"] = (tuple(pshape), pdtype)
-        return want
+        return stored_tensors(self.args, self.quant)
 
     def validate(self) -> None:
         for name, (shape, dtype) in self.expected().items():
@@ -196,16 +204,16 @@ class Checkpoint:
             out.copy_(raw)
         return out
 
-    def expert_weight(self, layer: int, expert: int, proj: str, into: HostArena | None = None,
-                      dtype: torch.dtype | None = None) -> torch.Tensor | QuantizedTensor:
-        """One expert projection as stored: a dense [out, in] tensor or a QuantizedTensor; ``into`` and
+    def weight(self, prefix: str, into: HostArena | None = None, dtype: torch.dtype | None = None) -> Weight:
+        """One linear weight as stored: a dense [out, in] tensor or a QuantizedTensor; ``into`` and
         ``dtype`` as for ``tensor`` (``dtype`` applies to a dense weight only)."""
-        prefix = expert_prefix(layer, expert, proj)
-        if self.quant is None:
+        spec = self.quant.spec_for(prefix)
+        if spec is None:
             return self.tensor(f"{prefix}.weight", into, dtype)
-        parts = QuantizedTensor.expected_parts(self.quant, expert_shape(self.args, proj))
+        shape = weight_shape(self.args, prefix)
+        parts = QuantizedTensor.expected_parts(spec, shape)
         sd = {f"{prefix}.{p}": self.tensor(f"{prefix}.{p}", into) for p in parts}
-        return QuantizedTensor.from_state_dict(self.quant, expert_shape(self.args, proj), sd, prefix)
+        return QuantizedTensor.from_state_dict(spec, shape, sd, prefix)
 
     def close(self) -> None:
         self._handles.clear()

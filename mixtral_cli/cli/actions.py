@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import resource
-import sys
 from pathlib import Path
 
 import torch
 
 from ..checkpoints.config import ModelArgs, args_from_config, load_config
+from ..checkpoints.layout import Quantization
 from ..engine.generate import Completion, Session
 from ..engine.loader import Engine
 from ..errors import UserError
+from ..kernels.formats import QuantSpec
 from ..settings import GenerationConfig
-from ..sizes import format_bytes, format_count, parse_size
+from ..sizes import format_bytes, format_count
+from ..system.host_memory import HOST_HEADROOM, mem_available, peak_rss_bytes
 from . import ui
 
 
@@ -30,8 +31,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak GPU memory allocated on CUDA; on CPU the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+    return peak_rss_bytes()
 
 
 def run_once(engine: Engine, prompt: str, gen: GenerationConfig, *, raw: bool, system: str | None,
@@ -85,59 +85,91 @@ def _info_config(model: str | None) -> tuple[ModelArgs, dict, Path | None]:
     return args, raw, directory
 
 
-def _default_spec(bits: int, args: ModelArgs):
-    from ..checkpoints.layout import bits_flag, fits_group_size
+def _planned(stored: Quantization, args: ModelArgs, flags: dict[str, tuple[int | None, str]]) -> Quantization:
+    """The formats to plan for: each group's flag (its format's default group size, which must fit
+    the model), else the checkpoint's."""
+    from ..checkpoints.layout import bits_flag, group_size_problem
 
-    spec = bits_flag(bits)
-    if not fits_group_size(spec, args):
-        raise UserError(f"the default {bits}-bit group size {spec.group_size} does not divide this model's widths "
-                        f"({args.hidden_size}, {args.intermediate_size})")
-    return spec
+    specs = {}
+    for group, (bits, flag) in flags.items():
+        spec = stored.spec(group)
+        if bits is not None and (spec is None or spec.bits != bits):
+            spec = bits_flag(bits, flag=flag)
+            problem = spec and group_size_problem(spec, args, group)
+            if problem:
+                raise UserError(f"{flag} {bits}: the default {problem}")
+        specs[group] = spec
+    return Quantization(**specs)
 
 
-def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: int, json_out: bool) -> None:
+def _group_row(spec: QuantSpec | None, nbytes: int) -> str:
+    fmt = f"{spec.name} ({spec.bits}-bit, group {spec.group_size})" if spec else "bfloat16"
+    return f"{fmt}, {format_bytes(nbytes)}"
+
+
+def show_info(model: str | None, *, bits: int | None, attn_bits: int | None = None, output_bits: int | None = None,
+              gpu_mem: int | None, ctx: int, json_out: bool) -> None:
     from ..checkpoints.layout import fits_group_size
     from ..checkpoints.reader import parse_quantization
-    from ..engine.plan import all_experts_bytes, model_bytes, plan_memory, require_fit, shared_bytes
+    from ..engine.loader import gpu_budget
+    from ..engine.plan import (
+        all_experts_bytes,
+        attention_bytes,
+        embeddings_bytes,
+        model_bytes,
+        plan_memory,
+        require_fit,
+        shared_bytes,
+    )
     from ..kernels.formats import spec_for_bits
-    from ..system.host_memory import HOST_HEADROOM, mem_available
 
     args, raw, directory = _info_config(model)
-    stored = parse_quantization(raw, (directory or Path(".")) / "config.json")
-    if bits is None:
-        spec = stored
-    elif bits == 16:
-        spec = None
-    else:
-        spec = stored if stored is not None and stored.bits == bits else _default_spec(bits, args)
+    stored = parse_quantization(raw, (directory or Path(".")) / "config.json", args)
+    quant = _planned(stored, args, {"experts": (bits, "--bits"), "attention": (attn_bits, "--attn-bits"),
+                                    "output": (output_bits, "--output-bits")})
+    spec = quant.experts
     if ctx < 1:
         raise UserError(f"--ctx must be positive, got {ctx}")
-    dense, experts = shared_bytes(args), all_experts_bytes(args, spec)
-    if gpu_mem:
-        budget = parse_size(gpu_mem)
+    dense, experts = shared_bytes(args, quant), all_experts_bytes(args, spec)
+    if gpu_mem is not None:
+        budget = gpu_mem
     elif torch.cuda.is_available():
-        budget = torch.cuda.mem_get_info()[0]
+        budget = gpu_budget(None, torch.device("cuda"))
     else:
         budget = 24 * 2**30
         ui.notice("no CUDA GPU here: the plan is for a 24 GiB GPU (pass --gpu-mem for another size)")
-    plan = plan_memory(args, spec, ctx, budget)
-    if gpu_mem:
+    plan = plan_memory(args, quant, ctx, budget)
+    if gpu_mem is not None:
         require_fit(plan, args.num_experts_per_tok, ctx, spec)
-    fmt = f"{spec.name} ({spec.bits}-bit, group {spec.group_size})" if spec else "bfloat16"
+    L = args.num_hidden_layers
+    groups = {  # what each group costs on the GPU (resident, or the expert slots) and in host RAM
+        "experts": {"format": spec.name if spec else "bfloat16", "bits": spec.bits if spec else 16,
+                    "bytes": experts, "gpu_bytes": plan.experts_on_device * plan.expert_bytes,
+                    "host_bytes": plan.host_pinned},
+        "attention": {"format": quant.attention.name if quant.attention else "bfloat16",
+                      "bits": quant.attention.bits if quant.attention else 16,
+                      "bytes": L * attention_bytes(args, quant.attention), "gpu_bytes": plan.attention, "host_bytes": 0},
+        "output": {"format": quant.output.name if quant.output else "bfloat16",
+                   "bits": quant.output.bits if quant.output else 16,
+                   "bytes": embeddings_bytes(args, quant), "gpu_bytes": plan.embeddings, "host_bytes": 0},
+    }
     result = {
         "params_total": args.params_total,
         "params_active": args.params_active,
         "params_experts": args.params_experts,
-        "expert_format": spec.name if spec else "bfloat16",
-        "bits": spec.bits if spec else 16,
+        "expert_format": groups["experts"]["format"],
+        "bits": groups["experts"]["bits"],
+        "attn_bits": groups["attention"]["bits"],
+        "output_bits": groups["output"]["bits"],
+        "groups": groups,
         "bytes_weights": {"total": dense + experts, "experts": experts, "other": dense},
-        "bytes_weights_by_format": {"bfloat16": model_bytes(args, None)} | {
-            s.name: model_bytes(args, s) for s in map(spec_for_bits, (8, 4)) if fits_group_size(s, args)},
+        "bytes_weights_by_format": {"bfloat16": model_bytes(args, Quantization())} | {
+            s.name: model_bytes(args, Quantization(experts=s)) for s in map(spec_for_bits, (8, 4)) if fits_group_size(s, args)},
         "plan": plan.as_dict() | {"ctx": ctx},
         "host_ram": {"pinned": plan.host_pinned, "headroom": HOST_HEADROOM if plan.host_pinned else 0,
                      "available": mem_available()},
     }
-    if directory is not None and stored is not None:
+    if directory is not None and not stored.dense:
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     if json_out:
         ui.print_json(result)
@@ -145,7 +177,10 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
     rows = [
         ("parameters", f"{format_count(args.params_total)} total, {format_count(args.params_active)} active per token"),
         ("layers", f"{args.num_hidden_layers} x {args.num_local_experts} experts, top-{args.num_experts_per_tok}"),
-        ("expert format", fmt),
+        ("expert format", _group_row(spec, experts)),
+        ("attention format", _group_row(quant.attention, groups["attention"]["bytes"])),
+        ("output format", _group_row(quant.output, groups["output"]["bytes"])
+         + " (with the embedding table and final norm)"),
         ("weights", f"{format_bytes(dense + experts)} ({format_bytes(experts)} experts, {format_bytes(dense)} other)"),
         ("one expert", format_bytes(plan.expert_bytes)),
     ]
@@ -154,7 +189,7 @@ def show_info(model: str | None, *, bits: int | None, gpu_mem: str | None, ctx: 
     ui.key_value_table("model", rows)
     p = plan
     ui.key_value_table(f"GPU plan for {format_bytes(budget)}, {ctx}-token context", [
-        ("resident", f"{format_bytes(p.resident)} (embeddings {format_bytes(p.embeddings)}, attention {format_bytes(p.attention)}, "
+        ("resident", f"{format_bytes(p.resident)} (embeddings and output {format_bytes(p.embeddings)}, attention {format_bytes(p.attention)}, "
                      f"KV cache {format_bytes(p.kv_cache)}, workspace {format_bytes(p.workspace)}, "
                      f"CUDA context {format_bytes(p.cuda_context)}, slack {format_bytes(p.allocator_slack)})"),
         ("expert slots", f"{p.slots_per_layer} per layer ({p.experts_on_device} of {p.experts_total} experts on the GPU)"

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
+from ..checkpoints.hub import DEFAULT_REPO
 from ..errors import UserError
 from ..settings import GenerationConfig, RuntimeOptions, ServeOptions
 from . import ui
@@ -42,13 +43,18 @@ app = typer.Typer(
 )
 
 INTERRUPTED = 130  # exit code after Ctrl-C, as shells report SIGINT
-DEFAULT_MODEL_HELP = "[default: $MIXTRAL_MODEL, else mistralai/Mixtral-8x7B-Instruct-v0.1]"
+DEFAULT_MODEL_HELP = f"[default: $MIXTRAL_MODEL, else {DEFAULT_REPO}]"
 
 # -- shared options (Annotated aliases keep each command's signature short) -------------------
 ModelOpt = Annotated[str | None, typer.Option("-m", "--model", metavar="MODEL", help=f"Local directory or Hub repo id {DEFAULT_MODEL_HELP}.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download the model first if it is not in the cache.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt (put before the first user message)  [default: none]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+# Each quantization group's bits: quantize's defaults follow --bits; info and bench take the checkpoint's.
+QuantizeAttnBits = Annotated[int | None, typer.Option("--attn-bits", metavar="4|8|16", help="Attention (q/k/v/o) weight bits; 16 keeps bfloat16  [default: --bits]")]
+QuantizeOutputBits = Annotated[int | None, typer.Option("--output-bits", metavar="4|8|16", help="Output layer (lm_head) weight bits; 16 keeps bfloat16  [default: 8]")]
+AttnBitsOpt = Annotated[int | None, typer.Option("--attn-bits", metavar="4|8|16", help="Attention (q/k/v/o) weight bits  [default: 16 for presets, the checkpoint's for a model]")]
+OutputBitsOpt = Annotated[int | None, typer.Option("--output-bits", metavar="4|8|16", help="Output layer (lm_head) weight bits  [default: 16 for presets, the checkpoint's for a model]")]
 
 
 def _needs_torch(threads: int | None = None) -> None:
@@ -60,16 +66,18 @@ def _needs_torch(threads: int | None = None) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        print(f"mixtral-cli {__version__}")
+        ui.print_plain(f"mixtral-cli {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors, and debug log lines.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    """`--debug` is read by `main`, which decides how errors are shown."""
+    """`--debug` is read by `main`, which decides how errors are shown; here it sets how much of the log
+    (``mixtral_cli.*`` loggers: warnings, or every level) reaches stderr."""
+    ui.setup_logging(debug)
 
 
 def _resolve(model: str | None, yes: bool) -> Path:
@@ -97,7 +105,7 @@ def _load(model: str | None, opts, yes: bool = False):
 
 @app.command()
 def download(
-    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub repo id.")] = "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub repo id.")] = DEFAULT_REPO,
     revision: Annotated[str | None, typer.Option("--revision", metavar="REV", help="Branch, tag or commit sha; the download is pinned to the commit it names  [default: main]")] = None,
     local_dir: Annotated[Path | None, typer.Option("--local-dir", metavar="DIR", help="Put the files here instead of the Hugging Face cache.")] = None,
     token: Annotated[str | None, typer.Option("--token", metavar="TOKEN", help="Hugging Face token  [default: $HF_TOKEN, else the saved login]")] = None,
@@ -107,7 +115,7 @@ def download(
 
     with ui.DownloadProgress() as progress:
         path = fetch(repo_id, revision=revision, local_dir=local_dir, token=token, progress=progress)
-    ui.out.print(str(path))
+    ui.print_plain(str(path))
 
 
 app.command("pull", help="Alias of download.")(download)
@@ -148,45 +156,49 @@ def perplexity(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="UTF-8 text file to score.")],
     model: ModelOpt = None,
     ctx: Annotated[int, typer.Option(*CTX_NAMES, metavar="N", help="Window length in tokens.")] = 512,
+    kl_base: Annotated[str | None, typer.Option("--kl-base", metavar="BASE", help="Also report the KL divergence from BASE: a model (directory or Hub repo id, run beside MODEL) or a file from --save-logits.")] = None,
+    save_logits: Annotated[Path | None, typer.Option("--save-logits", metavar="OUT", help="Write the model's next-token distributions to OUT, for a later --kl-base OUT (64 KB a position at vocabulary 32000).")] = None,
     json_out: JsonOpt = False,
     yes: YesOpt = False,
 ) -> None:
-    """Perplexity of FILE in independent windows of --ctx tokens."""
+    """Perplexity of FILE in independent windows of --ctx tokens; with --kl-base, the KL divergence from a base."""
     runtime = replace(runtime, ctx_size=ctx, prefetch=False)  # the KV cache holds one window
     runtime.validate()
+    if kl_base is not None and save_logits is not None:
+        raise UserError("--kl-base and --save-logits go in separate runs",
+                        hint="save the base's logits first, then compare with --kl-base FILE")
     _needs_torch(runtime.threads)
-    from ..engine.evaluate import perplexity as compute
+    from ..engine.logits_file import LogitsReader
+    from .scoring import read_text, score
 
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {file} as UTF-8 text ({e})") from None
+    text = read_text(file)
+    base = None
+    if kl_base is not None and Path(kl_base).is_file():
+        base = LogitsReader(Path(kl_base))  # checked before the model loads
     engine = _load(model, runtime, yes)
-    ids = engine.tokenizer.encode(text, bos=True)
-    if len(ids) < 2:
-        raise UserError(f"{file} has no text to score", hint="perplexity needs at least one token after the BOS token")
-    result = compute(engine.model, ids, ctx)
-    if json_out:
-        ui.print_json(result.as_dict())
-    else:
-        ui.out.print(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens in {result.windows} windows")
+    if kl_base is not None and base is None:
+        base = _load(kl_base, runtime, yes)
+    score(engine, file, text, ctx, json_out=json_out, save_logits=save_logits, base=base)
 
 
 @app.command()
 def info(
     model: Annotated[str | None, typer.Argument(metavar="MODEL", help=f"Model directory, config.json, or Hub repo id {DEFAULT_MODEL_HELP}.")] = None,
     bits: Annotated[int | None, typer.Option("--bits", metavar="4|8|16", help="Expert weight bits for the plan  [default: the checkpoint's]")] = None,
+    attn_bits: AttnBitsOpt = None,
+    output_bits: OutputBitsOpt = None,
     gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", metavar="SIZE", help="GPU memory budget to plan for, e.g. 24GiB  [default: this GPU's free memory; 24GiB without a GPU]")] = None,
     ctx: Annotated[int, typer.Option(*CTX_NAMES, metavar="N", help="Context length for the KV cache in the plan.")] = 4096,
     json_out: JsonOpt = False,
 ) -> None:
     """Parameter counts, weight sizes and the memory plan for a GPU budget."""
     _needs_torch()
+    from ..sizes import parse_size
     from .actions import show_info
 
-    show_info(model, bits=bits, gpu_mem=gpu_mem, ctx=ctx, json_out=json_out)
+    show_info(model, bits=bits, attn_bits=attn_bits, output_bits=output_bits, gpu_mem=parse_size(gpu_mem) if gpu_mem else None,
+              ctx=ctx,
+              json_out=json_out)
 
 
 @app.command()
@@ -197,17 +209,19 @@ def quantize(
     group_size: Annotated[int | None, typer.Option("--group-size", metavar="N", help="Weights per scale  [default: 64 for 4-bit, 128 for 8-bit]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing quantized checkpoint at --out.")] = False,
     shard_size: Annotated[str, typer.Option("--shard-size", metavar="SIZE", help="Approximate size of each output shard.")] = "5GB",
+    attn_bits: QuantizeAttnBits = None,
+    output_bits: QuantizeOutputBits = None,
     yes: YesOpt = False,
 ) -> None:
-    """Write a copy of MODEL with its experts quantized; prints the output directory."""
+    """Write a copy of MODEL with its linear layers quantized (experts, attention, output); prints the output directory."""
     _needs_torch()
     from ..checkpoints.quantize import quantize_cli
     from ..sizes import parse_size
 
     source = _resolve(model, yes)
-    path = quantize_cli(source, bits, out, group_size, force, parse_size(shard_size), ui.QuantizeProgress)
-    sys.stdout.write(f"{path}\n")
-    sys.stdout.flush()
+    path = quantize_cli(source, bits, out, group_size, force, parse_size(shard_size), ui.QuantizeProgress,
+                        attn_bits=attn_bits, output_bits=output_bits)
+    ui.print_plain(str(path))
 
 
 @app.command()
@@ -266,6 +280,8 @@ def bench(
     model: ModelOpt = None,
     preset: Annotated[str | None, typer.Option("--preset", metavar="tiny|mini|8x7b", help="Synthetic random weights instead of a checkpoint (no download).")] = None,
     bits: Annotated[int | None, typer.Option("--bits", metavar="4|8|16", help="Expert weight bits  [default: 16 for presets, the checkpoint's for -m]")] = None,
+    attn_bits: AttnBitsOpt = None,
+    output_bits: OutputBitsOpt = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", metavar="N", help="Prompt length (random token ids).")] = 512,
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", metavar="N", help="Tokens decoded and timed (greedy, EOS ignored).")] = 128,
     baseline: Annotated[str | None, typer.Option("--baseline", metavar="transformers", help="Also run this engine on the same weights  [default: none]")] = None,
@@ -285,7 +301,8 @@ def bench(
     model_dir = None
     if preset is None:
         model_dir = _resolve(model, yes)
-    opts = BenchOptions(preset=preset, model_dir=model_dir, bits=bits, prompt_tokens=prompt_tokens,
+    opts = BenchOptions(preset=preset, model_dir=model_dir, bits=bits, attn_bits=attn_bits, output_bits=output_bits,
+                        prompt_tokens=prompt_tokens,
                         gen_tokens=gen_tokens, baseline=baseline, sweep_slots=sweep_slots, csv_path=csv_path,
                         rounds=rounds, layers=layers, runtime=runtime)
     result = run_bench(opts, log=ui.bench_progress)
@@ -359,7 +376,7 @@ def main() -> None:
         sys.exit(INTERRUPTED)
     except typer.TyperException as e:  # Click's usage errors (typer bundles Click)
         if type(e).__name__ == "NoArgsIsHelpError":  # a bare `mixtral`
-            print(e.ctx.get_help())  # type: ignore[attr-defined]
+            ui.print_plain(e.ctx.get_help())  # type: ignore[attr-defined]
             sys.exit(0)
         if debug:
             raise

@@ -1,12 +1,14 @@
 """All terminal output: one console per stream, named styles, progress, streaming, the error line.
 
 Generated text goes to stdout untouched (no colour or control codes when stdout is not a terminal);
-everything meant for people (progress, stats, errors) goes to stderr so pipes carry only the text.
+everything meant for people (progress, stats, errors, the project's log records) goes to stderr so
+pipes carry only the text.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -17,8 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.theme import Theme
 
+from ..sizes import format_bytes, format_gb
+
 if TYPE_CHECKING:
     from ..bench.result import BenchResult
+    from ..engine.evaluate import DivergenceResult
 
 THEME = Theme({"error": "bold red", "hint": "dim", "stats": "dim", "key": "cyan", "notice": "yellow"})
 
@@ -42,10 +47,43 @@ def _escape(s: str) -> str:
     return s.replace("[", r"\[")
 
 
+def print_plain(text: str) -> None:
+    """One line on stdout exactly as given (no rich processing): a path, a URL, the version, help."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def print_json(obj: Any) -> None:
     """Exactly one JSON object on stdout (no rich processing)."""
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    print_plain(json.dumps(obj, ensure_ascii=False))
+
+
+class _LogLines(logging.Handler):
+    """The project's log records as one line each on stderr: `warning: ...` in the notice style,
+    errors as the error line, lower levels dim."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno >= logging.ERROR:
+                error_line(message)
+            elif record.levelno >= logging.WARNING:
+                notice(f"warning: {message}")
+            else:
+                err.print(f"[stats]{_escape(f'{record.levelname.lower()}: {message}')}[/]")
+        except Exception:  # noqa: BLE001 - logging's own rule: a broken handler must not raise
+            self.handleError(record)
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Send the records of the ``mixtral_cli`` loggers (``logging.getLogger(__name__)`` in the kernels
+    and elsewhere) to stderr as one line each: warnings and worse, every level with ``debug``. The CLI
+    calls it once per run; a second call replaces the first one's handler."""
+    log = logging.getLogger("mixtral_cli")
+    for handler in [h for h in log.handlers if isinstance(h, _LogLines)]:
+        log.removeHandler(handler)
+    log.addHandler(_LogLines())
+    log.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def stream(pieces: Iterable[str]) -> Iterator[str]:
@@ -203,6 +241,17 @@ class QuantizeProgress(_LiveProgress):
 
 
 # -- chat screen ---------------------------------------------------------------------------------
+def divergence_report(r: DivergenceResult) -> None:
+    """`perplexity --kl-base`: the model against its base, as one table."""
+    key_value_table(f"against the base, {r.tokens_scored} positions in {r.windows} windows", [
+        ("KL divergence", f"{r.kl_divergence:.6f} ± {r.kl_divergence_uncertainty:.6f} nats "
+                          f"(median {r.kl_divergence_median:.6f}, 99th percentile {r.kl_divergence_p99:.6f})"),
+        ("top-1 agreement", f"{100 * r.top1_agreement:.2f}%"),
+        ("perplexity", f"{r.perplexity:.4f} (base {r.base_perplexity:.4f})"),
+        ("ppl ratio", f"{r.ppl_ratio:.5f} ± {r.ppl_ratio_uncertainty:.5f}"),
+    ])
+
+
 def chat_info(message: str) -> None:
     """A dim line for people during a chat (confirmations, hints): stderr, so pipes carry only replies."""
     err.print(f"[stats]{_escape(message)}[/]")
@@ -232,13 +281,11 @@ def _pct(x: float | None) -> str:
 
 
 def _gb(x: float | None) -> str:
-    return "-" if x is None else f"{x / 1e9:.2f} GB"
+    return "-" if x is None else format_gb(x, digits=2)
 
 
 def bench_report(r: BenchResult) -> None:
     """The `mixtral bench` result as tables on stdout (the same numbers as `--json`)."""
-    from ..sizes import format_bytes
-
     cache, bw, bound, base = r.expert_cache, r.bandwidth, r.bound, r.baseline
     title = (f"{r.model} · {r.expert_format} experts · {r.device} {r.dtype} · {_plural(r.threads, 'thread')} · "
              f"{r.slots_per_layer} expert slots/layer{'' if r.prefetch else ' · no prefetch'}")
@@ -308,8 +355,7 @@ def bench_progress(message: str) -> None:
 # -- serve -------------------------------------------------------------------------------------
 def serve_banner(url: str, model: str, ctx: int, max_queue: int, keyed: bool) -> None:
     """`mixtral serve` is up: the base URL alone on stdout (for scripts), what is served on stderr."""
-    sys.stdout.write(url + "\n")
-    sys.stdout.flush()
+    print_plain(url)
     key = "API key required" if keyed else "no API key"
     err.print(f"[stats]serving {_escape(model)} ({ctx}-token context) on OpenAI's API at {url} · "
               f"up to {max_queue} requests wait while one generates · {key} · Ctrl-C stops[/]")

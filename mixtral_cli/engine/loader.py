@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from ..checkpoints.config import ModelArgs
-from ..checkpoints.layout import EXPERT_PROJS, shared_shapes
+from ..checkpoints.layout import EXPERT_PROJS, OUTPUT, group_of, linear_shapes, shared_shapes
 from ..checkpoints.reader import Checkpoint
+from ..checkpoints.source import CheckpointSource
 from ..checkpoints.tokenizer import Tokenizer
 from ..errors import UserError
 from ..kernels import native
-from ..kernels.linear import use_dense_linears
+from ..kernels.formats import QuantizedTensor
+from ..kernels.linear import QuantLinear, use_dense_linears
 from ..settings import DTYPE_NAMES, RuntimeOptions
 from ..system.host_memory import HostArena, mem_available
 from .cpu_experts import CpuExperts, measure_costs
@@ -91,8 +93,8 @@ class Engine:
     """A loaded model with its tokenizer, ready for generation."""
 
     model: Mixtral
-    tokenizer: Tokenizer
-    checkpoint: Checkpoint
+    tokenizer: Tokenizer | None  # None for an engine fed token ids (bench, synthetic weights)
+    checkpoint: CheckpointSource
     device: torch.device
     dtype: torch.dtype
 
@@ -117,17 +119,22 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
-def expert_slots(opts: RuntimeOptions, args: ModelArgs, ckpt: Checkpoint, device: torch.device,
+def gpu_budget(requested: int | None, device: torch.device) -> int:
+    """The GPU memory the planner divides: `--gpu-mem` when given, else what the GPU has free now."""
+    return requested if requested is not None else torch.cuda.mem_get_info(device)[0]
+
+
+def expert_slots(opts: RuntimeOptions, args: ModelArgs, ckpt: CheckpointSource, device: torch.device,
                  dtype: torch.dtype, ctx: int) -> int:
     """Expert slots per layer: `--experts-in-gpu`, else the planner's answer on CUDA, else all of them."""
     if opts.experts_in_gpu is not None:
         return opts.experts_in_gpu
     if device.type != "cuda":
         return args.num_local_experts
-    budget = opts.gpu_mem or torch.cuda.mem_get_info(device)[0]
+    budget = gpu_budget(opts.gpu_mem, device)
     plan = plan_memory(args, ckpt.quant, ctx, budget, dense_bytes=dtype.itemsize,
                        fused_attention=fused_attention_available(device, dtype, args))
-    return require_fit(plan, args.num_experts_per_tok, ctx, ckpt.quant).slots_per_layer
+    return require_fit(plan, args.num_experts_per_tok, ctx, ckpt.quant.experts).slots_per_layer
 
 
 def load_engine(
@@ -142,11 +149,11 @@ def load_engine(
 
 
 def build_engine(
-    ckpt: Checkpoint, tokenizer: Tokenizer, opts: RuntimeOptions,
+    ckpt: CheckpointSource, tokenizer: Tokenizer | None, opts: RuntimeOptions,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Engine:
-    """Place the weights of `ckpt` (anything with Checkpoint's `args`, `quant`, `tensor(name)` and
-    `expert_weight(layer, expert, proj)`) on the device chosen by `opts`."""
+    """Place the weights of `ckpt` on the device chosen by `opts`; `tokenizer` None for an engine
+    that is fed token ids."""
     args = ckpt.args
     opts.validate_for_model(args)
     device = pick_device(opts.device)
@@ -159,16 +166,20 @@ def build_engine(
     resident = slots == args.num_local_experts
     # On the CPU the weights the model computes from go to one huge-page arena when it fits in RAM
     # (host_memory.py); otherwise they stay memory-mapped.
-    host = plan_host(args, ckpt.quant, device.type, resident, dtype.itemsize, isinstance(ckpt, Checkpoint),
+    host = plan_host(args, ckpt.quant, device.type, resident, dtype.itemsize, ckpt.memory_mapped,
                      mem_available()).require()
     arena = HostArena(host.arena) if host.arena and not host.mapped else None
 
-    in_arena = set(streamed_shared(args)) if arena is not None else set()
+    in_arena = set(streamed_shared(args, ckpt.quant)) if arena is not None else set()
 
     def place(name: str) -> torch.Tensor:
         if name in in_arena:
             return ckpt.tensor(name, into=arena, dtype=dtype)
         return ckpt.tensor(name).to(device=device, dtype=dtype)
+
+    def place_quantized(prefix: str) -> QuantizedTensor:
+        """A quantized attention or output weight, streamed whole by every step: into the arena."""
+        return ckpt.weight(prefix, into=arena) if arena is not None else ckpt.weight(prefix).to(device)
 
     def expert_weights(L: int, e: int, target: torch.device) -> list:
         if arena is not None and resident:
@@ -199,10 +210,16 @@ def build_engine(
 
     with torch.device("meta"):
         model = Mixtral(args, provider)
+    quantized = {prefix for prefix in linear_shapes(args)  # attention and output; experts are the provider's
+                 if group_of(prefix) != "experts" and ckpt.quant.spec_for(prefix) is not None}
     for name in shared_shapes(args):
-        _assign(model, name, place(name))
-    if args.tie_word_embeddings:
+        if name.removesuffix(".weight") not in quantized:
+            _assign(model, name, place(name))
+    if args.tie_word_embeddings and OUTPUT not in quantized:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for prefix in sorted(quantized):
+        parent, _, attr = prefix.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, QuantLinear(place_quantized(prefix)))
     model.eval()
     use_dense_linears(model, skip=("gate",))  # the router's product is part of `kernels.route`
     model.setup_cache(ctx)

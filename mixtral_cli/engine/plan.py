@@ -7,11 +7,12 @@ the budget is divided into expert slots, the same number K in every layer. K >= 
 
 The workspace is what the forward pass allocates besides the weights and the KV cache while it
 processes one chunk of `PREFILL_CHUNK` tokens (prefill is always chunked to this size: see
-`generate.Session.prefill` and `evaluate.window_nll`); `Workspace` lists its parts.
+`generate.Session.prefill` and `evaluate.window_logprobs`); `Workspace` lists its parts.
 
-The byte accounting of the weights lives here too, built on `ModelArgs`' parameter counts: one
-expert in its stored format, the shared (never quantized) weights, the whole model, what one decode
-step reads, and the decode-speed bound that follows from it (`info` and `bench` report these).
+The byte accounting of the weights lives here too, built on the checkpoint layout
+(`checkpoints.layout`) and its `Quantization`: one expert in its stored format, the shared weights
+(attention and output in their groups' formats), the whole model, what one decode step reads, and
+the decode-speed bound that follows from it (`info` and `bench` report these).
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..checkpoints.config import ModelArgs
-from ..checkpoints.layout import EMBEDDING, expert_bytes, packed_expert_bytes, shared_shapes
+from ..checkpoints.layout import (
+    ATTENTION_PROJS,
+    EMBEDDING,
+    GROUP_MODULES,
+    Quantization,
+    attention_shape,
+    expert_bytes,
+    group_of,
+    group_shapes,
+    packed_expert_bytes,
+    stored_tensors,
+    weight_part_bytes,
+)
 from ..errors import UserError
 from ..kernels.formats import FORMATS, QuantSpec, aligned
 from ..sizes import format_gb
@@ -40,9 +53,28 @@ def fewer_bits_hint(spec: QuantSpec | None) -> str | None:
     return None if spec is not None and spec.bits <= smallest else f"--bits {smallest}"
 
 
-def shared_bytes(args: ModelArgs, dense_bytes: int = 2) -> int:
-    """Every weight but the experts (embeddings, lm_head, attention, routers, norms), never quantized."""
-    return args.params_shared * dense_bytes
+def attention_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
+    """One layer's q, k, v and o projections in `spec` (None: dense at `dense_bytes`)."""
+    return sum(sum(weight_part_bytes(attention_shape(args, p), spec, dense_bytes)) for p in ATTENTION_PROJS)
+
+
+def output_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
+    """The output layer (lm_head) as its matmul reads it: quantized in `spec`, or the dense [V, D]
+    matrix (with tied embeddings, the embedding table itself)."""
+    return sum(weight_part_bytes((args.vocab_size, args.hidden_size), spec, dense_bytes))
+
+
+def embeddings_bytes(args: ModelArgs, quant: Quantization, dense_bytes: int = 2) -> int:
+    """The embedding table, the stored output layer (none when tied and dense) and the final norm."""
+    table = args.vocab_size * args.hidden_size * dense_bytes
+    output = 0 if args.tie_word_embeddings and quant.output is None else output_bytes(args, quant.output, dense_bytes)
+    return table + output + args.hidden_size * dense_bytes
+
+
+def shared_bytes(args: ModelArgs, quant: Quantization, dense_bytes: int = 2) -> int:
+    """Every weight but the experts: embeddings and output, attention in its format, routers and norms."""
+    per_layer = attention_bytes(args, quant.attention, dense_bytes) + (args.router_params + args.norm_params) * dense_bytes
+    return embeddings_bytes(args, quant, dense_bytes) + args.num_hidden_layers * per_layer
 
 
 def all_experts_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
@@ -50,9 +82,9 @@ def all_experts_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int 
     return args.num_hidden_layers * args.num_local_experts * expert_bytes(args, spec, dense_bytes)
 
 
-def model_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int = 2) -> int:
-    """The whole model: shared weights plus every expert in the stored format."""
-    return shared_bytes(args, dense_bytes) + all_experts_bytes(args, spec, dense_bytes)
+def model_bytes(args: ModelArgs, quant: Quantization, dense_bytes: int = 2) -> int:
+    """The whole model: shared weights plus every expert, each group in its format."""
+    return shared_bytes(args, quant, dense_bytes) + all_experts_bytes(args, quant.experts, dense_bytes)
 
 
 def kv_cache_bytes(args: ModelArgs, ctx: float, dense_bytes: int = 2) -> int:
@@ -60,12 +92,14 @@ def kv_cache_bytes(args: ModelArgs, ctx: float, dense_bytes: int = 2) -> int:
     return int(2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * ctx * dense_bytes)
 
 
-def bytes_per_token(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int, context: float) -> int:
-    """Bytes one decode step must read: every non-expert weight a token touches (its embedding row,
-    attention, router, norms, final norm, lm_head), the top-k experts of every layer in their stored
-    format, and the KV cache over `context` positions."""
-    experts = args.num_hidden_layers * args.num_experts_per_tok * expert_bytes(args, spec, dense_bytes)
-    return args.params_shared_per_token * dense_bytes + experts + kv_cache_bytes(args, context, dense_bytes)
+def bytes_per_token(args: ModelArgs, quant: Quantization, dense_bytes: int, context: float) -> int:
+    """Bytes one decode step must read: its embedding row, every layer's attention (in its format),
+    router and norms, the final norm, the output layer (in its format), the top-k experts of every
+    layer in their stored format, and the KV cache over `context` positions."""
+    L, D, b = args.num_hidden_layers, args.hidden_size, dense_bytes
+    experts = L * args.num_experts_per_tok * expert_bytes(args, quant.experts, b)
+    layers = L * (attention_bytes(args, quant.attention, b) + (args.router_params + args.norm_params) * b)
+    return 2 * D * b + layers + output_bytes(args, quant.output, b) + experts + kv_cache_bytes(args, context, b)
 
 
 def copy_wait_s(misses_per_token: float, one_expert_bytes: float, h2d_bw: float) -> float:
@@ -96,9 +130,10 @@ class Workspace:
       torch versions, some GPUs and dtypes), SDPA's math backend materialises the scores of the chunk
       against the whole context, and that is reserved instead: fp32 scores and probabilities
       [H, T, S], K and V expanded to H heads in fp32 [H, S, Hd] and q in fp32 [H, T, Hd], plus the mask.
-    - `dequantized_matrix`: quantized experts only: one expert matrix dequantized to the compute
-      dtype, I x D x b (int8 on CUDA for every call, nf4 when bitsandbytes takes its
-      dequantize-then-matmul path for many tokens), plus nf4's fp32 block absmax, twice.
+    - `dequantized_matrix`: the largest quantized matrix (an expert's I x D, the output layer's V x D,
+      an attention projection) dequantized to the compute dtype (int8 on CUDA for every call, nf4
+      when bitsandbytes takes its dequantize-then-matmul path for many tokens), plus nf4's fp32
+      block absmax, twice. The transient of one matmul at a time: the largest counts.
     - `logits`: `LOGITS_ROWS` positions of logits in the compute dtype and in fp32, and their fp32
       log-probabilities (generation needs the last position only; perplexity scores that many rows
       at a time).
@@ -115,12 +150,14 @@ class Workspace:
         return self.activations + self.expert_intermediates + self.attention + self.dequantized_matrix + self.logits
 
 
-def workspace(args: ModelArgs, spec: QuantSpec | None, ctx: int, dense_bytes: int = 2,
+def workspace(args: ModelArgs, quant: Quantization, ctx: int, dense_bytes: int = 2,
               fused_attention: bool = True) -> Workspace:
     T, S = min(PREFILL_CHUNK, ctx), ctx
     D, I, H, Hd, V = args.hidden_size, args.intermediate_size, args.num_attention_heads, args.head_dim, args.vocab_size
     b = dense_bytes
-    dequant = 0 if spec is None else spec.format.dequantize_workspace((I, D), spec.group_size, b)
+    dequant = max([spec.format.dequantize_workspace(shape, spec.group_size, b)
+                   for group in GROUP_MODULES if (spec := quant.spec(group)) is not None
+                   for shape in group_shapes(args, group)], default=0)
     return Workspace(
         activations=8 * T * D * b,
         expert_intermediates=3 * T * I * b,
@@ -165,18 +202,18 @@ class MemoryPlan:
         return asdict(self) | {"resident": self.resident, "total": self.total}
 
 
-def plan_memory(args: ModelArgs, spec: QuantSpec | None, ctx: int, budget: int, dense_bytes: int = 2,
+def plan_memory(args: ModelArgs, quant: Quantization, ctx: int, budget: int, dense_bytes: int = 2,
                 fused_attention: bool = True) -> MemoryPlan:
     """Fit the resident parts, then as many expert slots per layer as the budget allows.
     `fused_attention`: whether a fused SDPA kernel serves masked grouped-query attention on the
     target GPU (`loader.fused_attention_available`); without one the math path's scores are reserved."""
     L, E = args.num_hidden_layers, args.num_local_experts
-    one_slot = packed_expert_bytes(args, spec, dense_bytes)
-    ws = workspace(args, spec, ctx, dense_bytes, fused_attention)
+    one_slot = packed_expert_bytes(args, quant.experts, dense_bytes)
+    ws = workspace(args, quant, ctx, dense_bytes, fused_attention)
     plan = MemoryPlan(
         budget=budget,
-        embeddings=args.embedding_params * dense_bytes,
-        attention=L * args.attention_params * dense_bytes,
+        embeddings=embeddings_bytes(args, quant, dense_bytes),
+        attention=L * attention_bytes(args, quant.attention, dense_bytes),
         norms_and_routers=L * (args.norm_params + args.router_params) * dense_bytes,
         kv_cache=kv_cache_bytes(args, ctx, dense_bytes),
         workspace=ws.total,
@@ -220,20 +257,23 @@ def require_fit(plan: MemoryPlan, top_k: int, ctx: int, spec: QuantSpec | None =
 
 
 # -- host RAM ----------------------------------------------------------------------------------------
-def streamed_shared(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """The shared (non-expert) weights a decode step reads whole, with their shapes: all but the embedding
-    table, of which a step reads one row (unless the output layer shares it). A CPU run puts these in
-    its arena; the embedding stays in the memory-mapped file, where only the rows used are resident."""
-    shapes = shared_shapes(args)
-    return shapes if args.tie_word_embeddings else {k: v for k, v in shapes.items() if k != EMBEDDING}
+def streamed_shared(args: ModelArgs, quant: Quantization) -> dict[str, tuple[tuple[int, ...], object]]:
+    """The stored non-expert tensors a decode step reads whole, with shape and dtype (None: dense):
+    all but the embedding table, of which a step reads one row (unless the output layer is that
+    table). A CPU run puts these in its arena; the embedding stays in the memory-mapped file, where
+    only the rows used are resident."""
+    table_is_output = args.tie_word_embeddings and quant.output is None
+    return {name: v for name, v in stored_tensors(args, quant).items()
+            if group_of(name.rpartition(".")[0]) != "experts" and (name != EMBEDDING or table_is_output)}
 
 
-def arena_bytes(args: ModelArgs, spec: QuantSpec | None, dense_bytes: int, experts: bool) -> int:
-    """CPU arena bytes: the streamed shared weights at `dense_bytes` and, with `experts`, every expert
-    packed as in the store, each tensor rounded up to `ALIGN`."""
-    total = sum(aligned(math.prod(shape) * dense_bytes) for shape in streamed_shared(args).values())
+def arena_bytes(args: ModelArgs, quant: Quantization, dense_bytes: int, experts: bool) -> int:
+    """CPU arena bytes: the streamed shared weights (dense ones at `dense_bytes`) and, with `experts`,
+    every expert packed as in the store, each tensor rounded up to `ALIGN`."""
+    total = sum(aligned(math.prod(shape) * (dense_bytes if dtype is None else dtype.itemsize))
+                for shape, dtype in streamed_shared(args, quant).values())
     if experts:
-        total += args.num_hidden_layers * args.num_local_experts * packed_expert_bytes(args, spec, dense_bytes)
+        total += args.num_hidden_layers * args.num_local_experts * packed_expert_bytes(args, quant.experts, dense_bytes)
     return total
 
 
@@ -278,16 +318,17 @@ def host_ram_refusal(what: str, need: int, pinned: bool, available: int | None, 
                      f"and {format_gb(available or 0)} is available", hint=f"use {bits}, or {hint}" if bits else hint)
 
 
-def plan_host(args: ModelArgs, spec: QuantSpec | None, device: str, resident: bool, dense_bytes: int,
+def plan_host(args: ModelArgs, quant: Quantization, device: str, resident: bool, dense_bytes: int,
               mapped_source: bool, available: int | None) -> HostPlan:
     """The host side of a run on `device` ("cpu" or "cuda") with every expert on it (`resident`) or
     offloaded to the store; `mapped_source`: the weights come from memory-mapped files (a checkpoint,
     not generated ones), so the CPU can fall back to computing from them."""
+    spec = quant.experts
     store = 0 if resident else args.num_hidden_layers * args.num_local_experts * packed_expert_bytes(args, spec, dense_bytes)
     pinned = device == "cuda" and not resident
     if device != "cpu":
         return HostPlan(store, pinned, 0, False, room_for(store, available), available, spec)
-    arena = arena_bytes(args, spec, dense_bytes, experts=resident)
+    arena = arena_bytes(args, quant, dense_bytes, experts=resident)
     if room_for(store + arena, available) or not mapped_source:
         return HostPlan(store, False, arena, False, room_for(store + arena, available), available, spec)
     return HostPlan(store, False, arena, True, room_for(store, available), available, spec)

@@ -41,7 +41,7 @@ import torch
 
 from . import native
 
-FORMAT_VERSION: int = 1
+FORMAT_VERSION: int = 2  # 2: every linear group may be quantized; 1 (experts only) is still read
 
 NF4_BLOCK = 64
 NESTED_BLOCK = 256  # block of the second-level (double) quantization of the nf4 absmax
