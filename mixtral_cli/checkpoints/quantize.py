@@ -1,5 +1,9 @@
 """Write a quantized copy of a Hub-layout Mixtral checkpoint (the `mixtral quantize` verb).
 
+One job over ~490 lines: plan, write, validate and place one checkpoint atomically; the planning of
+shards, the streaming writer and the temporary-directory protocol are steps of one procedure whose
+failure handling spans all of them, so they stay together.
+
 Three groups of linear weights may be quantized, each to its own bits (`layout.Quantization`): the
 expert projections (``--bits``), the attention projections (``--attn-bits``) and the output layer
 (``--output-bits``; with tied embeddings a quantized copy is stored beside the shared table, which the
