@@ -1,10 +1,10 @@
 """Write a quantized copy of a Hub-layout Mixtral checkpoint (the `mixtral quantize` verb).
 
-One job over ~490 lines: plan, write, validate and place one checkpoint atomically; the planning of
+One job over ~450 lines: plan, write, validate and place one checkpoint atomically; the planning of
 shards, the streaming writer and the temporary-directory protocol are steps of one procedure whose
 failure handling spans all of them, so they stay together.
 
-Three groups of linear weights may be quantized, each to its own bits (`layout.Quantization`): the
+Three groups of linear weights may be quantized, each to its own bits (`layout.Quantization`, named by the flags and recorded in config.json by `quant_config`): the
 expert projections (``--bits``), the attention projections (``--attn-bits``) and the output layer
 (``--output-bits``; with tied embeddings a quantized copy is stored beside the shared table, which the
 embedding lookup keeps reading exactly). The router gate, the norms and the embedding table are
@@ -40,20 +40,18 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from ..errors import UserError
-from ..kernels.formats import ALIGN, FORMAT_VERSION, QuantizedTensor, QuantSpec, tensor_bytes
+from ..kernels.formats import ALIGN, QuantizedTensor, QuantSpec, tensor_bytes
 from ..kernels.formats import quantize as quantize_tensor
-from .config import ModelArgs
 from .layout import (
     EMBEDDING,
     GROUP_MODULES,
     INDEX_NAME,
     OUTPUT,
     Quantization,
-    bits_flag,
-    fitted_default,
     group_size_problem,
     linear_shapes,
 )
+from .quant_config import fit_default_groups, quantization_config, quantization_flags
 from .reader import SAFETENSORS_DTYPES, Checkpoint
 from .tokenizer import Tokenizer
 
@@ -356,30 +354,6 @@ def _place(tmp: Path, out: Path) -> None:
 # The verb
 
 
-def default_group_bits(bits: int) -> dict[str, int]:
-    """`--attn-bits` and `--output-bits` when not given, for expert `bits`: attention at the experts'
-    bits, the output layer at 8, as llama.cpp's q4_0 files keep their output layer at higher precision
-    (q6_K) than the rest; the output sees every token's full distribution, so its error is the one
-    every position pays. Not yet chosen from a KL table on a trained model (see docs/benchmarks.md)."""
-    return {"attention": bits, "output": 8}
-
-
-def quantization_flags(bits: int, attn_bits: int | None, output_bits: int | None,
-                       group_size: int | None) -> Quantization:
-    """The formats `--bits`, `--attn-bits`, `--output-bits` and `--group-size` (the experts') name."""
-    defaults = default_group_bits(bits)
-    experts = bits_flag(bits, group_size, dense=False)
-    attention = bits_flag(defaults["attention"] if attn_bits is None else attn_bits, flag="--attn-bits")
-    output = bits_flag(defaults["output"] if output_bits is None else output_bits, flag="--output-bits")
-    return Quantization(experts=experts, attention=attention, output=output)
-
-
-def fit_default_groups(quant: Quantization, args: ModelArgs, explicit: set[str]) -> Quantization:
-    """Each group whose group size nobody chose (all but `explicit`) with a default that fits `args`."""
-    return Quantization(**{g: spec if spec is None or g in explicit else fitted_default(spec, args, g)
-                           for g in GROUP_MODULES for spec in [quant.spec(g)]})
-
-
 def quantize_checkpoint(
     src: Path,
     out: Path | None,
@@ -469,16 +443,6 @@ def quantize_checkpoint(
         ckpt.close()
         progress.end()
     return out
-
-
-def quantization_config(quant: Quantization) -> dict[str, Any]:
-    """config.json's "quantization" object for `quant` (format version 2, docs/format.md)."""
-    groups = {}
-    for group, modules in GROUP_MODULES.items():
-        spec = quant.spec(group)
-        entry = {"bits": 16} if spec is None else {"format": spec.name, "bits": spec.bits, "group_size": spec.group_size}
-        groups[group] = entry | {"modules": list(modules)}
-    return {"format_version": FORMAT_VERSION, "groups": groups}
 
 
 def quantize_cli(src: Path, bits: int, out: Path | None, group_size: int | None, force: bool,

@@ -17,9 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
-from ..kernels.formats import FORMAT_VERSION, QuantizedTensor, QuantSpec, spec_for_bits
-from .config import ModelArgs, load_config
-from .layout import GROUP_MODULES, INDEX_NAME, Quantization, group_size_problem, stored_tensors, weight_shape
+from ..kernels.formats import QuantizedTensor
+from .config import load_config
+from .layout import INDEX_NAME, stored_tensors, weight_shape
+from .quant_config import parse_quantization
 from .source import CheckpointSource, Weight
 
 if TYPE_CHECKING:
@@ -31,66 +32,6 @@ SAFETENSORS_DTYPES = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "I8": torch.int8,
     "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "F64": torch.float64, "BOOL": torch.bool,
 }
-
-
-def _group_spec(entry: Any, group: str, path: Path) -> QuantSpec | None:
-    """One group's entry: {"bits": 16} (dense), or {"format", "bits", "group_size"} of a known format."""
-    try:
-        bits = int(entry["bits"])
-        if bits == 16:
-            return None
-        spec = QuantSpec(name=str(entry["format"]), bits=bits, group_size=int(entry["group_size"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: malformed {group!r} entry in 'quantization' ({e})") from e
-    try:
-        known = spec_for_bits(spec.bits, spec.group_size)
-    except ValueError as e:
-        raise UserError(f"{path}: unsupported quantization of the {group} ({e})") from None
-    if known.name != spec.name:
-        raise UserError(f"{path}: unsupported quantization format {spec.name!r} with {spec.bits} bits",
-                        hint=f"{spec.bits}-bit weights use format {known.name!r}")
-    modules = entry.get("modules")
-    if modules is not None and (not isinstance(modules, list) or sorted(modules) != sorted(GROUP_MODULES[group])):
-        raise UserError(f"{path}: quantized modules {modules} do not match the {group} group",
-                        hint=f"the {group} group is {list(GROUP_MODULES[group])}")
-    return spec
-
-
-def parse_quantization(cfg: dict[str, Any], path: Path, args: ModelArgs) -> Quantization:
-    """The `"quantization"` object of config.json, validated (docs/format.md); `Quantization()` when absent.
-
-    Version 2 names each group (`experts`, `attention`, `output`) with its bits; version 1 (experts
-    only) has `format`, `bits`, `group_size` at the top. Any other version or group is refused.
-    """
-    q = cfg.get("quantization")
-    if q is None:
-        return Quantization()
-    try:
-        version = int(q["format_version"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: malformed 'quantization' entry ({e})") from e
-    if version == 1:
-        quant = Quantization(experts=_group_spec({"modules": q.get("modules"), **q}, "experts", path))
-    elif version == FORMAT_VERSION:
-        groups = q.get("groups")
-        if not isinstance(groups, dict):
-            raise UserError(f"{path}: malformed 'quantization' entry (no 'groups' object)")
-        unknown = sorted(set(groups) - set(GROUP_MODULES))
-        if unknown:
-            raise UserError(f"{path}: unknown quantization group {unknown[0]!r} (known: {', '.join(GROUP_MODULES)})",
-                            hint="this checkpoint was written by a newer mixtral-cli: upgrade, or quantize again")
-        quant = Quantization(**{g: _group_spec(groups.get(g, {"bits": 16}), g, path) for g in GROUP_MODULES})
-    else:
-        raise UserError(
-            f"{path}: quantized format version {version} is not supported (this build reads versions 1 and {FORMAT_VERSION})",
-            hint="re-run `mixtral quantize` on the original checkpoint with this version",
-        )
-    for group in GROUP_MODULES:
-        spec = quant.spec(group)
-        problem = spec and group_size_problem(spec, args, group)
-        if problem:
-            raise UserError(f"{path}: quantization {problem}")
-    return quant
 
 
 @dataclass(frozen=True)

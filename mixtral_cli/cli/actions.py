@@ -110,7 +110,7 @@ def _group_row(spec: QuantSpec | None, nbytes: int) -> str:
 def show_info(model: str | None, *, bits: int | None, attn_bits: int | None = None, output_bits: int | None = None,
               gpu_mem: int | None, ctx: int, json_out: bool) -> None:
     from ..checkpoints.layout import fits_group_size
-    from ..checkpoints.reader import parse_quantization
+    from ..checkpoints.quant_config import parse_quantization
     from ..engine.loader import gpu_budget
     from ..engine.plan import (
         all_experts_bytes,
