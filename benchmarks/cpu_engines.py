@@ -1,6 +1,6 @@
 """Decode speed of mixtral-cli against transformers and llama.cpp on one real-shape Mixtral slice.
 
-    python benchmarks/cpu_engines.py prepare --dir DIR [--layers 2]
+    python benchmarks/cpu_engines.py prepare --dir DIR [--layers 2] [--llama-src SRC] [--configs E.A.O,...]
     python benchmarks/cpu_engines.py run --dir DIR [--engines a,b,...] [--rounds 3] [--tokens 32]
                                         [--threads 2] [--busy] [--llama-python PY]
 
@@ -8,7 +8,9 @@
 32000) but only `--layers` layers, random bf16 weights, in the Hub layout with the real v1
 tokenizer; then our 4-bit and 8-bit checkpoints (`mixtral quantize`) and, when llama.cpp's
 converter is found (`--llama-src`, the `vendor/llama.cpp` of a llama-cpp-python source tree),
-GGUF files in f16, q8_0 and q4_0.
+GGUF files in f16, q8_0 and q4_0. `--configs 4.4.4,...` adds our checkpoints with other bits per
+group (experts.attention.output); engine `ours-4.4.4` runs one. `ours-4` and `ours-8` are
+`mixtral quantize --bits 4|8` with its default attention and output bits.
 
 `run` runs every engine once per round, rounds interleaved, each in a fresh process (so page
 cache and allocator state are comparable), and prints the median decode tokens/s per engine and
@@ -16,7 +18,10 @@ the peak RSS. `--busy` starts one competing CPU-bound process for the whole run.
 (`lscpu | grep -o 'avx[^ ]*'`) head the output, for the benchmark record.
 
 llama.cpp runs through llama-cpp-python (`pip install --no-cache-dir llama-cpp-python` builds it
-for the CPU it is built on) in the interpreter given by `--llama-python`.
+for the CPU it is built on) in the interpreter given by `--llama-python`. To hold it to AVX2 on an
+AVX-512 machine, build it with `CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+-DGGML_F16C=ON -DGGML_AVX512=OFF"` and run ours with `ATEN_CPU_CAPABILITY=avx2` (torch's kernels
+and our native ones then take their AVX2 paths).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def cpu_flags() -> str:
 
 
 # -- prepare -----------------------------------------------------------------------------------
-def prepare(d: Path, layers: int, llama_src: Path | None) -> None:
+def prepare(d: Path, layers: int, llama_src: Path | None, configs: list[str]) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -88,11 +93,13 @@ def prepare(d: Path, layers: int, llama_src: Path | None) -> None:
     (hf / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     shutil.copy(V1_TOKENIZER, hf / "tokenizer.model")
     print(f"wrote {hf}", flush=True)
-    for bits in (4, 8):
-        out = d / f"q{bits}"
+    for config in ("4", "8", *configs):
+        out = d / f"q{config}"
         if not out.exists():
-            subprocess.run([sys.executable, "-m", "mixtral_cli", "quantize", str(hf), "--bits", str(bits), "--out",
-                            str(out)], check=True)
+            bits = config.split(".")
+            groups = ["--attn-bits", bits[1], "--output-bits", bits[2]] if len(bits) == 3 else []
+            subprocess.run([sys.executable, "-m", "mixtral_cli", "quantize", str(hf), "--bits", bits[0], *groups,
+                            "--out", str(out)], check=True)
     if llama_src is None:
         return
     env = dict(os.environ, PYTHONPATH=str(llama_src / "gguf-py"))
@@ -129,7 +136,7 @@ def one_ours(d: Path, engine: str, tokens: int, threads: int) -> dict:
     from mixtral_cli.engine.generate import Session
     from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 
-    bits = engine.split("-")[1]
+    bits = engine.split("-", 1)[1]
     model_dir = d / ("hf" if bits in ("bf16", "fp32") else f"q{bits}")
     dtype = "float32" if bits == "fp32" else "bfloat16" if bits == "bf16" else "auto"
     t = time.perf_counter()
@@ -221,11 +228,12 @@ def run(d: Path, engines: list[str], rounds: int, tokens: int, threads: int, bus
     finally:
         if hog:
             hog.kill()
-    print("\nengine       median decode tok/s   (runs)        peak RSS GiB")
+    print("\nengine       median decode tok/s   (runs)        median prefill tok/s   peak RSS GiB")
     for e, rows in results.items():
         if rows:
             dec = [r["decode_tok_s"] for r in rows]
             print(f"{e:12s} {statistics.median(dec):8.2f}   ({', '.join(f'{x:.2f}' for x in dec)})   "
+                  f"{statistics.median(r['prefill_tok_s'] for r in rows):8.1f}   "
                   f"{max(r['peak_rss'] for r in rows) / 2**30:.2f}")
 
 
@@ -235,6 +243,7 @@ def main() -> None:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--llama-src", type=Path, default=None)
+    p.add_argument("--configs", default="", help="more of ours to quantize, as E.A.O bits (experts, attention, output)")
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--engine")
     p.add_argument("--rounds", type=int, default=3)
@@ -244,7 +253,7 @@ def main() -> None:
     p.add_argument("--llama-python", default=sys.executable)
     a = p.parse_args()
     if a.cmd == "prepare":
-        prepare(a.dir, a.layers, a.llama_src)
+        prepare(a.dir, a.layers, a.llama_src, [c for c in a.configs.split(",") if c])
     elif a.cmd == "quantize-q4_0":
         quantize_q4_0(a.dir)
     elif a.cmd == "one":

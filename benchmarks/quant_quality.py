@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from cpu_engines import cpu_flags
+
 ROOT = Path(__file__).resolve().parent.parent
 GOALS = {"q8": 1.002, "q4": 1.01}
 PROMPTS = [
@@ -70,8 +72,8 @@ def machine() -> dict:
         pass
     import torch
 
-    return {"nproc": os.cpu_count(), "cpu": model, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {"nproc": os.cpu_count(), "cpu": model, "cpu_flags": cpu_flags(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -159,7 +161,7 @@ def main() -> None:
 def report(res: dict) -> str:
     m = res["machine"]
     lines = [f"Machine: {m['cpu']}, nproc {m['nproc']} ({m['torch_threads']} torch threads), "
-             f"torch {m['torch']}, Python {m['python']}.", ""]
+             f"torch {m['torch']}, Python {m['python']}; CPU flags: {m['cpu_flags']}.", ""]
     names = {"bf16": "unquantized (bf16 weights)", "q8": "8-bit experts (int8, group 128)",
              "q4": "4-bit experts (nf4, group 64)"}
     lines += ["| checkpoint | size | ppl (float32) | ratio | ppl (bfloat16) | ratio | goal |",

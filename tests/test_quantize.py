@@ -37,9 +37,9 @@ GROUP = {4: None, 8: 64}
 
 
 def expected_quant(bits: int) -> Quantization:
-    """What `quantize --bits B` writes for the tiny model with the default group bits: attention at
-    B, the output layer at 8, every group size the largest default that divides 64."""
-    return Quantization(experts=spec_for_bits(bits, GROUP[bits]), attention=spec_for_bits(bits, GROUP[bits]),
+    """What `quantize --bits B` writes for the tiny model with the default group bits: attention and
+    the output layer at 8, every group size the largest default that divides 64."""
+    return Quantization(experts=spec_for_bits(bits, GROUP[bits]), attention=spec_for_bits(8, 64),
                         output=spec_for_bits(8, 64))
 TEXT = "The quick brown fox jumps over the lazy dog. " * 6
 
@@ -66,11 +66,16 @@ def leftovers(parent: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, tiny_ckpt) -> dict[int, Path]:
-    """The tiny checkpoint quantized in-process to 4 and 8 bits (small shards: several files)."""
+def quantized(tmp_path_factory, tiny_ckpt) -> dict[int | str, Path]:
+    """The tiny checkpoint quantized in-process to 4 and 8 bits with the default group bits, and
+    "all4" with attention and output at 4 too (small shards: several files)."""
     root = tmp_path_factory.mktemp("quantized")
-    return {bits: quantize_checkpoint(tiny_ckpt, root / f"q{bits}", bits, GROUP[bits], shard_bytes=1_500_000)
-            for bits in (4, 8)}
+    out: dict[int | str, Path] = {
+        bits: quantize_checkpoint(tiny_ckpt, root / f"q{bits}", bits, GROUP[bits], shard_bytes=1_500_000)
+        for bits in (4, 8)}
+    out["all4"] = quantize_checkpoint(tiny_ckpt, root / "q-all4", 4, GROUP[4], shard_bytes=1_500_000,
+                                      attn_bits=4, output_bits=4)
+    return out
 
 
 def prompt(n: int, seed: int = 1) -> torch.Tensor:
@@ -95,7 +100,7 @@ def test_cli_quantize_then_run_and_perplexity_without_source(tmp_path, tiny_ckpt
     groups = cfg["quantization"]["groups"]
     assert groups["experts"]["format"] == spec.name and groups["experts"]["bits"] == bits
     assert groups["experts"]["group_size"] == spec.group_size
-    assert groups["attention"]["bits"] == bits and groups["output"]["bits"] == 8
+    assert groups["attention"]["bits"] == 8 and groups["output"]["bits"] == 8
     assert cfg["quantization"]["format_version"] == FORMAT_VERSION == 2
     assert Checkpoint(out).quant == expected_quant(bits)
     assert len(list(out.glob("model-*.safetensors"))) > 1
@@ -178,12 +183,13 @@ def test_bad_bits_or_group_size(tmp_path, tiny_ckpt, bits, group, needle):
 
 
 # -- what is written --------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, "all4"])
 def test_round_trip_is_bit_exact(quantized, tiny_ckpt, bits):
     """Every linear weight of every group (experts, attention, output) holds exactly the reference
     quantizer's parts for its group's format."""
     src, out = Checkpoint(tiny_ckpt), Checkpoint(quantized[bits])
-    assert out.quant == expected_quant(bits)
+    nf4 = spec_for_bits(4, GROUP[4])
+    assert out.quant == (Quantization(experts=nf4, attention=nf4, output=nf4) if bits == "all4" else expected_quant(bits))
     groups = set()
     for prefix in linear_shapes(src.args):
         spec = out.quant.spec_for(prefix)

@@ -371,7 +371,7 @@ def quantize_checkpoint(
 
     ``out`` defaults to :func:`default_output_dir`. ``bits`` (the experts), ``attn_bits`` and
     ``output_bits``: 4 gives nf4, 8 int8, 16 (the two others only) keeps bfloat16; None takes
-    :func:`default_group_bits`. ``group_size`` (the experts') defaults to the format's block. Raises
+    ``DEFAULT_GROUP_BITS`` (int8). ``group_size`` (the experts') defaults to the format's block. Raises
     ``UserError`` for bad arguments, a quantized or broken source, or an existing output without ``force``.
     """
     progress = progress or NullQuantizeProgress()

@@ -50,8 +50,8 @@ ModelOpt = Annotated[str | None, typer.Option("-m", "--model", metavar="MODEL", 
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download the model first if it is not in the cache.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt (put before the first user message)  [default: none]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-# Each quantization group's bits: quantize's defaults follow --bits; info and bench take the checkpoint's.
-QuantizeAttnBits = Annotated[int | None, typer.Option("--attn-bits", metavar="4|8|16", help="Attention (q/k/v/o) weight bits; 16 keeps bfloat16  [default: --bits]")]
+# Each quantization group's bits: quantize's defaults are int8 (quant_config.DEFAULT_GROUP_BITS); info and bench take the checkpoint's.
+QuantizeAttnBits = Annotated[int | None, typer.Option("--attn-bits", metavar="4|8|16", help="Attention (q/k/v/o) weight bits; 16 keeps bfloat16  [default: 8]")]
 QuantizeOutputBits = Annotated[int | None, typer.Option("--output-bits", metavar="4|8|16", help="Output layer (lm_head) weight bits; 16 keeps bfloat16  [default: 8]")]
 AttnBitsOpt = Annotated[int | None, typer.Option("--attn-bits", metavar="4|8|16", help="Attention (q/k/v/o) weight bits  [default: 16 for presets, the checkpoint's for a model]")]
 OutputBitsOpt = Annotated[int | None, typer.Option("--output-bits", metavar="4|8|16", help="Output layer (lm_head) weight bits  [default: 16 for presets, the checkpoint's for a model]")]
