@@ -11,18 +11,29 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 V1_TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
+V3_TOKENIZER_SHA256 = "9addc8bdce5988448ae81b729336f43a81262160ae8da760674badab9d4c7d33"
+
+
+def _mistral_common_file(name: str, sha256: str) -> Path:
+    from importlib.resources import files
+
+    path = Path(str(files("mistral_common") / "data" / name))
+    assert path.is_file(), f"mistral-common does not ship {path}"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == sha256, f"unexpected sha256 {digest} of {name}"
+    return path
 
 
 @pytest.fixture(scope="session")
 def v1_tokenizer_path() -> Path:
     """The real Mistral v1 ``tokenizer.model`` shipped inside the mistral-common package."""
-    from importlib.resources import files
+    return _mistral_common_file("tokenizer.model.v1", V1_TOKENIZER_SHA256)
 
-    path = Path(str(files("mistral_common") / "data" / "tokenizer.model.v1"))
-    assert path.is_file(), f"mistral-common does not ship {path}"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert digest == V1_TOKENIZER_SHA256, f"unexpected v1 tokenizer sha256 {digest}"
-    return path
+
+@pytest.fixture(scope="session")
+def v3_tokenizer_path() -> Path:
+    """The real Mistral v3 ``tokenizer.model`` (Mixtral-8x22B's) shipped inside mistral-common."""
+    return _mistral_common_file("mistral_instruct_tokenizer_240323.model.v3", V3_TOKENIZER_SHA256)
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +42,15 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     from tiny import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_v3_ckpt(tmp_path_factory, v3_tokenizer_path) -> Path:
+    """The tiny Mixtral at Mixtral-8x22B's vocabulary of 32768, with the real v3 tokenizer."""
+    from tiny import TINY_CONFIG, write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mixtral-v3", TINY_CONFIG | {"vocab_size": 32768},
+                            tokenizer=v3_tokenizer_path)
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def prompt(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed))
+def prompt(n: int, seed: int = 1, vocab_size: int = 32000) -> torch.Tensor:
+    return torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def test_prefill_logits_match_reference(engine_fp32, hf_tiny):
@@ -46,14 +46,23 @@ def test_decode_through_kv_cache_matches_reference(engine_fp32, hf_tiny):
     assert rel_err(ours, ref) < RTOL
 
 
-def test_greedy_generation_identical_to_reference(engine_fp32, hf_tiny):
-    ids = prompt(12, seed=3)
+@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "tiny_v3_ckpt"])
+def test_greedy_generation_identical_to_reference(request, ckpt):
+    """With the v1 tokenizer, and with v3 at Mixtral-8x22B's vocabulary of 32768 (its control ids
+    in the chat prompt, random ids up to the last row)."""
+    from transformers import MixtralForCausalLM
+
+    path = request.getfixturevalue(ckpt)
+    hf = MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = load_engine(path, RuntimeOptions(device="cpu", dtype="float32", ctx_size=256))
+    tok = engine.tokenizer
+    ids = torch.tensor([*tok.encode_chat([{"role": "user", "content": "Hi"}]),
+                        *prompt(12, seed=3, vocab_size=tok.vocab_size).tolist(), tok.vocab_size - 1])
     with torch.no_grad():
-        ref = hf_tiny.generate(ids[None], max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                               pad_token_id=0)[0, len(ids):].tolist()
-    engine_fp32.model.setup_cache(256)
+        ref = hf.generate(ids[None], max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                          pad_token_id=0)[0, len(ids):].tolist()
     cfg = GenerationConfig(max_tokens=40, sampling=SamplingConfig(temperature=0))
-    completion = Completion(Session(engine_fp32.model), engine_fp32.tokenizer, ids.tolist(), cfg)
+    completion = Completion(Session(engine.model), tok, ids.tolist(), cfg)
     ours = list(completion.tokens())
     if 2 in ref:  # the reference was forced past EOS; ours stops there
         ref = ref[: ref.index(2) + 1]

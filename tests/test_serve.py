@@ -19,7 +19,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import openai
 import pytest
@@ -87,14 +89,15 @@ def reference(tiny_ckpt):
             p.communicate()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ckpt, reference):
+@contextmanager
+def serving(ckpt, log=LOG.append) -> Iterator[Server]:
+    """An in-process server on `ckpt` (its own engine and KV cache), stopped on leaving."""
     from mixtral_cli.engine.loader import RuntimeOptions, load_engine
 
-    engine = load_engine(tiny_ckpt, RuntimeOptions(device="cpu", dtype="float32"))  # its own KV cache
+    engine = load_engine(ckpt, RuntimeOptions(device="cpu", dtype="float32"))
     opts = ServeOptions(model_name=MODEL, gen=GenerationConfig(max_tokens=None), host="127.0.0.1", port=0,
                         api_key=KEY, max_queue=3, send_timeout=2.0)
-    srv = Server(engine, opts, log=LOG.append)
+    srv = Server(engine, opts, log=log)
     thread = threading.Thread(target=srv.run, name="test-server", daemon=True)
     thread.start()
     eventually(lambda: _get_status(srv, "/health") == 200, "the server to answer /health", 60)
@@ -102,6 +105,12 @@ def server(tiny_ckpt, reference):
     srv.stop()
     thread.join(60)
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, reference):
+    with serving(tiny_ckpt) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -583,7 +592,7 @@ def test_stream_whose_reader_stalls_is_cut():
     assert len(sent) == 4 and not any(m.get("more_body") is False for m in sent)
 
 
-# -- the prompt: as mistral-common's v1 encoder builds it ------------------------------------------------
+# -- the prompt: as mistral-common's v1 and v3 encoders build it -----------------------------------------
 CONVERSATIONS = {
     "one user": [("user", "a")],
     "system first": [("system", "s"), ("user", "a")],
@@ -607,22 +616,24 @@ CONVERSATIONS = {
 }
 
 
+@pytest.mark.parametrize("version", ["v1", "v3"])
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
-def test_chat_prompt_matches_mistral_common(v1_tokenizer_path, name):
+def test_chat_prompt_matches_mistral_common(request, version, name):
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     from mixtral_cli.checkpoints.tokenizer import Tokenizer
     from mixtral_cli.server.protocol import APIError
 
-    tok = Tokenizer.from_file(v1_tokenizer_path)
+    tok = Tokenizer.from_file(request.getfixturevalue(f"{version}_tokenizer_path"))
 
     def content(c):
         return c if isinstance(c, str) else [{"type": "text", "text": t} for t in c]
 
     messages = [{"role": r, "content": content(c)} for r, c in CONVERSATIONS[name]]
     try:
-        expected = MistralTokenizer.v1().encode_chat_completion(ChatCompletionRequest.from_openai(messages)).tokens
+        reference = getattr(MistralTokenizer, version)()
+        expected = reference.encode_chat_completion(ChatCompletionRequest.from_openai(messages)).tokens
     except Exception:  # noqa: BLE001 - mistral-common refuses this conversation
         expected = None
     if expected is None:
@@ -631,6 +642,36 @@ def test_chat_prompt_matches_mistral_common(v1_tokenizer_path, name):
         assert e.value.status == 400 and e.value.param.startswith("messages")
     else:
         assert chat_prompt_ids(tok, [Message(**m) for m in messages]) == expected
+
+
+def test_v3_checkpoint_runs_and_serves_mistral_common_v3_prompts(tiny_v3_ckpt):
+    """Mixtral-8x22B's tokenizer end to end: `mixtral run` with a chat prompt, and the server on a
+    multi-turn conversation, against mistral-common's v3 encoding."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    v3 = MistralTokenizer.v3()
+
+    def v3_prompt(messages: list[dict]) -> list[int]:
+        return v3.encode_chat_completion(ChatCompletionRequest.from_openai(messages)).tokens
+
+    one_turn = [{"role": "system", "content": SYSTEM}, *user()]
+    multi_turn = [{"role": "system", "content": SYSTEM}, *user("Hi 🙂"), {"role": "assistant", "content": "Hello!  "},
+                  *user("Two"), *user("parts"), {"role": "assistant", "content": "ok"}, *user()]
+    run = subprocess.Popen(mixtral_cmd("run", QUESTION, "--system", SYSTEM, "-m", str(tiny_v3_ckpt), "--json", "-n", "12",
+                                       "--temp", "0", "--device", "cpu", "--dtype", "float32"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
+    with serving(tiny_v3_ckpt, log=lambda line: None) as srv:
+        client = openai.OpenAI(base_url=srv.url, api_key=KEY, max_retries=0, timeout=WAIT_S)
+        multi = client.chat.completions.create(model=MODEL, messages=multi_turn, **GREEDY)
+        single = client.chat.completions.create(model=MODEL, messages=one_turn, **GREEDY)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    ran = json.loads(out)
+    assert ran["prompt_token_ids"] == v3_prompt(one_turn)
+    assert ran["completion_tokens"] > 0 and ran["text"] == single.choices[0].message.content
+    assert multi.usage.prompt_tokens == len(v3_prompt(multi_turn))
+    assert single.usage.prompt_tokens == len(ran["prompt_token_ids"])
 
 
 # -- the command line ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tokenizer, chat template and streaming detokenizer against the real v1 tokenizer.
+"""Tokenizer, chat template and streaming detokenizer against the real v1 and v3 tokenizers.
 
 mistral-common (a test dependency) is the reference encoder for the chat template.
 """
@@ -15,6 +15,8 @@ from mixtral_cli.errors import UserError
 
 INST = [733, 16289, 28793]  # " [INST]"
 END_INST = [733, 28748, 16289, 28793]  # " [/INST]"
+V3_CONTROL = {"[INST]": 3, "[/INST]": 4, "[TOOL_CALLS]": 5, "[AVAILABLE_TOOLS]": 6, "[/AVAILABLE_TOOLS]": 7,
+              "[TOOL_RESULTS]": 8, "[/TOOL_RESULTS]": 9}
 
 UNICODE_TEXTS = [
     "Hello, world!",
@@ -40,6 +42,29 @@ def mistral_v1():
     return MistralTokenizer.v1()
 
 
+@pytest.fixture(scope="module")
+def tok3(v3_tokenizer_path: Path) -> Tokenizer:
+    return Tokenizer.from_file(v3_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def mistral_v3():
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    return MistralTokenizer.v3()
+
+
+@pytest.fixture(params=["v1", "v3"])
+def versioned(request, tok, tok3, mistral_v1, mistral_v3) -> tuple[Tokenizer, object]:
+    """Each tokenizer version with its mistral-common reference encoder."""
+    return (tok, mistral_v1) if request.param == "v1" else (tok3, mistral_v3)
+
+
+@pytest.fixture
+def any_tok(versioned) -> Tokenizer:
+    return versioned[0]
+
+
 def _reference_chat(mistral_v1, messages: list[dict], system: str | None = None) -> list[int]:
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -49,6 +74,15 @@ def _reference_chat(mistral_v1, messages: list[dict], system: str | None = None)
         cls = UserMessage if m["role"] == "user" else AssistantMessage
         msgs.append(cls(content=m["content"]))
     return mistral_v1.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens
+
+
+def _reference_instruct(mistral, messages: list[dict], system: str | None = None) -> list[int]:
+    """mistral-common's encoding of an already normalized conversation (user runs stay apart)."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import InstructRequest
+
+    msgs = [(UserMessage if m["role"] == "user" else AssistantMessage)(content=m["content"]) for m in messages]
+    return mistral.instruct_tokenizer.encode_instruct(InstructRequest(messages=msgs, system_prompt=system)).tokens
 
 
 def _byte_ids(tok: Tokenizer, text: str) -> list[int]:
@@ -100,6 +134,35 @@ def test_truncated_real_file_is_user_error(tmp_path: Path, v1_tokenizer_path: Pa
     with pytest.raises(UserError) as info:
         Tokenizer.from_file(bad)
     assert str(bad) in info.value.message
+
+
+# ----------------------------------------------------------------------------- versions
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v3"])
+def test_version_is_read_from_the_file_not_its_name(
+    tmp_path: Path, v1_tokenizer_path: Path, v3_tokenizer_path: Path, name: str
+) -> None:
+    for source, version, vocab_size in ((v1_tokenizer_path, "v1", 32000), (v3_tokenizer_path, "v3", 32768)):
+        copy = tmp_path / version / name
+        copy.parent.mkdir()
+        copy.write_bytes(source.read_bytes())
+        tok = Tokenizer.from_file(copy)
+        assert (tok.version, tok.vocab_size) == (version, vocab_size)
+
+
+def test_v3_control_pieces_are_single_ids(tok3: Tokenizer, tok: Tokenizer) -> None:
+    assert {p: tok3._sp.piece_to_id(p) for p in V3_CONTROL} == V3_CONTROL
+    assert all(tok3.is_control(i) for i in V3_CONTROL.values())
+    assert not any(tok.is_control(tok._sp.piece_to_id(p)) for p in V3_CONTROL)  # v1: text, or unknown
+
+
+def test_newer_tokenizer_version_is_user_error(tmp_path: Path, v3_tokenizer_path: Path) -> None:
+    newer = tmp_path / "tokenizer.model"  # v7: the system prompt in [SYSTEM_PROMPT] blocks
+    newer.write_bytes((v3_tokenizer_path.parent / "mistral_instruct_tokenizer_241114.model.v7").read_bytes())
+    with pytest.raises(UserError) as info:
+        Tokenizer.from_file(newer)
+    assert str(newer) in info.value.message and "v3" in info.value.message
 
 
 # ----------------------------------------------------------------------------- encode/decode
@@ -210,7 +273,6 @@ def test_empty_system_is_no_system(tok: Tokenizer) -> None:
     [
         [],
         [{"role": "assistant", "content": "hi"}],
-        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
         [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
         [
             {"role": "user", "content": "a"},
@@ -233,9 +295,87 @@ def test_empty_system_is_no_system(tok: Tokenizer) -> None:
         ],
     ],
 )
-def test_invalid_conversations_raise_value_error(tok: Tokenizer, messages: list[dict]) -> None:
+def test_invalid_conversations_raise_value_error(any_tok: Tokenizer, messages: list[dict]) -> None:
+    with pytest.raises(ValueError) as info:
+        any_tok.encode_chat(messages)
+    assert "\n" not in str(info.value)
     with pytest.raises(ValueError):
-        tok.encode_chat(messages)
+        any_tok.encode_instruct(messages)
+
+
+# ----------------------------------------------------------------------------- v3, merged turns
+
+EDGE_CASES = {
+    "two-users": ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], None),
+    "user-runs-with-system": (
+        [
+            {"role": "user", "content": "first"},
+            {"role": "user", "content": "second"},
+            {"role": "assistant", "content": "x"},
+            {"role": "user", "content": ""},
+            {"role": "user", "content": "  third "},
+            {"role": "user", "content": ""},
+        ],
+        "Be brief.",
+    ),
+    "empty-users-with-system": ([{"role": "user", "content": ""}, {"role": "user", "content": ""}], "sys"),
+    "whitespace": (
+        [
+            {"role": "user", "content": "  lead and trail  "},
+            {"role": "assistant", "content": "trailing spaces   "},
+            {"role": "user", "content": "\n\n"},
+            {"role": "assistant", "content": "tab\t and newline \n "},
+            {"role": "user", "content": " "},
+        ],
+        " spaced system \n",
+    ),
+    "spaces-only-answer": (
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "   "}, {"role": "user", "content": "b"}],
+        None,
+    ),
+    "marker-text": ([{"role": "user", "content": "[INST] not a marker [/INST] [TOOL_CALLS] <s>"}], "[/INST]"),
+    "long-unicode": (UNICODE_TURNS + THREE_TURNS[1:] + UNICODE_TURNS[1:], "Réponds 🙂\n\tdans la langue."),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAT_CASES | EDGE_CASES))
+def test_encode_chat_matches_mistral_common(versioned, name: str) -> None:
+    tok, mistral = versioned
+    messages, system = (CHAT_CASES | EDGE_CASES)[name]
+    assert tok.encode_chat(messages, system=system) == _reference_chat(mistral, messages, system)
+
+
+@pytest.mark.parametrize("name", ["two-users", "user-runs-with-system", "empty-users-with-system"])
+def test_encode_instruct_keeps_user_runs_apart_like_mistral_common(versioned, name: str) -> None:
+    tok, mistral = versioned
+    messages, system = EDGE_CASES[name]
+    ids = tok.encode_instruct(messages, system=system)
+    assert ids == _reference_instruct(mistral, messages, system)
+    assert ids != tok.encode_chat(messages, system=system)
+
+
+def test_v3_layout(tok3: Tokenizer) -> None:
+    inst, end = V3_CONTROL["[INST]"], V3_CONTROL["[/INST]"]
+    assert tok3.encode_chat(ONE_TURN) == [1, inst, *tok3.encode(ONE_TURN[0]["content"]), end]
+    assert tok3.encode_chat([{"role": "user", "content": ""}]) == [1, inst, end]
+    ids = tok3.encode_chat(THREE_TURNS, system="SYSTEM TEXT")
+    answer = tok3.encode("Hello! How can I help?")
+    assert ids[: 4 + len(answer)] == [1, inst, *tok3.encode("Hi"), end, *answer][: 4 + len(answer)]
+    # the system prompt goes before the last user message only
+    last = len(ids) - 1 - ids[::-1].index(inst)
+    assert ids[last:] == [inst, *tok3.encode("SYSTEM TEXT\n\nWhy?"), end]
+    assert tok3.decode(ids).count("SYSTEM TEXT") == 1
+    # no space piece next to a control token: "▁Hi" is one piece, and "]" follows the text at once
+    space = tok3._sp.piece_to_id("\u2581")
+    neighbours = [ids[i + d] for i, t in enumerate(ids) if t in (inst, end) for d in (-1, 1) if 0 <= i + d < len(ids)]
+    assert space not in neighbours
+
+
+def test_consecutive_user_messages_merge_into_one_block(any_tok: Tokenizer) -> None:
+    merged = any_tok.encode_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert merged == any_tok.encode_chat([{"role": "user", "content": "a\n\nb"}])
+    skipped = [{"role": "user", "content": ""}, {"role": "user", "content": "b"}, {"role": "user", "content": ""}]
+    assert any_tok.encode_chat(skipped) == any_tok.encode_chat([{"role": "user", "content": "b"}])
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -360,3 +500,54 @@ def test_streaming_work_per_token_is_bounded(v1_tokenizer_path: Path) -> None:
     assert out == tok.decode(ids)
     assert len(spy.lengths) <= 2 * len(ids)
     assert max(spy.lengths) <= 6  # never the whole sequence, only the not-yet-emitted ids
+
+
+# ----------------------------------------------------------------------------- v3 control pieces
+
+CONTROL_TEXT = (*V3_CONTROL, "<s>", "</s>", "[control_", "[IMG]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]")
+
+
+def test_v3_decode_drops_every_control_piece(tok3: Tokenizer, mistral_v3) -> None:
+    control = sorted(tok3._control)
+    assert len(control) == 750
+    assert tok3.decode(control) == "" == tok3.decode_continuation(control)
+    assert "".join(_stream(tok3, control)) == ""
+    ids = tok3.encode_chat(THREE_TURNS, system="Be brief.")
+    text = tok3.decode(ids)
+    assert text == mistral_v3.decode(ids)
+    assert text.startswith("Hi Hello! How can I help?") and text.endswith("Be brief.\n\nWhy?")
+    assert not any(piece in text for piece in CONTROL_TEXT)
+
+
+def test_v3_stream_skips_control_ids(tok3: Tokenizer) -> None:
+    prompt = tok3.encode_chat(ONE_TURN)
+    reply = [*tok3.encode("Sure"), V3_CONTROL["[TOOL_CALLS]"], *tok3.encode("[1]"), V3_CONTROL["[INST]"],
+             *_byte_ids(tok3, "🙂"), V3_CONTROL["[/INST]"], *tok3.encode("ok"), tok3.eos_id]
+    for context in (None, prompt):
+        dec = StreamDecoder(tok3, context)
+        chunks = [dec.push(i) for i in reply]
+        assert all(chunk == "" for chunk, i in zip(chunks, reply, strict=True) if tok3.is_control(i))
+        chunks.append(dec.flush())
+        text = "".join(chunks)
+        assert text == tok3.decode([*(context or []), *reply])[len(tok3.decode(context or [])) :]
+        assert not any(piece in text for piece in CONTROL_TEXT)
+    assert tok3.decode(reply) == "Sure [1]🙂 ok"
+
+
+def test_v3_stream_random_ids_with_control_ids_equal_decode(tok3: Tokenizer) -> None:
+    rng = random.Random(4321)
+    sample = "Héllo wörld 日本語 🙂👍🏽 ç\n\n  x\t€ end [brackets]"
+    byte_ids = [i for i in range(tok3.vocab_size) if tok3.is_byte(i)]
+    control = sorted(tok3._control)
+    pool = sorted(set(tok3.encode(sample))) + byte_ids + control[:16] + control[-4:]
+    for _ in range(1000):
+        ids = [
+            rng.choice(pool) if rng.random() < 0.85 else rng.randrange(tok3.vocab_size)
+            for _ in range(rng.randint(0, 14))
+        ]
+        text = "".join(_stream(tok3, ids))
+        assert text == tok3.decode(ids), ids
+        prompt = tok3.encode_chat([{"role": "user", "content": rng.choice(["", "Hi", "日本", "🙂 x"])}])
+        full, head = tok3.decode(prompt + ids), tok3.decode(prompt)
+        assert "".join(_stream(tok3, ids, prompt)) == full[len(head) :], (prompt, ids)
+        assert not any(piece in text for piece in V3_CONTROL)

@@ -59,9 +59,10 @@ def tiny_state_dict(cfg: dict, seed: int = 0, std: float = 0.08) -> dict[str, to
 
 def write_checkpoint(
     out: Path, cfg: dict | None = None, *, shards: int = 3, seed: int = 0, new_spelling: bool = False,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None, tokenizer: Path = V1_TOKENIZER,
 ) -> Path:
-    """Write config.json, tokenizer.model, `shards` safetensors shards and the index into `out`."""
+    """Write config.json, `tokenizer` as tokenizer.model, `shards` safetensors shards and the index
+    into `out`."""
     cfg = dict(TINY_CONFIG if cfg is None else cfg)
     out.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else tiny_state_dict(cfg, seed)
@@ -81,7 +82,7 @@ def write_checkpoint(
         cfg["dtype"] = cfg.pop("torch_dtype")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    shutil.copyfile(V1_TOKENIZER, out / "tokenizer.model")
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
     return out
 
 

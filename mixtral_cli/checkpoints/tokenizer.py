@@ -1,15 +1,23 @@
-"""SentencePiece tokenizer, Mixtral-Instruct chat template and streaming detokenizer.
+"""SentencePiece tokenizer, Mistral-Instruct chat template and streaming detokenizer.
 
-Only ``sentencepiece`` is needed at runtime. The chat template reproduces what mistral-common's
-``MistralTokenizer.v1().encode_chat_completion`` produces, token for token::
+Only ``sentencepiece`` is needed at runtime. Two tokenizer versions are read, told apart by the
+``tokenizer.model`` itself (``chat_template.chat_template_for``: vocabulary size and control pieces):
 
-    <s>[INST] user1 [/INST] answer1</s>[INST] user2 [/INST]
+- v1 (Mixtral-8x7B, 32000 entries): ``<s>`` and ``</s>`` are the only control pieces; ``[INST]`` and
+  ``[/INST]`` are plain text, encoded with the user's text, and the system prompt goes in front of the
+  *first* user message::
 
-``[INST]`` and ``[/INST]`` are plain text, not special tokens. Each user turn is encoded as one
-SentencePiece call on ``"[INST] {content} [/INST]"`` and each assistant turn as a separate call on
-its content followed by ``</s>``; every call adds SentencePiece's dummy-prefix space, which is why
-the ids read `` [INST]`` (733, 16289, 28793) and `` answer1``. With tokenizer v1 the system prompt
-is put in front of the *first* user message, separated by a blank line (``"\\n\\n"``).
+      <s>[INST] user1 [/INST] answer1</s>[INST] user2 [/INST]
+
+- v3 (Mixtral-8x22B, 32768 entries): ``[INST]``, ``[/INST]``, ``[TOOL_CALLS]``, ``[AVAILABLE_TOOLS]``,
+  ``[/AVAILABLE_TOOLS]``, ``[TOOL_RESULTS]`` and ``[/TOOL_RESULTS]`` are control pieces (single ids,
+  no space pieces around them), and the system prompt goes in front of the *last* user message::
+
+      <s>[INST]▁user1[/INST]▁answer1</s>[INST]▁system\n\nuser2[/INST]
+
+The chat encoding equals mistral-common's ``MistralTokenizer.v1()`` / ``.v3()``
+``encode_chat_completion`` id for id (``chat_template.py`` says how). Decoding drops every control
+piece: ``decode``, ``decode_continuation`` and ``StreamDecoder`` never show one as text.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from ..errors import UserError
+from .chat_template import chat_template_for, conversation_turns, merge_user_runs
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
@@ -27,7 +36,7 @@ _SPACE = "\u2581"  # SentencePiece's whitespace marker
 
 
 class Tokenizer:
-    """A SentencePiece model with byte fallback (Mistral/Mixtral tokenizer v1)."""
+    """A SentencePiece model with byte fallback (Mistral/Mixtral tokenizer v1 or v3)."""
 
     def __init__(self, processor: spm.SentencePieceProcessor, path: Path | None = None) -> None:
         self._sp = processor
@@ -44,6 +53,15 @@ class Tokenizer:
             i for i in range(self.vocab_size) if processor.is_control(i)
         )
         self._anchor_id, self._anchor_text = self._find_anchor()
+        template = chat_template_for(processor)
+        if template is None:
+            raise UserError(
+                f"tokenizer file {path} is of a Mistral tokenizer version this program does not read "
+                "(only v1 and v3, as Mixtral ships them)",
+                hint="use the tokenizer.model of a Mixtral checkpoint",
+            )
+        self._template = template
+        self.version: str = template.version  # "v1" or "v3"
 
     # ------------------------------------------------------------------ loading
 
@@ -98,42 +116,21 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]], system: str | None = None) -> list[int]:
-        """Encode a conversation as a prompt for the next assistant reply.
+        """Encode a conversation as a prompt for the next assistant reply, as mistral-common's
+        ``encode_chat_completion`` does with ``system`` as the system message.
 
-        ``messages`` alternate ``user``/``assistant``, start with ``user`` and end with ``user``.
-        An empty ``system`` counts as no system prompt (as in mistral-common). Raises ``ValueError``
-        on a malformed conversation.
+        ``messages`` are ``user``/``assistant`` mappings starting and ending with ``user``; each
+        assistant message answers a user message, and user messages in a row are merged into one.
+        An empty ``system`` counts as no system prompt. Raises ``ValueError`` on a malformed
+        conversation.
         """
-        if not messages:
-            raise ValueError("conversation is empty: at least one user message is needed")
-        ids = [self.bos_id]
-        for index, message in enumerate(messages):
-            if not isinstance(message, Mapping):
-                raise ValueError(f"message {index} is not a mapping with 'role' and 'content'")
-            role = message.get("role")
-            content = message.get("content")
-            expected = "user" if index % 2 == 0 else "assistant"
-            if role not in ("user", "assistant"):
-                raise ValueError(f"message {index} has role {role!r}; expected 'user' or 'assistant'")
-            if role != expected:
-                raise ValueError(
-                    f"message {index} has role {role!r} but {expected!r} was expected "
-                    "(roles must alternate, starting with 'user')"
-                )
-            if not isinstance(content, str):
-                raise ValueError(f"message {index} content must be a string, got {type(content).__name__}")
-            if role == "user":
-                if index == 0 and system:
-                    content = f"{system}\n\n{content}"
-                ids.extend(self._sp.encode(f"[INST] {content} [/INST]"))
-            else:
-                if not content:
-                    raise ValueError(f"message {index}: assistant message has no content")
-                ids.extend(self._sp.encode(content))
-                ids.append(self.eos_id)
-        if messages[-1].get("role") != "user":
-            raise ValueError("conversation must end with a user message")
-        return ids
+        return self._template.encode(merge_user_runs(conversation_turns(messages)), system)
+
+    def encode_instruct(self, messages: Sequence[Mapping[str, str]], system: str | None = None) -> list[int]:
+        """``encode_chat`` for a conversation already normalized as mistral-common's ``InstructRequest``
+        holds it: user messages in a row stay separate ``[INST]`` blocks (the OpenAI server merges runs
+        itself, and a system message between two user messages keeps them apart)."""
+        return self._template.encode(conversation_turns(messages), system)
 
     # ------------------------------------------------------------------ internals
 

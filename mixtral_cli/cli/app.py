@@ -48,7 +48,7 @@ DEFAULT_MODEL_HELP = f"[default: $MIXTRAL_MODEL, else {DEFAULT_REPO}]"
 # -- shared options (Annotated aliases keep each command's signature short) -------------------
 ModelOpt = Annotated[str | None, typer.Option("-m", "--model", metavar="MODEL", help=f"Local directory or Hub repo id {DEFAULT_MODEL_HELP}.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download the model first if it is not in the cache.")]
-SystemOpt = Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt (put before the first user message)  [default: none]")]
+SystemOpt = Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt (before the first user message with a v1 tokenizer, the last with v3, as mistral-common puts it)  [default: none]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 # Each quantization group's bits: quantize's defaults are int8 (quant_config.DEFAULT_GROUP_BITS); info and bench take the checkpoint's.
 QuantizeAttnBits = Annotated[int | None, typer.Option("--attn-bits", metavar="4|8|16", help="Attention (q/k/v/o) weight bits; 16 keeps bfloat16  [default: 8]")]

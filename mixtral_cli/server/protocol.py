@@ -1,5 +1,5 @@
 """OpenAI's chat and completions API as data: request models, validation into generation settings,
-the chat prompt as mistral-common's v1 encoder builds it, and response and error objects.
+the chat prompt as mistral-common's v1 and v3 encoders build it, and response and error objects.
 
 No HTTP and no tensors here; `http.py` does the serving. Every refusal is an `APIError`, which the
 server sends as OpenAI's error object `{"error": {"message", "type", "param", "code"}}`.
@@ -209,7 +209,7 @@ def completion_prompt(req: CompletionRequest) -> str:
     return prompt
 
 
-# -- the chat prompt, as mistral-common's v1 encoder builds it ---------------------------------------
+# -- the chat prompt, as mistral-common's v1 and v3 encoders build it -------------------------------
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -231,14 +231,15 @@ def _text(content: str | list[Any] | None, param: str) -> str | None:
 
 
 def chat_conversation(messages: Sequence[Message]) -> tuple[list[dict[str, str]], str | None]:
-    """Validate and normalise OpenAI messages the way mistral-common's v1 request validator and
-    normaliser do: (user/assistant messages, system prompt).
+    """Validate and normalise OpenAI messages the way mistral-common's request validator and
+    normaliser do (the same for v1 and v3): (user/assistant messages, system prompt).
 
     Accepted: consecutive messages of one role (merged, joined by a blank line), system messages
-    anywhere but right after an assistant message (all joined into one system prompt that goes in
-    front of the first user message), a conversation that does not start with a user message (an
-    empty user message is put first). Refused: a conversation ending with an assistant message, a
-    system message right after an assistant message, an assistant message without text.
+    anywhere but right after an assistant message (all joined into one system prompt, which the
+    tokenizer version puts before the first or the last user message), a conversation that does not
+    start with a user message (an empty user message is put first). Refused: a conversation ending
+    with an assistant message, a system message right after an assistant message, an assistant
+    message without text.
     """
     if not messages:
         raise bad_request("messages", "must contain at least one message")
@@ -281,19 +282,11 @@ def chat_conversation(messages: Sequence[Message]) -> tuple[list[dict[str, str]]
 def chat_prompt_ids(tok: Tokenizer, messages: Sequence[Message], default_system: str | None = None) -> list[int]:
     """Prompt ids for the next assistant reply: the Instruct template `run` and `chat` use.
 
-    Two user messages in a row (split by a system message) are encoded one after the other, as
-    mistral-common does: the template runs on each alternating stretch and only the first has BOS.
+    Two user messages in a row (split by a system message) stay two `[INST]` blocks, as mistral-common
+    encodes them; the system prompt goes where the tokenizer version puts it.
     """
     conversation, system = chat_conversation(messages)
-    system = system or default_system
-    ids: list[int] = []
-    start = 0
-    for i in range(1, len(conversation) + 1):
-        if i == len(conversation) or conversation[i]["role"] == conversation[i - 1]["role"] == "user":
-            part = tok.encode_chat(conversation[start:i], system=system if start == 0 else None)
-            ids.extend(part if start == 0 else part[1:])
-            start = i
-    return ids
+    return tok.encode_instruct(conversation, system=system or default_system)
 
 
 def context_length_exceeded(prompt_tokens: int, ctx: int, what: str) -> APIError:
