@@ -35,7 +35,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from quant_quality import cli, last_json, machine
+from quant_quality import cli, last_json, machine, machine_line
 
 from mixtral_cli.bench.synthetic import PRESETS
 from mixtral_cli.checkpoints.config import ModelArgs, load_config
@@ -144,9 +144,7 @@ def main() -> None:
 
 
 def report(res: dict) -> str:
-    m = res["machine"]
-    lines = [f"Machine: {m['cpu']}, nproc {m['nproc']} ({m['torch_threads']} torch threads), torch {m['torch']}, "
-             f"Python {m['python']}; CPU flags: {m['cpu_flags']}. Date {res['date']}, ctx {res['ctx']}.", ""]
+    lines = [f"{machine_line(res['machine'])} Date {res['date']}, ctx {res['ctx']}.", ""]
     for name, rows in res["quality"].items():
         base = rows[BASE]
         lines += [f"**{name}** ({res['texts'][name]}: {base['tokens_scored']} tokens in {base['windows']} windows; "

@@ -158,10 +158,14 @@ def main() -> None:
     print(report(res))
 
 
+def machine_line(m: dict) -> str:
+    """The benchmark record's machine: CPU, cores, threads, torch, Python and the CPU's AVX flags."""
+    return (f"Machine: {m['cpu']}, nproc {m['nproc']} ({m['torch_threads']} torch threads), torch {m['torch']}, "
+            f"Python {m['python']}; CPU flags: {m['cpu_flags']}.")
+
+
 def report(res: dict) -> str:
-    m = res["machine"]
-    lines = [f"Machine: {m['cpu']}, nproc {m['nproc']} ({m['torch_threads']} torch threads), "
-             f"torch {m['torch']}, Python {m['python']}; CPU flags: {m['cpu_flags']}.", ""]
+    lines = [machine_line(res["machine"]), ""]
     names = {"bf16": "unquantized (bf16 weights)", "q8": "8-bit experts (int8, group 128)",
              "q4": "4-bit experts (nf4, group 64)"}
     lines += ["| checkpoint | size | ppl (float32) | ratio | ppl (bfloat16) | ratio | goal |",
