@@ -31,6 +31,7 @@ from ..engine.generate import Session
 from ..engine.loader import Engine, build_engine, fused_attention_available, gpu_budget, pick_device
 from ..engine.plan import bytes_per_token, copy_wait_s, decode_bound, expert_bytes, plan_memory
 from ..engine.provider import CacheStats
+from ..engine.trace import recording
 from ..errors import UserError
 from ..settings import RuntimeOptions
 from .baseline import measure_transformers, pick_transformers
@@ -76,6 +77,7 @@ class BenchOptions:
     seed: int = 0
     layers: int | None = None  # presets only: the first N layers
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    trace: Path | None = None  # one more round, untimed, with its routing recorded here
 
 
 def _validate(o: BenchOptions) -> None:
@@ -341,6 +343,10 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = lambda s: None) -> B
     bw = _probe_bandwidth(engine, one_expert)
     m = _measure(engine, ckpt, prompt, o, log)
     result = _result(o, engine, load_s, m, bw, _bound(engine, o, bw, one_expert, m))
+    if o.trace is not None:  # untimed: recording costs a host sync per layer and a line per pass
+        log("recording the routing trace")
+        with recording(engine.model, o.trace, result.model):
+            measure_ours(engine, prompt, o.gen_tokens)
     if o.sweep_slots:
         _sweep(result, engine, prompt, o, runtime.ctx_size, budget, log)
     return result

@@ -108,7 +108,10 @@ def _group_row(spec: QuantSpec | None, nbytes: int) -> str:
 
 
 def show_info(model: str | None, *, bits: int | None, attn_bits: int | None = None, output_bits: int | None = None,
-              gpu_mem: int | None, ctx: int, json_out: bool) -> None:
+              gpu_mem: int | None, ctx: int, json_out: bool, trace: Path | None = None,
+              slots: list[int] | None = None, pools: list[int] | None = None) -> None:
+    """`trace`: also replay that routing trace through the expert-cache policies (`--slots K`: pools of
+    layers x K; `--pool N`: pools of N slots; neither: K from top-k to all experts and the budget's pool)."""
     from ..checkpoints.layout import fits_group_size
     from ..checkpoints.quant_config import parse_quantization
     from ..engine.loader import gpu_budget
@@ -124,6 +127,12 @@ def show_info(model: str | None, *, bits: int | None, attn_bits: int | None = No
     from ..kernels.formats import spec_for_bits
 
     args, raw, directory = _info_config(model)
+    routing = None
+    if trace is not None:  # read and checked before anything is printed
+        from .trace_report import check_sizes, read_for_model
+
+        check_sizes(args, slots or [], pools or [])
+        routing = read_for_model(trace, args)
     stored = parse_quantization(raw, (directory or Path(".")) / "config.json", args)
     quant = _planned(stored, args, {"experts": (bits, "--bits"), "attention": (attn_bits, "--attn-bits"),
                                     "output": (output_bits, "--output-bits")})
@@ -171,6 +180,10 @@ def show_info(model: str | None, *, bits: int | None, attn_bits: int | None = No
     }
     if directory is not None and not stored.dense:
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    if routing is not None:
+        from .trace_report import cache_simulation
+
+        result["cache_simulation"] = cache_simulation(routing, args, plan, slots or [], pools or [])
     if json_out:
         ui.print_json(result)
         return
@@ -198,6 +211,10 @@ def show_info(model: str | None, *, bits: int | None, attn_bits: int | None = No
         ("offloaded", "yes: the rest stay in CPU RAM" if p.offloaded else "no: every expert fits"),
         ("total", format_bytes(p.total)),
     ] if p.fits else []) + [("host RAM", _host_ram_line(result["host_ram"], result["bits"]))])
+    if routing is not None:
+        from .trace_report import simulation_tables
+
+        simulation_tables(result["cache_simulation"], L)
 
 
 def _host_ram_line(host: dict, bits: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from dataclasses import replace
@@ -50,6 +51,7 @@ ModelOpt = Annotated[str | None, typer.Option("-m", "--model", metavar="MODEL", 
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download the model first if it is not in the cache.")]
 SystemOpt = Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt (before the first user message with a v1 tokenizer, the last with v3, as mistral-common puts it)  [default: none]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+TraceOpt = Annotated[Path | None, typer.Option("--trace", metavar="FILE", help="Record the experts every layer routes each computed token to, prefill and decode, into FILE (read it with 'mixtral experts FILE' or 'mixtral info --trace FILE').")]
 # Each quantization group's bits: quantize's defaults are int8 (quant_config.DEFAULT_GROUP_BITS); info and bench take the checkpoint's.
 QuantizeAttnBits = Annotated[int | None, typer.Option("--attn-bits", metavar="4|8|16", help="Attention (q/k/v/o) weight bits; 16 keeps bfloat16  [default: 8]")]
 QuantizeOutputBits = Annotated[int | None, typer.Option("--output-bits", metavar="4|8|16", help="Output layer (lm_head) weight bits; 16 keeps bfloat16  [default: 8]")]
@@ -103,6 +105,22 @@ def _load(model: str | None, opts, yes: bool = False):
         return load_engine(path, opts, on_progress=update)
 
 
+def _traced(engine, trace: Path | None, model: str | None):
+    """The block records the engine's routing into `trace` (None: nothing), under the model's name as
+    the command got it."""
+    from ..engine.trace import recording
+
+    return recording(engine.model, trace, model or os.environ.get("MIXTRAL_MODEL") or DEFAULT_REPO)
+
+
+def _check_trace(trace: Path | None) -> None:
+    """A --trace path that cannot be written is refused before a model loads."""
+    if trace is not None:
+        from ..engine.trace import check_target
+
+        check_target(trace)
+
+
 @app.command()
 def download(
     repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Hub repo id.")] = DEFAULT_REPO,
@@ -131,6 +149,7 @@ def run(
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: ids are [BOS] + encode(prompt).")] = False,
     json_out: JsonOpt = False,
     system: SystemOpt = None,
+    trace: TraceOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """One-shot completion: stream the answer to PROMPT on stdout."""
@@ -142,11 +161,13 @@ def run(
         raise UserError("the prompt is empty", hint="pass a prompt argument, or pipe the prompt text into 'mixtral run -'")
     if raw and system:
         raise UserError("--system needs the chat template", hint="drop --raw or --system")
+    _check_trace(trace)
     _needs_torch(runtime.threads)
     from .actions import run_once
 
     engine = _load(model, runtime, yes)
-    run_once(engine, prompt, gen, raw=raw, system=system, json_out=json_out)
+    with _traced(engine, trace, model):
+        run_once(engine, prompt, gen, raw=raw, system=system, json_out=json_out)
 
 
 @app.command()
@@ -189,16 +210,33 @@ def info(
     output_bits: OutputBitsOpt = None,
     gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", metavar="SIZE", help="GPU memory budget to plan for, e.g. 24GiB  [default: this GPU's free memory; 24GiB without a GPU]")] = None,
     ctx: Annotated[int, typer.Option(*CTX_NAMES, metavar="N", help="Context length for the KV cache in the plan.")] = 4096,
+    trace: Annotated[Path | None, typer.Option("--trace", metavar="FILE", help="Replay this routing trace through expert-cache policies: per-layer LRU (today's), a global LRU pool and a layer-aware pool; hit rates and bytes per token.")] = None,
+    slots: Annotated[list[int] | None, typer.Option("--slots", metavar="K", help="With --trace: simulate K slots per layer (a pool of layers x K), repeatable  [default: top-k to all experts, and the budget's pool]")] = None,
+    pool: Annotated[list[int] | None, typer.Option("--pool", metavar="N", help="With --trace: simulate a pool of N slots for all layers, repeatable.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Parameter counts, weight sizes and the memory plan for a GPU budget."""
+    """Parameter counts, weight sizes and the memory plan for a GPU budget; with --trace, the expert-cache simulation."""
+    if (slots or pool) and trace is None:
+        raise UserError("--slots and --pool need --trace FILE", hint="record a trace with `mixtral run --trace FILE`")
     _needs_torch()
     from ..sizes import parse_size
     from .actions import show_info
 
     show_info(model, bits=bits, attn_bits=attn_bits, output_bits=output_bits, gpu_mem=parse_size(gpu_mem) if gpu_mem else None,
               ctx=ctx,
-              json_out=json_out)
+              json_out=json_out, trace=trace, slots=slots, pools=pool)
+
+
+@app.command()
+def experts(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A routing trace from run, chat or bench --trace.")],
+    tokens: Annotated[str, typer.Option("--tokens", metavar="all|prefill|decode", help="Which tokens to count.")] = "all",
+    json_out: JsonOpt = False,
+) -> None:
+    """Expert usage from a routing trace: a layer x expert heatmap (share of each layer's selections) and how often consecutive tokens reuse experts."""
+    from .trace_report import show_routing
+
+    show_routing(file, tokens, json_out)
 
 
 @app.command()
@@ -231,13 +269,17 @@ def chat(
     runtime: RuntimeOptions,
     model: ModelOpt = None,
     system: SystemOpt = None,
+    trace: TraceOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Multi-turn chat in the terminal (/help inside lists the commands); reads lines from a pipe too."""
+    _check_trace(trace)
     _needs_torch(runtime.threads)
     from .chat import chat_loop
 
-    chat_loop(_load(model, runtime, yes), gen, system=system)
+    engine = _load(model, runtime, yes)
+    with _traced(engine, trace, model):
+        chat_loop(engine, gen, system=system)
 
 
 @app.command()
@@ -289,6 +331,7 @@ def bench(
     csv_path: Annotated[Path | None, typer.Option("--csv", metavar="FILE", help="Where --sweep-slots writes its CSV  [default: ./bench-slots.csv]")] = None,
     rounds: Annotated[int, typer.Option("--rounds", metavar="N", help="Repeat the measurement (interleaved with the baseline); medians are reported.")] = 1,
     layers: Annotated[int | None, typer.Option("--layers", metavar="N", help="With --preset: only the first N layers, at the preset's real matrix sizes (e.g. --preset 8x7b --layers 2).")] = None,
+    trace: Annotated[Path | None, typer.Option("--trace", metavar="FILE", help="After the timed rounds, run one more (untimed) and record its routing, prefill and decode, into FILE.")] = None,
     json_out: JsonOpt = False,
     yes: YesOpt = False,
 ) -> None:
@@ -298,13 +341,14 @@ def bench(
 
     if model is not None and preset is not None:
         raise UserError("pass either -m MODEL or --preset, not both")
+    _check_trace(trace)
     model_dir = None
     if preset is None:
         model_dir = _resolve(model, yes)
     opts = BenchOptions(preset=preset, model_dir=model_dir, bits=bits, attn_bits=attn_bits, output_bits=output_bits,
                         prompt_tokens=prompt_tokens,
                         gen_tokens=gen_tokens, baseline=baseline, sweep_slots=sweep_slots, csv_path=csv_path,
-                        rounds=rounds, layers=layers, runtime=runtime)
+                        rounds=rounds, layers=layers, runtime=runtime, trace=trace)
     result = run_bench(opts, log=ui.bench_progress)
     if json_out:
         ui.print_json(result.as_dict())

@@ -42,8 +42,9 @@ class Session:
     def reset(self) -> None:
         self.cached = []
 
-    def _forward(self, ids: Sequence[int], pos: int) -> torch.Tensor:
-        """Logits [V] after ids, which go to positions pos..; the earlier chunks skip the logits."""
+    def _forward(self, ids: Sequence[int], pos: int, phase: str) -> torch.Tensor:
+        """Logits [V] after ids, which go to positions pos..; the earlier chunks skip the logits.
+        `phase` ("prefill" or "decode") is what a routing trace calls these passes."""
         pieces = chunks(0, len(ids), self.chunk)
         for a, b in pieces:
             tokens = torch.tensor(ids[a:b], device=self.device)
@@ -53,6 +54,8 @@ class Session:
                 logits = self.model(tokens, pos + a, last_only=True)[0]
             # Only after a chunk's forward pass completes does the cache hold its positions (Ctrl-C safe).
             self.cached = self.cached[:pos + a] + list(ids[a:b])
+            if self.model.trace is not None:
+                self.model.trace.commit(phase, pos + a, ids[a:b])
         return logits
 
     def prefill(self, ids: Sequence[int]) -> tuple[torch.Tensor, int]:
@@ -63,10 +66,10 @@ class Session:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # recompute at least the last token to get its logits
-        return self._forward(ids[common:], common), len(ids) - common
+        return self._forward(ids[common:], common, "prefill"), len(ids) - common
 
     def step(self, token: int) -> torch.Tensor:
-        return self._forward([token], len(self.cached))
+        return self._forward([token], len(self.cached), "decode")
 
 
 @dataclass

@@ -17,6 +17,7 @@ Hd head dim, E experts, A active experts per token, I expert FFN width, V vocab.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from ..checkpoints.config import ModelArgs
 from ..kernels import dispatch
 from ..kernels.pointwise import apply_rope, rms_norm
 from .provider import ExpertFn, ExpertProvider
+
+if TYPE_CHECKING:
+    from .trace import TraceWriter
 
 
 class RMSNorm(nn.Module):
@@ -140,12 +144,16 @@ class Lookahead:
     prefetch: after layer L has asked for its experts, the provider is hinted the experts that the
     routers of the next `depth` layers pick from L's input of the newest token. The hint comes after
     the request, so the copies it starts queue behind L's own; the residual stream changes little
-    between layers, so the guess is often right (docs/offloading.md has the measurements)."""
+    between layers, so the guess is often right (docs/offloading.md has the measurements).
 
-    def __init__(self, experts: ExpertProvider, routers: Sequence[nn.Linear], top_k: int, depth: int) -> None:
+    `trace`: where the blocks record their routing while a trace is recorded (`trace.py`), else None."""
+
+    def __init__(self, experts: ExpertProvider, routers: Sequence[nn.Linear], top_k: int, depth: int,
+                 trace: TraceWriter | None = None) -> None:
         self.experts = experts
         self.routers = routers  # every layer's, in order
         self.top_k, self.depth = top_k, depth
+        self.trace = trace
 
     def guess(self, layer: int, newest: torch.Tensor) -> list[torch.Tensor]:
         """The ids [A] that each of the layers after `layer` would route `newest` [1, D] to (none when
@@ -175,6 +183,8 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor, experts: Lookahead) -> torch.Tensor:
         A = self.top_k
         weights, ids = route(self.gate, x, A)  # [T, A]
+        if experts.trace is not None:
+            experts.trace.record(self.layer, ids.tolist())
         guesses = experts.guess(self.layer, x[-1:])  # each [A]
         if x.shape[0] == 1:
             # One token: touch only its A selected experts (one host sync for its ids and the guesses).
@@ -247,7 +257,8 @@ class Mixtral(nn.Module):
     `experts`: the expert provider, held here only (a plain object, not a submodule: it loads and
     places the experts), so assigning another swaps it for every layer. `prefetch_depth`: how many
     following layers the `Lookahead` hints after each layer's request (1: the next layer only;
-    docs/offloading.md has the measurements behind the choice)."""
+    docs/offloading.md has the measurements behind the choice). `trace`: the routing recorder while
+    a trace is recorded (`trace.recording` sets it), else None."""
 
     prefetch_depth = 1
 
@@ -258,6 +269,7 @@ class Mixtral(nn.Module):
         self.model = MixtralModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.caches: list[KVCache] = []
+        self.trace: TraceWriter | None = None
 
     def setup_cache(self, max_len: int) -> None:
         """(Re)allocate the KV cache for `max_len` positions in the embedding's dtype and device."""
@@ -282,7 +294,7 @@ class Mixtral(nn.Module):
         mask = attention_mask(pos, T, self.args.sliding_window, tokens.device)
         layers = self.model.layers
         experts = Lookahead(self.experts, [layer.block_sparse_moe.gate for layer in layers],
-                            self.args.num_experts_per_tok, self.prefetch_depth)
+                            self.args.num_experts_per_tok, self.prefetch_depth, self.trace)
         for i, layer in enumerate(layers):
             h = layer(h, pos, self.caches[i], rope, mask, experts)
         return h
