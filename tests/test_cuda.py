@@ -136,7 +136,7 @@ def test_bitsandbytes_cuda_paths_match_the_reference(bits, dtype):
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("bf16 needs compute capability 8.0")
     dev = torch.device("cuda", torch.cuda.current_device())
-    assert bnb_cuda.probe(dev), "bitsandbytes' CUDA kernels failed their self-test"
+    assert bnb_cuda.probe(dev, "nf4" if bits == 4 else "int8", dtype), "bitsandbytes' CUDA kernel failed its self-test"
     g = torch.Generator().manual_seed(bits)
     for shape in ((1024, 512), (512, 1024)):
         qt = quantize(torch.randn(shape, generator=g) * 0.02, spec_for_bits(bits)).to(dev)

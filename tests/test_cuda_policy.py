@@ -85,9 +85,11 @@ def test_code_tables_are_copied_to_a_device_once():
     assert bnb_cuda.nf4_quant_state(qt).absmax.data_ptr() == qt.parts["scales"].data_ptr()  # views of the stored parts
 
 
-def test_bitsandbytes_probe_passes_where_its_kernels_work():
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bitsandbytes_probe_passes_where_its_kernels_work(fmt, dtype):
     # the probe runs the CUDA paths' code on the given device; bitsandbytes' CPU kernels stand in here
-    assert bnb_cuda.probe.__wrapped__(CPU) is True
+    assert bnb_cuda.probe.__wrapped__(CPU, fmt, dtype) is True
 
 
 def test_broken_bitsandbytes_falls_back_with_one_warning_line(monkeypatch, caplog):
@@ -96,10 +98,25 @@ def test_broken_bitsandbytes_falls_back_with_one_warning_line(monkeypatch, caplo
 
     monkeypatch.setattr(bnb_cuda, "int8_matmul", broken)
     with caplog.at_level(logging.WARNING, logger="mixtral_cli"):
-        assert bnb_cuda.probe.__wrapped__(CPU) is False
+        assert bnb_cuda.probe.__wrapped__(CPU, "int8", torch.float16) is False
     lines = [r.getMessage() for r in caplog.records if r.name == "mixtral_cli"]
     assert len(lines) == 1 and "\n" not in lines[0]
-    assert "cannot open shared object" in lines[0] and "slower" in lines[0]
+    assert "cannot open shared object" in lines[0] and "slower" in lines[0] and "int8" in lines[0]
+
+
+def test_a_kernel_broken_in_one_dtype_leaves_the_other_dtype_and_format(monkeypatch):
+    """The probe checks each format in the compute dtype that will run: an int8 kernel that is wrong
+    in bf16 only disables int8 in bf16."""
+    right = bnb_cuda.int8_matmul
+
+    def wrong_in_bf16(x, qt, state):
+        out = right(x, qt, state)
+        return out * 1.5 if x.dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(bnb_cuda, "int8_matmul", wrong_in_bf16)
+    assert bnb_cuda.probe.__wrapped__(CPU, "int8", torch.bfloat16) is False
+    assert bnb_cuda.probe.__wrapped__(CPU, "int8", torch.float16) is True
+    assert bnb_cuda.probe.__wrapped__(CPU, "nf4", torch.bfloat16) is True
 
 
 @pytest.mark.parametrize("rows", [1, 4])  # up to 4 tokens: one fused kernel on CUDA

@@ -30,36 +30,44 @@ log = logging.getLogger("mixtral_cli")
 
 
 @functools.cache
-def probe(device: torch.device) -> bool:
-    """Whether bitsandbytes' CUDA kernels load and compute right on ``device``, checked once per
-    device on small matrices against the reference. A broken install (its native library failed to
-    load) still imports and fails only at the first call; then one warning line is logged and the
-    plain torch paths are used."""
-    bnb = _bnb()
-    if bnb is None:
-        log.warning("bitsandbytes is not installed: quantized experts on CUDA use the slower plain torch path")
+def _missing() -> bool:
+    """Whether bitsandbytes cannot be imported; said in one warning line, once."""
+    if _bnb() is not None:
+        return False
+    log.warning("bitsandbytes is not installed: quantized weights on CUDA use the slower plain torch path")
+    return True
+
+
+@functools.cache
+def probe(device: torch.device, fmt: str, dtype: torch.dtype) -> bool:
+    """Whether bitsandbytes' kernel for format ``fmt`` ("nf4" or "int8") loads and computes right on
+    ``device`` with activations in ``dtype`` (the compute dtype that will run), checked once per
+    device, format and dtype on small matrices against the reference: a broken bf16 kernel does not
+    pass for fp16, nor one format for the other. A broken install (its native library failed to load)
+    still imports and fails only at the first call; then one warning line is logged and the plain
+    torch path serves that format and dtype."""
+    if _missing():
         return False
     try:
         from .formats import quantize, spec_for_bits
 
         g = torch.Generator().manual_seed(0)
         w = torch.randn(256, 512, generator=g)
-        for bits in (4, 8):
-            qt = quantize(w, spec_for_bits(bits)).to(device)
-            state = quant_state(qt)
-            for rows in (1, 37):
-                x = torch.randn(rows, 512, generator=g).to(device, torch.float16)
-                got = (nf4_matmul if bits == 4 else int8_matmul)(x, qt, state).float()
-                ref = reference_matmul(x.float(), qt)
-                if not torch.allclose(got, ref, rtol=0.02, atol=0.02 * float(ref.abs().max())):
-                    raise RuntimeError(f"{bits}-bit results differ from the reference")
+        qt = quantize(w, spec_for_bits(4 if fmt == "nf4" else 8)).to(device)
+        state = quant_state(qt)
+        for rows in (1, 37):
+            x = torch.randn(rows, 512, generator=g).to(device, dtype)
+            got = (nf4_matmul if fmt == "nf4" else int8_matmul)(x, qt, state).float()
+            ref = reference_matmul(x.float(), qt)
+            if not torch.allclose(got, ref, rtol=0.02, atol=0.02 * float(ref.abs().max())):
+                raise RuntimeError("its results differ from the reference")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return True
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("bitsandbytes' CUDA kernels do not work here (%s): quantized experts use the slower plain torch path",
-                    msg)
+        log.warning("bitsandbytes' CUDA %s kernel does not work here in %s (%s): %s weights use the slower plain "
+                    "torch path", fmt, str(dtype).removeprefix("torch."), msg, fmt)
         return False
 
 
@@ -103,11 +111,16 @@ def quant_state(qt: QuantizedTensor):
     return {"nf4": nf4_quant_state, "int8": int8_quant_state}[qt.spec.name](qt)
 
 
-def usable(qt: QuantizedTensor) -> bool:
-    """Whether bitsandbytes' CUDA kernels serve ``qt``: a block they take, and a passed self-test on
-    its device."""
+def supported(qt: QuantizedTensor) -> bool:
+    """Whether bitsandbytes' CUDA kernels could serve ``qt``: on a GPU, in a block they take, with
+    bitsandbytes importable (``probe`` then decides per compute dtype)."""
     block_ok = qt.spec.name == "nf4" or int8_block_ok(qt.spec.group_size)
-    return qt.device.type == "cuda" and block_ok and probe(qt.device)
+    return qt.device.type == "cuda" and block_ok and not _missing()
+
+
+def usable(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
+    """Whether bitsandbytes' CUDA kernels serve ``qt`` for activations in ``dtype``."""
+    return supported(qt) and probe(qt.device, qt.spec.name, dtype)
 
 
 def nf4_matmul(x2: torch.Tensor, qt: QuantizedTensor, qs) -> torch.Tensor:

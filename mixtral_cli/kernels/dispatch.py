@@ -120,7 +120,7 @@ def prepare(qt: QuantizedTensor) -> Prepared:
     On CUDA it holds only views of the stored parts and per-device tables, so it survives in-place
     refills (``mixtral_cli.experts`` relies on that and builds it once per slot)."""
     prep = Prepared(qt.device)
-    if bnb_cuda.usable(qt):
+    if bnb_cuda.supported(qt):
         prep.quant_state = bnb_cuda.quant_state(qt)
     return prep
 
@@ -154,11 +154,11 @@ def dequantize_fast(qt: QuantizedTensor, dtype: torch.dtype, isa: str | None = N
     return dequantize(qt, dtype)
 
 
-def _native_nf4_usable(qt: QuantizedTensor, prep: Prepared) -> bool:
+def _native_nf4_usable(qt: QuantizedTensor, prep: Prepared, dtype: torch.dtype) -> bool:
     return native.available() and qt.spec.group_size % 64 == 0 and qt.shape[1] % 64 == 0
 
 
-def _native_int8_usable(qt: QuantizedTensor, prep: Prepared) -> bool:
+def _native_int8_usable(qt: QuantizedTensor, prep: Prepared, dtype: torch.dtype) -> bool:
     return native.available() and qt.spec.group_size % 32 == 0
 
 
@@ -167,14 +167,14 @@ class KernelPath:
     name: str
     format: str | None  # None: any format
     device: str | None  # None: any device
-    usable: Callable[[QuantizedTensor, Prepared], bool]
+    usable: Callable[[QuantizedTensor, Prepared, torch.dtype], bool]  # for activations of that dtype
     few_tokens: bool  # preferred only up to native_max_tokens() tokens per call
     run: Callable[..., torch.Tensor]
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _bnb_cuda_usable(qt: QuantizedTensor, prep: Prepared) -> bool:
-    return prep.quant_state is not None
+def _bnb_cuda_usable(qt: QuantizedTensor, prep: Prepared, dtype: torch.dtype) -> bool:
+    return prep.quant_state is not None and bnb_cuda.probe(qt.device, qt.spec.name, dtype)
 
 
 def _dequant(x2: torch.Tensor, qt: QuantizedTensor, prep: Prepared | None = None, isa: str | None = None) -> torch.Tensor:
@@ -188,7 +188,7 @@ PATHS: tuple[KernelPath, ...] = (
                lambda x2, qt, prep, isa=None: bnb_cuda.nf4_matmul(x2, qt, prep.quant_state)),
     KernelPath("bnb_cuda_int8", "int8", "cuda", _bnb_cuda_usable, False,
                lambda x2, qt, prep, isa=None: bnb_cuda.int8_matmul(x2, qt, prep.quant_state)),
-    KernelPath("dequant", None, None, lambda qt, prep: True, False, _dequant),
+    KernelPath("dequant", None, None, lambda qt, prep, dtype: True, False, _dequant),
 )
 _BY_NAME = {p.name: p for p in PATHS}
 
@@ -198,7 +198,7 @@ def available_paths(x: torch.Tensor, qt: QuantizedTensor, prepared: Prepared) ->
     return [
         p.name for p in PATHS
         if p.format in (None, qt.spec.name) and p.device in (None, qt.device.type)
-        and x.dtype in p.dtypes and p.usable(qt, prepared)
+        and x.dtype in p.dtypes and p.usable(qt, prepared, x.dtype)
     ]
 
 
