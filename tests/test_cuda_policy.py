@@ -135,3 +135,16 @@ def test_bitsandbytes_reads_the_nested_absmax_from_the_stored_parts(rows):
     x = torch.randn(rows, 512, generator=g)
     y = bnb_cuda.nf4_matmul(x, slot, state)
     torch.testing.assert_close(y, reference_matmul(x, refill), rtol=1e-4, atol=1e-4)
+
+
+def test_a_budget_beyond_free_gpu_memory_is_cut_to_it_with_one_warning(caplog):
+    from mixtral_cli.engine.loader import clamp_budget
+
+    free = 25_380_000_000 - 900 * 2**20  # a "24 GB" card (23.64 GiB) with a desktop on it
+    with caplog.at_level(logging.WARNING, logger="mixtral_cli"):
+        assert clamp_budget(None, free) == free
+        assert clamp_budget(20 * 2**30, free) == 20 * 2**30
+        assert not caplog.records
+        assert clamp_budget(24 * 2**30, free) == free
+    lines = [r.getMessage() for r in caplog.records if r.name == "mixtral_cli"]
+    assert lines == ["--gpu-mem 24.00 GiB is more than the GPU has free (22.76 GiB): planning for 22.76 GiB"]

@@ -9,6 +9,7 @@ computed from the memory-mapped safetensors; on CUDA they are copied from those.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..kernels import native
 from ..kernels.formats import QuantizedTensor
 from ..kernels.linear import QuantLinear, use_dense_linears
 from ..settings import DTYPE_NAMES, RuntimeOptions
+from ..sizes import format_bytes
 from ..system.host_memory import HostArena, mem_available
 from .cpu_experts import CpuExperts, measure_costs
 from .experts import ExpertCache, ExpertLayout, ExpertStore, ResidentExperts, make_expert
@@ -34,6 +36,8 @@ from .plan import plan_host, plan_memory, require_fit, streamed_shared
 from .provider import ExpertProvider
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+log = logging.getLogger("mixtral_cli")
 
 
 def pick_device(name: str) -> torch.device:
@@ -120,8 +124,19 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def gpu_budget(requested: int | None, device: torch.device) -> int:
-    """The GPU memory the planner divides: `--gpu-mem` when given, else what the GPU has free now."""
-    return requested if requested is not None else torch.cuda.mem_get_info(device)[0]
+    """The GPU memory the planner divides: `--gpu-mem` when given, else what the GPU has free now;
+    never more than is free (`clamp_budget`)."""
+    return clamp_budget(requested, torch.cuda.mem_get_info(device)[0])
+
+
+def clamp_budget(requested: int | None, free: int) -> int:
+    """`requested` (None: `free`), cut to `free` with one warning line when larger: a 24 GB card
+    reports 23.6-23.7 GiB in all and less free, so `--gpu-mem 24GiB` would plan past its end."""
+    if requested is None or requested <= free:
+        return free if requested is None else requested
+    log.warning("--gpu-mem %s is more than the GPU has free (%s): planning for %s", format_bytes(requested),
+                format_bytes(free), format_bytes(free))
+    return free
 
 
 def expert_slots(opts: RuntimeOptions, args: ModelArgs, ckpt: CheckpointSource, device: torch.device,
