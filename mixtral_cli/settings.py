@@ -18,6 +18,7 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     from .checkpoints.config import ModelArgs
+    from .engine.grammar import Grammar
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the compute dtypes one can ask for by name
@@ -59,6 +60,7 @@ class SamplingConfig:
     presence_penalty: float = 0.0  # OpenAI's, over the generated tokens; 0: off
     frequency_penalty: float = 0.0  # OpenAI's, per occurrence in the generated tokens; 0: off
     seed: int | None = None  # None: a fresh random seed
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
 
     def validate(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
@@ -72,6 +74,9 @@ class SamplingConfig:
         for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's range (not finite fails it too)
             value = getattr(self, name)
             _require(-2 <= value <= 2, name, "in [-2, 2]", f"{value:g}")
+        for token, bias in self.logit_bias.items():
+            _require(isinstance(token, int) and token >= 0, "logit_bias", "keyed by token ids", token)
+            _require(math.isfinite(bias) and -100 <= bias <= 100, "logit_bias", "in [-100, 100]", f"{bias:g}")
         low, high = SEED_RANGE
         _require(self.seed is None or low <= self.seed <= high, "seed", "a 64-bit integer", self.seed)
 
@@ -81,6 +86,7 @@ class GenerationConfig:
     max_tokens: int | None = 512  # None: up to the end of the context (the server's default)
     stop: list[str] = field(default_factory=list)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    grammar: Grammar | None = None  # what the output must match (a checked `engine.grammar.Grammar`)
 
     def validate(self) -> None:
         _require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "at least 1", self.max_tokens)

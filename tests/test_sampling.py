@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mixtral_cli.engine.sampling import (
+    Sampler,
     keep_min_p,
     keep_top_k,
     keep_top_p,
-    make_sampler,
     penalize_repeats,
     processors,
     run_chain,
@@ -60,7 +60,7 @@ def test_presence_and_frequency_penalties_follow_openai_over_the_generated_token
     # token 1: 5 - 2 x 0.25 - 0.5 = 4.0; token 3: 0 - 1 x 0.25 - 0.5 = -0.75
     assert run_chain(chain, logits, [1, 1, 1, 1, 3]).tolist() == [1.0, 4.0, 4.5, -0.75]
     assert run_chain(chain, logits, [1, 1]).tolist() == logits.tolist()  # nothing generated yet
-    greedy = make_sampler(replace(cfg, temperature=0), prompt_len=2)
+    greedy = Sampler(replace(cfg, temperature=0), prompt_len=2)
     assert greedy(logits, [1, 1, 1, 1, 3]) == 2
     assert greedy(logits, [1, 1]) == 1
 
@@ -81,9 +81,9 @@ def test_steps_that_are_off_are_left_out():
 
 def test_greedy_and_seeded_sampling():
     logits = torch.randn(32000, generator=torch.Generator().manual_seed(0))
-    assert make_sampler(SamplingConfig(temperature=0))(logits, []) == int(logits.argmax())
-    a = make_sampler(SamplingConfig(temperature=1.5, top_k=0, top_p=1.0, min_p=0, seed=3))
-    b = make_sampler(SamplingConfig(temperature=1.5, top_k=0, top_p=1.0, min_p=0, seed=3))
+    assert Sampler(SamplingConfig(temperature=0))(logits, []) == int(logits.argmax())
+    a = Sampler(SamplingConfig(temperature=1.5, top_k=0, top_p=1.0, min_p=0, seed=3))
+    b = Sampler(SamplingConfig(temperature=1.5, top_k=0, top_p=1.0, min_p=0, seed=3))
     seq_a = [a(logits, []) for _ in range(20)]
     assert seq_a == [b(logits, []) for _ in range(20)]
     assert len(set(seq_a)) > 1  # it really samples
@@ -91,13 +91,13 @@ def test_greedy_and_seeded_sampling():
 
 def test_sampling_respects_the_filters():
     logits = torch.tensor([3.0, 2.9, 0.0, -1.0])
-    s = make_sampler(SamplingConfig(temperature=5.0, top_k=2, top_p=1.0, min_p=0.0, seed=0))
+    s = Sampler(SamplingConfig(temperature=5.0, top_k=2, top_p=1.0, min_p=0.0, seed=0))
     assert {s(logits, []) for _ in range(50)} == {0, 1}
 
 
 def test_the_chain_takes_its_settings_when_it_is_made():
     cfg = SamplingConfig(temperature=0, frequency_penalty=2.0)
-    sample = make_sampler(cfg)
+    sample = Sampler(cfg)
     cfg.frequency_penalty = 0.0
     assert sample(torch.tensor([0.0, 1.0]), [1, 1]) == 0  # 1 - 2 x 2 = -3: still penalised
 
@@ -116,3 +116,25 @@ def test_penalty_range_message():
         SamplingConfig(presence_penalty=3.0).validate()
     assert (e.value.message, e.value.problem) == ("presence-penalty must be in [-2, 2], got 3",
                                                   "must be in [-2, 2], got 3")
+
+
+def test_logit_bias_and_the_mask_come_before_the_chain():
+    from mixtral_cli.engine.sampling import restrict
+
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    out = restrict(logits, {0: 5.0, 3: -100.0}, None)
+    assert out.tolist() == [5.0, 1.0, 2.0, -97.0]
+    masked = restrict(logits, {}, torch.tensor([True, True, False, False]))
+    assert masked.tolist() == [0.0, 1.0, float("-inf"), float("-inf")]
+    greedy = Sampler(SamplingConfig(temperature=0, logit_bias={1: 10.0}))
+    assert greedy(logits, []) == 1
+    # top_k=1 after the mask keeps the best *allowed* token, never a forbidden one
+    sample = Sampler(SamplingConfig(temperature=1.0, top_k=1, seed=0))
+    assert all(sample(logits, [], torch.tensor([True, True, False, False])) == 1 for _ in range(20))
+
+
+def test_logit_bias_is_validated():
+    with pytest.raises(InvalidSetting, match="logit-bias"):
+        SamplingConfig(logit_bias={3: 101.0}).validate()
+    with pytest.raises(InvalidSetting, match="logit-bias"):
+        SamplingConfig(logit_bias={-1: 1.0}).validate()

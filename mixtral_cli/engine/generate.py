@@ -17,9 +17,11 @@ from ..checkpoints.tokenizer import StreamDecoder, Tokenizer
 from ..errors import UserError
 from ..settings import GenerationConfig
 from ..system.timing import sync
+from .grammar import Constraint
+from .logprobs import TokenLogprob, token_logprob
 from .model import Mixtral
 from .plan import PREFILL_CHUNK
-from .sampling import make_sampler
+from .sampling import Sampler
 
 
 def chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
@@ -125,14 +127,17 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
 class Completion:
     """Generate from `prompt_ids`, yielding text as it becomes final.
 
-    Stops at EOS, at a stop string (which is not emitted), at `max_tokens`, or when the context is
-    full. After iteration: `token_ids`, `text`, `finish_reason` ("stop" or "length"), `stats`.
+    Stops at EOS, at a stop string (which is not emitted), when `cfg.grammar` is complete and
+    nothing more can follow it, at `max_tokens`, or when the context is full. After iteration:
+    `token_ids`, `text`, `finish_reason` ("stop" or "length": a grammar still open when the tokens
+    run out is "length"), `stats`, and with `logprobs` one `TokenLogprob` per generated token but EOS.
     """
 
     def __init__(self, session: Session, tokenizer: Tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig,
-                 *, continuation: bool = False) -> None:
+                 *, continuation: bool = False, logprobs: int | None = None) -> None:
         """`continuation`: the text continues the prompt (raw completion), so a leading space of the
-        first generated piece is kept; a chat reply starts fresh and drops it.
+        first generated piece is kept; a chat reply starts fresh and drops it. `logprobs`: record
+        each token's log-probability with that many top alternatives (None: record nothing).
 
         The library's one check of `cfg` (InvalidSetting) and of the prompt's length (ContextOverflow):
         front ends check their input where it enters, and may leave both to this."""
@@ -141,7 +146,10 @@ class Completion:
         self.session, self.tokenizer, self.cfg = session, tokenizer, cfg
         self.prompt_ids = list(prompt_ids)
         self.continuation = continuation
-        self.sampler = make_sampler(cfg.sampling, prompt_len=len(self.prompt_ids))
+        self.sampler = Sampler(cfg.sampling, prompt_len=len(self.prompt_ids))
+        self.constraint = Constraint(cfg.grammar, tokenizer) if cfg.grammar is not None else None
+        self.top_logprobs = logprobs
+        self.logprobs: list[TokenLogprob] = []
         self.token_ids: list[int] = []
         self.text = ""
         self.finish_reason = "length"
@@ -159,16 +167,27 @@ class Completion:
         self.stats.prefill_s = time.perf_counter() - t0
         history = list(self.prompt_ids)
         t0 = time.perf_counter()
+        eos = self.tokenizer.eos_id
         while True:
-            token = self.sampler(logits, history)
+            # The grammar's mask is computed here, after the forward pass was queued and before its
+            # logits are read: on a GPU the two overlap.
+            allowed = self.constraint.allowed() if self.constraint is not None else None
+            restricted = self.sampler.restrict(logits, allowed)
+            token = self.sampler.draw(restricted, history)
             history.append(token)
             self.token_ids.append(token)
             self.stats.completion_tokens += 1
+            if token != eos:
+                if self.top_logprobs is not None:
+                    self.logprobs.append(token_logprob(restricted, token, self.top_logprobs))
+                if self.constraint is not None:
+                    self.constraint.advance(token)
             self.stats.decode_s = time.perf_counter() - t0
-            if token == self.tokenizer.eos_id:
+            finished = token == eos or (self.constraint is not None and self.constraint.done)
+            if finished:
                 self.finish_reason = "stop"
             yield token
-            if token == self.tokenizer.eos_id or len(self.token_ids) >= budget:
+            if finished or len(self.token_ids) >= budget:
                 return
             logits = self.session.step(token)
 

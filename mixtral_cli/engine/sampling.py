@@ -1,8 +1,10 @@
-"""The sampler: a chain of logits processors, then a seeded draw.
+"""The sampler: the request's hard limits, a chain of logits processors, then a seeded draw.
 
-The chain runs in llama.cpp's order: penalties (repeat, then OpenAI's presence and frequency over
-the generated tokens only), top-k, top-p, min-p, temperature. A step whose setting is off is left
-out of the chain. Temperature 0 is greedy: the most likely token after the penalties.
+First `restrict` adds OpenAI's `logit_bias` and masks the tokens a grammar forbids: what it gives is
+the distribution the request allows, the one log-probabilities are reported from. Then the chain
+runs in llama.cpp's order: penalties (repeat, then OpenAI's presence and frequency over the generated
+tokens only), top-k, top-p, min-p, temperature. A step whose setting is off is left out of the
+chain. Temperature 0 is greedy: the most likely token after the penalties.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import torch
 from ..settings import SamplingConfig
 
 # history: the prompt's ids, then the generated ones
-Sampler = Callable[[torch.Tensor, Sequence[int]], int]  # (logits [V], history) -> the next token
 Processor = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]  # (logits [V] fp32, history) -> logits
 
 
@@ -103,18 +104,39 @@ def run_chain(chain: Sequence[Processor], logits: torch.Tensor, history: Sequenc
     return logits
 
 
-def make_sampler(cfg: SamplingConfig, prompt_len: int = 0) -> Sampler:
-    """The chain for `cfg` (a validated one: `Completion` validates it), then greedy or a draw from a
-    generator seeded with `cfg.seed` (same seed, same tokens). The history's first `prompt_len` ids
-    are the prompt (0: it was all generated)."""
-    chain, greedy = processors(cfg, prompt_len), cfg.temperature == 0
-    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(7), "little")
-    gen = torch.Generator().manual_seed(seed)
+def restrict(logits: torch.Tensor, bias: dict[int, float], allowed: torch.Tensor | None) -> torch.Tensor:
+    """`logits` [V] in fp32 with OpenAI's `logit_bias` added and, with `allowed` (bool [V]), every
+    other token masked to -inf."""
+    logits = logits.float()
+    if bias:
+        ids = torch.tensor(list(bias), device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    return logits
 
-    def sample(logits: torch.Tensor, history: Sequence[int]) -> int:
-        logits = run_chain(chain, logits, history)
-        if greedy:
+
+class Sampler:
+    """`restrict`, the chain for a (validated: `Completion` validates it) `cfg`, then greedy or a
+    draw from a generator seeded with `cfg.seed` (same seed, same tokens). The history's first
+    `prompt_len` ids are the prompt (0: it was all generated)."""
+
+    def __init__(self, cfg: SamplingConfig, prompt_len: int = 0) -> None:
+        self.bias = dict(cfg.logit_bias)
+        self.chain, self.greedy = processors(cfg, prompt_len), cfg.temperature == 0
+        seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(7), "little")
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def restrict(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        return restrict(logits, self.bias, allowed)
+
+    def draw(self, restricted: torch.Tensor, history: Sequence[int]) -> int:
+        """The next token from `restrict`'s output."""
+        logits = run_chain(self.chain, restricted, history)
+        if self.greedy:
             return int(torch.argmax(logits))
-        return int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=gen))
+        return int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=self.gen))
 
-    return sample
+    def __call__(self, logits: torch.Tensor, history: Sequence[int], allowed: torch.Tensor | None = None) -> int:
+        return self.draw(self.restrict(logits, allowed), history)
+
