@@ -86,6 +86,11 @@ class ChatTemplate:
     def __init__(self, processor: spm.SentencePieceProcessor) -> None:
         self._sp = processor
 
+    @property
+    def processor(self) -> spm.SentencePieceProcessor:
+        """The SentencePiece model the blocks are encoded with (``tool_template`` spells its markers)."""
+        return self._sp
+
     def encode(self, turns: Sequence[Turn], system: str | None) -> list[int]:
         """An empty ``system`` counts as no system prompt (as in mistral-common)."""
         users = [i for i, (role, _) in enumerate(turns) if role == "user"]

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
 from ..errors import UserError
 from .chat_template import chat_template_for, conversation_turns, merge_user_runs
+from .tool_template import tool_template_for, uses_tools
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
@@ -126,10 +128,23 @@ class Tokenizer:
         """
         return self._template.encode(merge_user_runs(conversation_turns(messages)), system)
 
-    def encode_instruct(self, messages: Sequence[Mapping[str, str]], system: str | None = None) -> list[int]:
+    def encode_instruct(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[int]:
         """``encode_chat`` for a conversation already normalized as mistral-common's ``InstructRequest``
         holds it: user messages in a row stay separate ``[INST]`` blocks (the OpenAI server merges runs
-        itself, and a system message between two user messages keeps them apart)."""
+        itself, and a system message between two user messages keeps them apart).
+
+        With ``tools`` (a list of ``{"name", "description", "parameters"}``), tool messages or assistant
+        ``tool_calls``, the conversation is encoded by ``tool_template.ToolTemplate`` (its module
+        docstring gives the message fields, the rules and both versions' layouts). Raises a one-line
+        ``ValueError`` on a malformed conversation.
+        """
+        if uses_tools(messages, tools):
+            return tool_template_for(self._template).encode(messages, system, tools)
         return self._template.encode(conversation_turns(messages), system)
 
     # ------------------------------------------------------------------ internals
