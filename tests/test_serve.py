@@ -277,11 +277,11 @@ def test_request_fields_fill_the_sampling_settings():
     defaults = GenerationConfig(max_tokens=None)
     req = ChatRequest(messages=[Message(role="user", content="hi")], temperature=2, top_p=1,
                       presence_penalty=-2, frequency_penalty=1.5, top_k=3, seed=2**63 - 1)  # OpenAI's bounds
-    s = chat_settings(req, defaults).gen.sampling
+    s = chat_settings(req, defaults, 32000).gen.sampling
     assert (s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.top_k, s.seed) == (
         2, 1, -2, 1.5, 3, 2**63 - 1)
     assert (s.min_p, s.repeat_penalty) == (defaults.sampling.min_p, defaults.sampling.repeat_penalty)
-    unset = chat_settings(ChatRequest(messages=[Message(role="user", content="hi")]), defaults).gen.sampling
+    unset = chat_settings(ChatRequest(messages=[Message(role="user", content="hi")]), defaults, 32000).gen.sampling
     assert unset == defaults.sampling
 
 
@@ -319,8 +319,10 @@ BAD = [
     ("no messages", CHAT, {"messages": []}, "messages"),
     ("role not a string", CHAT, {"messages": [{"role": 5, "content": "hi"}]}, "messages[0].role"),
     ("unknown role", CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ("tool message", CHAT, {"messages": user() + [{"role": "tool", "content": "42", "tool_call_id": "x"}]},
-     "messages[1].role"),
+    ("tool message answering nothing", CHAT,
+     {"messages": user() + [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, "messages"),
+    ("tool message without id", CHAT, {"messages": user() + [{"role": "tool", "content": "42"}]},
+     "messages[1].tool_call_id"),
     ("image part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0]"),
     ("no content", CHAT, {"messages": [{"role": "user"}]}, "messages[0].content"),
@@ -330,9 +332,12 @@ BAD = [
      "messages[2].role"),
     ("empty assistant", CHAT, {"messages": user() + [{"role": "assistant", "content": ""}] + user()},
      "messages[1].content"),
-    ("assistant tool calls", CHAT, {"messages": user() + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}] + user()},
-     "messages[1].tool_calls"),
+    ("malformed tool call", CHAT, {"messages": user() + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function"}]}] + user()}, "messages[1].tool_calls[0]"),
+    ("tool call arguments not an object", CHAT, {"messages": user() + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]},
+        {"role": "tool", "content": "1", "tool_call_id": "c1"}]}, "messages"),
     ("negative temperature", CHAT, {"messages": user(), "temperature": -1}, "temperature"),
     ("temperature above 2", CHAT, {"messages": user(), "temperature": 2.5}, "temperature"),
     ("completion temperature above 2", COMPLETIONS, {"prompt": "a", "temperature": 3}, "temperature"),
@@ -349,12 +354,33 @@ BAD = [
     ("max_completion_tokens -1", CHAT, {"messages": user(), "max_completion_tokens": -1}, "max_completion_tokens"),
     ("both max fields", CHAT, {"messages": user(), "max_tokens": 2, "max_completion_tokens": 2}, "max_completion_tokens"),
     ("n 2", CHAT, {"messages": user(), "n": 2}, "n"),
-    ("logprobs", CHAT, {"messages": user(), "logprobs": True}, "logprobs"),
+    ("top_logprobs 21", CHAT, {"messages": user(), "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("top_logprobs", CHAT, {"messages": user(), "top_logprobs": 3}, "top_logprobs"),
-    ("tools", CHAT, {"messages": user(), "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("tool not a function", CHAT, {"messages": user(), "tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ("tool without a name", CHAT, {"messages": user(), "tools": [{"type": "function", "function": {}}]},
+     "tools[0].function.name"),
+    ("tool parameters not a schema", CHAT, {"messages": user(), "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}]}, "tools"),
+    ("named tool_choice not a tool", CHAT, {"messages": user(), "tools": [{"type": "function", "function": {"name": "f"}}],
+                                            "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice.function.name"),
+    ("legacy functions", CHAT, {"messages": user(), "functions": [{"name": "f"}]}, "functions"),
     ("tool_choice required", CHAT, {"messages": user(), "tool_choice": "required"}, "tool_choice"),
-    ("json mode", CHAT, {"messages": user(), "response_format": {"type": "json_object"}}, "response_format"),
-    ("logit_bias", CHAT, {"messages": user(), "logit_bias": {"50": 10}}, "logit_bias"),
+    ("response_format type", CHAT, {"messages": user(), "response_format": {"type": "xml"}}, "response_format.type"),
+    ("json_schema without a spec", CHAT, {"messages": user(), "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
+    ("unsupported schema keyword", CHAT, {"messages": user(), "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}}},
+     "response_format.json_schema.schema"),
+    ("bad pattern", COMPLETIONS, {"prompt": "a", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(("}}}},
+     "response_format.json_schema.schema"),
+    ("bad gbnf", COMPLETIONS, {"prompt": "a", "grammar": "root ::= ("}, "grammar"),
+    ("grammar and response_format", CHAT, {"messages": user(), "grammar": 'root ::= "a"',
+                                           "response_format": {"type": "json_object"}}, "grammar"),
+    ("logit_bias above 100", CHAT, {"messages": user(), "logit_bias": {"50": 101}}, "logit_bias.50"),
+    ("logit_bias not a token", CHAT, {"messages": user(), "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("logit_bias outside the vocabulary", CHAT, {"messages": user(), "logit_bias": {"32000": 1}}, "logit_bias"),
     ("audio", CHAT, {"messages": user(), "modalities": ["text", "audio"]}, "modalities"),
     ("stream_options without stream", CHAT, {"messages": user(), "stream_options": {"include_usage": True}},
      "stream_options"),
@@ -365,13 +391,16 @@ BAD = [
     ("stop not text", CHAT, {"messages": user(), "stop": 3}, "stop"),
     ("five stop sequences", CHAT, {"messages": user(), "stop": list("abcde")}, "stop"),
     ("bad input while streaming", CHAT, {"messages": [], "stream": True}, "messages"),
-    ("echo", COMPLETIONS, {"prompt": "a", "echo": True}, "echo"),
+    ("completion logprobs 6", COMPLETIONS, {"prompt": "a", "logprobs": 6}, "logprobs"),
     ("suffix", COMPLETIONS, {"prompt": "a", "suffix": "b"}, "suffix"),
     ("best_of", COMPLETIONS, {"prompt": "a", "best_of": 2}, "best_of"),
-    ("several prompts", COMPLETIONS, {"prompt": ["a", "b"]}, "prompt"),
-    ("token prompt", COMPLETIONS, {"prompt": [1, 2, 3]}, "prompt"),
+    ("several prompts streamed", COMPLETIONS, {"prompt": ["a", "b"], "stream": True}, "stream"),
+    ("token outside the vocabulary", COMPLETIONS, {"prompt": [1, 32000]}, "prompt"),
+    ("second prompt's token outside", COMPLETIONS, {"prompt": [[1, 2], [1, -1]]}, "prompt[1]"),
+    ("mixed prompt list", COMPLETIONS, {"prompt": ["a", [1, 2]]}, "prompt"),
+    ("empty prompt list", COMPLETIONS, {"prompt": []}, "prompt"),
     ("missing prompt", COMPLETIONS, {"max_tokens": 3}, "prompt"),
-    ("completion logprobs", COMPLETIONS, {"prompt": "a", "logprobs": 1}, "logprobs"),
+    ("negative completion logprobs", COMPLETIONS, {"prompt": "a", "logprobs": -1}, "logprobs"),
     ("completion max_tokens 0", COMPLETIONS, {"prompt": "a", "max_tokens": 0}, "max_tokens"),
 ]
 
@@ -400,7 +429,7 @@ def test_out_of_range_messages(field, value, message):
 
     with pytest.raises(APIError) as e:
         chat_settings(ChatRequest(messages=[Message(role="user", content="hi")], **{field: value}),
-                      GenerationConfig())
+                      GenerationConfig(), 32000)
     assert (e.value.status, e.value.param, e.value.message) == (400, field, message)
 
 
@@ -438,7 +467,7 @@ def test_the_server_goes_on_after_bad_input(client):
     assert e.value.status_code == 400 and e.value.param == "n"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=user(), stream=True, tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}])
     r = client.chat.completions.create(model=MODEL, messages=user(), max_tokens=3)
     assert r.usage.completion_tokens == 3
 

@@ -1,5 +1,6 @@
-"""Perplexity over consecutive, independent windows, and the KL divergence of a model's next-token
-distributions from a base model's (`perplexity --kl-base`, as llama.cpp's `--kl-divergence`)."""
+"""Perplexity over consecutive, independent windows, the KL divergence of a model's next-token
+distributions from a base model's (`perplexity --kl-base`, as llama.cpp's `--kl-divergence`), and
+the log-probability of each token of a prompt (the server's `echo`), all scored the same way."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .generate import chunks
+from .generate import Session, chunks
+from .logprobs import TokenLogprob, top_alternatives
 from .model import Mixtral
 from .plan import LOGITS_ROWS, PREFILL_CHUNK
 
@@ -56,6 +58,21 @@ def window_logprobs(model: Mixtral, window: list[int], chunk: int = PREFILL_CHUN
         if a != done:
             h, done = model.run_layers(ids[a:b], a), a  # [n, D]
         yield F.log_softmax(model.head(h[r0 - a:r1 - a]), dim=-1)
+
+
+def prompt_logprobs(session: Session, ids: list[int], top: int) -> list[TokenLogprob]:
+    """Each token of `ids` scored given the ones before it, with its `top` most likely alternatives
+    (the first, which nothing predicts, scored None), computed as `perplexity` computes one window.
+    The session's cache then holds the prompt (all of it, or all but a last token that no
+    position's logits needed), so generating from it afterwards only computes what is missing."""
+    scores = [TokenLogprob(ids[0], None, None)]
+    for (_, _, r0, r1), logp in zip(row_blocks(len(ids), session.chunk),
+                                    window_logprobs(session.model, ids, session.chunk), strict=True):
+        for row, target in enumerate(ids[r0 + 1:r1 + 1]):
+            scores.append(TokenLogprob(target, float(logp[row, target]), top_alternatives(logp[row], top)))
+    written = max((b for a, b in chunks(0, len(ids), session.chunk) if a < len(ids) - 1), default=0)
+    session.cached = list(ids[:written])
+    return scores
 
 
 def _targets(window: list[int], device: torch.device) -> torch.Tensor:

@@ -130,7 +130,7 @@ class Completion:
     Stops at EOS, at a stop string (which is not emitted), when `cfg.grammar` is complete and
     nothing more can follow it, at `max_tokens`, or when the context is full. After iteration:
     `token_ids`, `text`, `finish_reason` ("stop" or "length": a grammar still open when the tokens
-    run out is "length"), `stats`, and with `logprobs` one `TokenLogprob` per generated token but EOS.
+    run out is "length"), `stats`, and with `logprobs` one `TokenLogprob` per generated token (EOS too).
     """
 
     def __init__(self, session: Session, tokenizer: Tokenizer, prompt_ids: Sequence[int], cfg: GenerationConfig,
@@ -177,11 +177,10 @@ class Completion:
             history.append(token)
             self.token_ids.append(token)
             self.stats.completion_tokens += 1
-            if token != eos:
-                if self.top_logprobs is not None:
-                    self.logprobs.append(token_logprob(restricted, token, self.top_logprobs))
-                if self.constraint is not None:
-                    self.constraint.advance(token)
+            if self.top_logprobs is not None:
+                self.logprobs.append(token_logprob(restricted, token, self.top_logprobs))
+            if self.constraint is not None and token != eos:
+                self.constraint.advance(token)
             self.stats.decode_s = time.perf_counter() - t0
             finished = token == eos or (self.constraint is not None and self.constraint.done)
             if finished:

@@ -19,6 +19,7 @@ optional leading space is allowed because a SentencePiece answer starts with a s
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from typing import Any
 
@@ -39,7 +40,11 @@ LIMITS = dict(initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_it
 
 class GrammarError(UserError):
     """A grammar or schema that cannot be used: invalid, outside what the engine supports, or too
-    large or costly. `message` says what, in one line."""
+    large or costly. `source` names it (a request field, a file), `problem` says what is wrong."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.source, self.problem = source, problem
 
 
 # -- the vocabulary as the engine sees it ------------------------------------------------------------
@@ -105,10 +110,11 @@ def _depth(node: Any, limit: int) -> int:
 
 class Grammar:
     """A compiled-to-text grammar in llguidance's format, with where it came from (`source`, for
-    messages). Build one with the class methods; `check` it before generating with it."""
+    messages) and, for a JSON document, its `schema`. Build one with the class methods; `check` it
+    before generating with it."""
 
-    def __init__(self, text: str, source: str) -> None:
-        self.text, self.source = text, source
+    def __init__(self, text: str, source: str, schema: dict | None = None) -> None:
+        self.text, self.source, self.schema = text, source, schema
 
     @classmethod
     def lark(cls, text: str, source: str = "grammar") -> Grammar:
@@ -121,7 +127,7 @@ class Grammar:
         try:
             lark = gbnf_to_lark(text)
         except Exception as e:  # the converter raises plain exceptions with a position
-            raise GrammarError(f"{source}: not a valid GBNF grammar: {_one_line(e)}") from None
+            raise GrammarError(source, f"not a valid GBNF grammar: {_one_line(e)}") from None
         return cls.lark(lark, source)
 
     @classmethod
@@ -132,13 +138,13 @@ class Grammar:
         if isinstance(schema, bool):
             schema = {} if schema else {"not": {}}
         if not isinstance(schema, dict):
-            raise GrammarError(f"{source}: a JSON Schema must be an object, got {type(schema).__name__}")
+            raise GrammarError(source, f"a JSON Schema must be an object, got {type(schema).__name__}")
         size = len(json.dumps(schema))
         if size > MAX_SCHEMA_BYTES:
-            raise GrammarError(f"{source}: the schema is {size} bytes; at most {MAX_SCHEMA_BYTES} are accepted")
+            raise GrammarError(source, f"the schema is {size} bytes; at most {MAX_SCHEMA_BYTES} are accepted")
         if _depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
-            raise GrammarError(f"{source}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
-        return cls.lark(json_rule(schema), source)
+            raise GrammarError(source, f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        return cls(llguidance.LLMatcher.grammar_from_lark(json_rule(schema)), source, schema)
 
     @classmethod
     def json_object(cls) -> Grammar:
@@ -150,18 +156,22 @@ class Grammar:
         refuses the grammar."""
         error = llguidance.LLMatcher.validate_grammar(self.text, _cached(tok)[1], limits=_limits())
         if error:
-            raise GrammarError(f"{self.source}: {_one_line(error)}")
+            raise GrammarError(self.source, _one_line(error))
         matcher = llguidance.LLMatcher(_cached(tok)[1], self.text, log_level=0, limits=_limits())
         if matcher.is_error():
-            raise GrammarError(f"{self.source}: {_one_line(matcher.get_error())}")
+            raise GrammarError(self.source, _one_line(matcher.get_error()))
+
+
+def json_body(schema: dict) -> str:
+    """A Lark expression for a document valid under `schema`, in the compact layout (`JSON_OPTIONS`)."""
+    body = dict(schema)
+    body["x-guidance"] = {**JSON_OPTIONS, **body.get("x-guidance", {})}
+    return f"%json {json.dumps(body, ensure_ascii=False)}"
 
 
 def json_rule(schema: dict) -> str:
-    """The Lark text of a document valid under `schema`, after one optional space, in the compact
-    layout (`JSON_OPTIONS`)."""
-    body = dict(schema)
-    body["x-guidance"] = {**JSON_OPTIONS, **body.get("x-guidance", {})}
-    return f'start: " "? %json {json.dumps(body, ensure_ascii=False)}'
+    """The Lark grammar of a `schema` document after one optional space."""
+    return f'start: " "? {json_body(schema)}'
 
 
 def _limits() -> llguidance.LLParserLimits:
@@ -169,10 +179,12 @@ def _limits() -> llguidance.LLParserLimits:
 
 
 def _one_line(error: object) -> str:
-    """An engine message cut to its first line (the rest is a parser dump)."""
+    """An engine message cut to its first line (the rest is a parser dump), without its position
+    in the generated grammar text (which the user never wrote)."""
     text = str(error).strip().splitlines()
     line = text[0] if text else "invalid grammar"
-    return line.removeprefix("Parser Error: ").removeprefix("Error: ")
+    line = re.sub(r"^at \d+\(\d+\): ", "", line.removeprefix("Parser Error: ").removeprefix("Error: "))
+    return line.removeprefix("failed to compile JSON schema: ")
 
 
 # -- one generation ----------------------------------------------------------------------------------
@@ -183,7 +195,7 @@ class Constraint:
         self.grammar, self.tok = grammar, tok
         self._matcher = llguidance.LLMatcher(_cached(tok)[1], grammar.text, log_level=0, limits=_limits())
         if self._matcher.is_error():
-            raise GrammarError(f"{grammar.source}: {_one_line(self._matcher.get_error())}")
+            raise GrammarError(grammar.source, _one_line(self._matcher.get_error()))
         self._vocab = tok.vocab_size
 
     def allowed(self) -> torch.Tensor:

@@ -21,9 +21,11 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow 5
 
 @dataclass
 class TokenLogprob:
+    """One token's score; a prompt's first token, which nothing predicts, has None for both."""
+
     token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # the `n` most likely, most likely first
+    logprob: float | None
+    top: list[tuple[int, float]] | None = field(default_factory=list)  # the `n` most likely, most likely first
 
 
 def top_alternatives(logp: torch.Tensor, n: int) -> list[tuple[int, float]]:

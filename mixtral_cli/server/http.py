@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..engine.generate import ContextOverflow, check_fits
+from ..engine.grammar import Grammar, GrammarError, token_bytes
 from ..engine.loader import Engine
 from ..settings import ServeOptions
 from .protocol import (
@@ -33,23 +34,30 @@ from .protocol import (
     CompletionRequest,
     Settings,
     bad_request,
-    chat_chunk,
     chat_prompt_ids,
-    chat_response,
     chat_settings,
-    completion_chunk,
-    completion_prompt,
-    completion_response,
+    completion_prompts,
     completion_settings,
     context_length_exceeded,
-    new_id,
-    now,
-    usage_chunk,
     validation_error,
 )
+from .responses import (
+    Envelope,
+    TokenText,
+    add_usage,
+    chat_choice,
+    chat_delta,
+    chat_logprobs,
+    completion_choice,
+    completion_logprobs,
+    new_id,
+    now,
+)
+from .tool_calls import ReplyReader, reply_grammar, tool_plan
 from .worker import Job, Worker
 
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+GRAMMAR_TIMEOUT_S = 10.0  # a response_format, grammar or tool set that takes longer to compile gets a 400
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -188,6 +196,7 @@ class Api:
         self.ctx = engine.model.max_len
         self.defaults = replace(opts.gen, max_tokens=opts.gen.max_tokens or self.ctx)
         self.created = now()
+        self.spell = TokenText(token_bytes(engine.tokenizer))  # also readies the grammar engine's vocabulary
 
     def app(self) -> FastAPI:
         app = FastAPI(title="mixtral serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -236,17 +245,60 @@ class Api:
 
     async def chat(self, request: Request) -> Response:
         body = await parse(request, ChatRequest)
-        s = chat_settings(body, self.defaults)
-        ids = chat_prompt_ids(self.engine.tokenizer, body.messages, self.opts.system)
+        tok = self.engine.tokenizer
+        s = chat_settings(body, self.defaults, tok.vocab_size)
+        plan = tool_plan(body)
+        ids = chat_prompt_ids(tok, body.messages, self.opts.system, plan.tools if plan else None)
         self._check_fits(ids, "messages")
-        return await self._answer(request, ids, s, chat=True)
+        if plan is not None:
+            s = replace(s, gen=replace(s.gen, grammar=reply_grammar(plan, tok, s.gen.grammar)))
+        await self._check_grammar(s.gen.grammar)
+        job = self._submit(request, ids, s, continuation=False)
+        envelope = Envelope("chat.completion", new_id("chatcmpl"), now(), self.opts.model_name, s.include_usage)
+        reader = ReplyReader(plan, tok)
+        if s.stream:
+            return EventStream(self._chat_events(job, envelope, reader), job, self.worker, self.opts.send_timeout)
+        await self._wait(request, job)
+        c = job.completion
+        reader.feed(c.text)
+        calls = reader.calls()
+        logprobs = chat_logprobs(self._chat_entries(c.logprobs), self.spell) if s.logprobs is not None else None
+        finish = "tool_calls" if calls else c.finish_reason
+        choice = chat_choice(None if calls else c.text, finish, logprobs, calls)
+        return JSONResponse(envelope.response([choice], job.usage()))
 
     async def complete(self, request: Request) -> Response:
         body = await parse(request, CompletionRequest)
-        s = completion_settings(body, self.defaults)
-        ids = self.engine.tokenizer.encode(completion_prompt(body), bos=True)  # as `run --raw`
-        self._check_fits(ids, "prompt")
-        return await self._answer(request, ids, s, chat=False)
+        tok = self.engine.tokenizer
+        s = completion_settings(body, self.defaults, tok.vocab_size)
+        prompts = completion_prompts(body, tok, s.stream)
+        for ids, _ in prompts:
+            self._check_fits(ids, "prompt")
+        await self._check_grammar(s.gen.grammar)
+        envelope = Envelope("text_completion", new_id("cmpl"), now(), self.opts.model_name, s.include_usage)
+        if s.stream:
+            (ids, text), = prompts
+            job = self._submit(request, ids, s, continuation=True)
+            return EventStream(self._completion_events(job, envelope, text), job, self.worker,
+                               self.opts.send_timeout)
+        choices, used = [], None
+        for ids, text in prompts:  # one after another, each its own job in the queue
+            job = self._submit(request, ids, s, continuation=True)
+            await self._wait(request, job)
+            choices.append(self._completion_choice(job, text))
+            used = job.usage() if used is None else add_usage(used, job.usage())
+        return JSONResponse(envelope.response(choices, used))
+
+    def _completion_choice(self, job: Job, prompt_text: str) -> dict:
+        s, c = job.settings, job.completion
+        text, finish = (c.text, c.finish_reason) if c is not None else ("", "length")
+        logprobs = None
+        if s.logprobs is not None:
+            parts = [completion_logprobs(c.logprobs if c else [], self.spell, offset=len(prompt_text) * s.echo)]
+            if s.echo:
+                parts.insert(0, completion_logprobs(job.prompt_scores, self.spell, fresh=True))
+            logprobs = {key: [v for part in parts for v in part[key]] for key in parts[0]}
+        return completion_choice(prompt_text + text if s.echo else text, finish, logprobs)
 
     def _check_fits(self, ids: list[int], what: str) -> None:
         """Refuse a prompt with no room for a reply here, with a 400 (on the worker it would be a 500)."""
@@ -255,14 +307,29 @@ class Api:
         except ContextOverflow as e:
             raise context_length_exceeded(e.prompt_tokens, e.ctx, what) from None
 
+    async def _check_grammar(self, grammar: Grammar | None) -> None:
+        """Compile the request's grammar off the event loop and off the generation thread, so a
+        costly one holds up neither; one that takes longer than GRAMMAR_TIMEOUT_S is refused."""
+        if grammar is None:
+            return
+        try:
+            with anyio.fail_after(GRAMMAR_TIMEOUT_S):
+                await anyio.to_thread.run_sync(grammar.check, self.engine.tokenizer, abandon_on_cancel=True)
+        except TimeoutError:
+            raise bad_request(grammar.source, f"compiling it took longer than {GRAMMAR_TIMEOUT_S:g} s; "
+                                              "simplify it") from None
+        except GrammarError as e:
+            raise bad_request(e.source, e.problem) from None
+
     # -- generation
-    async def _answer(self, request: Request, ids: list[int], s: Settings, *, chat: bool) -> Response:
-        job = Job(ids, s, continuation=not chat)
+    def _submit(self, request: Request, ids: list[int], s: Settings, *, continuation: bool) -> Job:
+        job = Job(ids, s, continuation=continuation)
         self.worker.submit(job)
         request.scope["mixtral.log"].job = job
-        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
-        if s.stream:
-            return EventStream(self._events(job, rid, created, chat), job, self.worker, self.opts.send_timeout)
+        return job
+
+    async def _wait(self, request: Request, job: Job) -> None:
+        """Until a non-streaming `job` ends; raise unless it is done."""
         watcher = asyncio.create_task(self._watch(request, job))
         try:
             while (await job.events.get())[0] != "end":
@@ -271,9 +338,6 @@ class Api:
             watcher.cancel()
             self.worker.cancel(job)  # a no-op once it has ended; else this handler itself was cancelled
         self._raise_unless_done(job)
-        c = job.completion
-        shape = chat_response if chat else completion_response
-        return JSONResponse(shape(rid, created, self.opts.model_name, c.text, c.finish_reason, job.usage()))
 
     async def _watch(self, request: Request, job: Job) -> None:
         """Cancel a non-streaming job whose client has gone away."""
@@ -293,32 +357,75 @@ class Api:
                 raise APIError(499, "the client closed the request")  # nginx's code; nobody reads it
             raise APIError(503, "the server is shutting down")
 
-    async def _events(self, job: Job, rid: str, created: int, chat: bool) -> AsyncIterator[str]:
-        """The SSE body: role, text pieces as they become final, the finish reason, usage, [DONE]."""
-        model, include_usage = self.opts.model_name, job.settings.include_usage
-
-        def chunk(text: str | None, finish_reason: str | None = None) -> dict:
-            if chat:
-                delta = {"content": text} if text is not None else {}
-                return chat_chunk(rid, created, model, delta, finish_reason, include_usage=include_usage)
-            return completion_chunk(rid, created, model, text or "", finish_reason, include_usage=include_usage)
-
-        if chat:
-            yield sse(chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
-                                 include_usage=include_usage))
+    async def _pieces(self, job: Job) -> AsyncIterator[tuple[str, str, list]]:
+        """The job's events ("prompt" once scored, then "text" pieces) with their tokens' logprobs,
+        then the job's end checked."""
         while True:
-            kind, text = await job.events.get()
+            kind, text, logprobs = await job.events.get()
             if kind == "end":
                 break
-            yield sse(chunk(text))
+            yield kind, text, logprobs
+        self._raise_unless_done(job)
+
+    def _chat_entries(self, entries: list) -> list:
+        """A chat reply's logprobs leave out the end token (completions keep it: lm-eval counts on
+        one entry per generated token)."""
+        return [e for e in entries if e.token != self.engine.tokenizer.eos_id]
+
+    def _leftover_logprobs(self, job: Job) -> list:
+        """Logprobs of tokens whose text never went out (a stop string's, a held-back tail's)."""
+        return job.completion.logprobs[job.posted_logprobs:] if job.completion else []
+
+    async def _chat_events(self, job: Job, envelope: Envelope, reader: ReplyReader) -> AsyncIterator[str]:
+        """The SSE body: role, content or tool-call deltas as they become final, the finish reason,
+        usage, [DONE]."""
+        want_logprobs = job.settings.logprobs is not None
+
+        def logprobs(entries: list) -> dict | None:
+            return chat_logprobs(self._chat_entries(entries), self.spell) if want_logprobs else None
+
+        yield sse(envelope.chunk(chat_delta({"role": "assistant", "content": ""})))
+        held: list = []  # logprobs of text the reader has not turned into a delta yet
         try:
-            self._raise_unless_done(job)
+            async for _, text, entries in self._pieces(job):
+                held += entries
+                for delta in reader.feed(text):
+                    yield sse(envelope.chunk(chat_delta(delta, logprobs=logprobs(held))))
+                    held = []
         except APIError as err:  # the status line has gone out: report it in the stream
             yield sse(err.body())
             return
-        yield sse(chunk(None, job.completion.finish_reason))
-        if include_usage:
-            yield sse(usage_chunk(chunk(None), job.usage()))
+        held += self._leftover_logprobs(job)
+        finish = "tool_calls" if reader.calls() else job.completion.finish_reason
+        yield sse(envelope.chunk(chat_delta({}, finish, logprobs(held) if held else None)))
+        if envelope.include_usage:
+            yield sse(envelope.usage_chunk(job.usage()))
+        yield sse("[DONE]")
+
+    async def _completion_events(self, job: Job, envelope: Envelope, prompt_text: str) -> AsyncIterator[str]:
+        """The SSE body of a completion: (the echoed prompt,) text pieces, the finish reason, usage, [DONE]."""
+        s = job.settings
+        offset = len(prompt_text) if s.echo else 0
+
+        def logprobs(entries: list, **kw) -> dict | None:
+            return completion_logprobs(entries, self.spell, **kw) if s.logprobs is not None else None
+
+        try:
+            async for kind, text, entries in self._pieces(job):
+                if kind == "prompt":
+                    yield sse(envelope.chunk(completion_choice(prompt_text, None, logprobs(entries, fresh=True))))
+                    continue
+                yield sse(envelope.chunk(completion_choice(text, None, logprobs(entries, offset=offset))))
+                offset += len(text)
+        except APIError as err:
+            yield sse(err.body())
+            return
+        c = job.completion
+        left = self._leftover_logprobs(job)
+        yield sse(envelope.chunk(completion_choice("", c.finish_reason if c else "length",
+                                                   logprobs(left, offset=offset) if left else None)))
+        if envelope.include_usage:
+            yield sse(envelope.usage_chunk(job.usage()))
         yield sse("[DONE]")
 
 

@@ -14,14 +14,16 @@ where this server accepts what OpenAI refuses:
   that send newer fields work;
 - any `model` name is accepted; responses name the model served;
 - a `max_tokens` beyond the room left in the context is cut to that room (the reply then ends with
-  finish_reason "length"); OpenAI refuses such a request.
+  finish_reason "length"); OpenAI refuses such a request;
+- `response_format` is enforced by a grammar whatever `strict` says, and is taken on /v1/completions
+  too; llama.cpp's `grammar` (GBNF) is accepted on both endpoints;
+- /v1/completions takes a `prompt` of token ids (a list of ints, or a list of such lists), as vLLM
+  does; several prompts are answered one after another, one choice each, and cannot be streamed.
 """
 
 from __future__ import annotations
 
 import math
-import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -29,6 +31,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from ..checkpoints.tokenizer import Tokenizer
+from ..engine.grammar import Grammar, GrammarError
+from ..engine.logprobs import MAX_TOP_LOGPROBS
 from ..settings import GenerationConfig, InvalidSetting
 
 
@@ -59,6 +63,7 @@ class Message(_Body):
     role: str
     content: str | list[Any] | None = None
     tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
 
 
 class StreamOptions(_Body):
@@ -81,6 +86,8 @@ class _Request(_Body):
     seed: int | None = None
     n: int | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None  # llama.cpp's: a GBNF grammar
 
 
 class ChatRequest(_Request):
@@ -92,7 +99,7 @@ class ChatRequest(_Request):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     modalities: list[str] | None = None
     audio: Any = None
     prediction: Any = None
@@ -119,6 +126,9 @@ class Settings:
     gen: GenerationConfig
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # per generated token, with this many alternatives; None: not asked
+    echo: bool = False  # /v1/completions: the prompt comes back, scored when logprobs is asked
+    generate: bool = True  # False: max_tokens 0 with echo (only the prompt is scored)
 
 
 def _refuse_if(condition: bool, param: str, message: str) -> None:
@@ -139,11 +149,52 @@ MAX_STOP = 4  # OpenAI's limit on stop sequences
 SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's: a signed 64-bit integer
 
 
-def settings(req: _Request, defaults: GenerationConfig, *, max_tokens: int | None = None,
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """OpenAI's `logit_bias`: token ids (as JSON object keys) to a bias in [-100, 100]."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request("logit_bias", f"keys must be token ids, got {key!r}") from None
+        _refuse_if(not 0 <= token < vocab_size, "logit_bias", f"token id {token} is outside the vocabulary "
+                                                              f"(0..{vocab_size - 1})")
+        _in_range(value, f"logit_bias.{key}", -100, 100)
+        out[token] = float(value)
+    return out
+
+
+def response_grammar(req: _Request) -> Grammar | None:
+    """The grammar `response_format` (or llama.cpp's `grammar`) asks for; it is checked against the
+    vocabulary later (`Grammar.check`, off the event loop)."""
+    fmt, gbnf = req.response_format, req.grammar
+    _refuse_if(fmt is not None and gbnf is not None, "grammar", "send response_format or grammar, not both")
+    try:
+        if gbnf is not None:
+            return Grammar.gbnf(gbnf, "grammar")
+        kind = (fmt or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":  # llama.cpp's servers also take a schema here
+            schema = fmt.get("schema")
+            return Grammar.json_object() if schema is None else Grammar.json_schema(schema, "response_format.schema")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            _refuse_if(not isinstance(spec, dict), "response_format.json_schema",
+                       "must be an object with a 'schema' (and a 'name')")
+            schema = spec.get("schema")
+            return (Grammar.json_object() if schema is None
+                    else Grammar.json_schema(schema, "response_format.json_schema.schema"))
+    except GrammarError as e:
+        raise bad_request(e.source, e.problem) from None
+    raise bad_request("response_format.type", f"must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+
+def settings(req: _Request, defaults: GenerationConfig, vocab_size: int, *, max_tokens: int | None = None,
              max_tokens_param: str = "max_tokens") -> Settings:
-    """The request's sampling and stopping, over the server's defaults (unset fields keep them)."""
+    """The request's sampling, stopping and output format, over the server's defaults (unset
+    fields keep them)."""
     _refuse_if(req.n not in (None, 1), "n", f"only n=1 is supported (one choice per request), got {req.n}")
-    _refuse_if(bool(req.logit_bias), "logit_bias", "is not supported")
     _refuse_if(req.stream_options is not None and not req.stream, "stream_options",
                "is only allowed when stream is true")
     chosen = {name: getattr(req, name) for name in SAMPLING_FIELDS if getattr(req, name) is not None}
@@ -152,8 +203,9 @@ def settings(req: _Request, defaults: GenerationConfig, *, max_tokens: int | Non
     stop = defaults.stop if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
     _refuse_if(req.stop is not None and len(stop) > MAX_STOP, "stop",
                f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}")
+    chosen["logit_bias"] = logit_bias(req.logit_bias, vocab_size)
     gen = replace(defaults, max_tokens=defaults.max_tokens if max_tokens is None else max_tokens, stop=stop,
-                  sampling=replace(defaults.sampling, **chosen))
+                  sampling=replace(defaults.sampling, **chosen), grammar=response_grammar(req))
     try:
         gen.validate()
     except InvalidSetting as e:
@@ -167,15 +219,9 @@ def settings(req: _Request, defaults: GenerationConfig, *, max_tokens: int | Non
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
-def chat_settings(req: ChatRequest, defaults: GenerationConfig) -> Settings:
-    _refuse_if(bool(req.logprobs), "logprobs", "is not supported")
-    _refuse_if(bool(req.top_logprobs), "top_logprobs", "is not supported")
-    _refuse_if(bool(req.tools), "tools", "tool calling is not supported by this server")
-    _refuse_if(bool(req.functions), "functions", "function calling is not supported by this server")
-    _refuse_if(req.tool_choice not in (None, "none", "auto"), "tool_choice", "tool calling is not supported")
-    _refuse_if(req.function_call not in (None, "none", "auto"), "function_call", "function calling is not supported")
-    fmt = (req.response_format or {}).get("type", "text")
-    _refuse_if(fmt != "text", "response_format", f"only type 'text' is supported, got {fmt!r}")
+def chat_settings(req: ChatRequest, defaults: GenerationConfig, vocab_size: int) -> Settings:
+    _refuse_if(req.top_logprobs is not None and not req.logprobs, "top_logprobs", "needs logprobs: true")
+    _in_range(req.top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     _refuse_if(bool(req.modalities) and req.modalities != ["text"], "modalities", "only ['text'] is supported")
     for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
         _refuse_if(getattr(req, name) is not None, name, "is not supported")
@@ -183,30 +229,50 @@ def chat_settings(req: ChatRequest, defaults: GenerationConfig) -> Settings:
         raise bad_request("max_completion_tokens", "set max_tokens or max_completion_tokens, not both")
     param = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
     limit = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
-    return settings(req, defaults, max_tokens=limit, max_tokens_param=param)
+    s = settings(req, defaults, vocab_size, max_tokens=limit, max_tokens_param=param)
+    return replace(s, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
 
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
-def completion_settings(req: CompletionRequest, defaults: GenerationConfig) -> Settings:
-    _refuse_if(bool(req.echo), "echo", "is not supported")
+def completion_settings(req: CompletionRequest, defaults: GenerationConfig, vocab_size: int) -> Settings:
     _refuse_if(bool(req.suffix), "suffix", "is not supported (no fill-in-the-middle)")
     _refuse_if(req.best_of not in (None, 1), "best_of", f"only best_of=1 is supported, got {req.best_of}")
-    _refuse_if(req.logprobs is not None, "logprobs", "is not supported")
-    return settings(req, defaults, max_tokens=COMPLETIONS_MAX_TOKENS if req.max_tokens is None else req.max_tokens)
+    _in_range(req.logprobs, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    score_only = req.max_tokens == 0
+    _refuse_if(score_only and not req.echo, "max_tokens", "must be at least 1 (0 only with echo: true)")
+    limit = COMPLETIONS_MAX_TOKENS if req.max_tokens is None else 1 if score_only else req.max_tokens
+    s = settings(req, defaults, vocab_size, max_tokens=limit)
+    return replace(s, logprobs=req.logprobs, echo=bool(req.echo), generate=not score_only)
 
 
-def completion_prompt(req: CompletionRequest) -> str:
-    """The one string prompt of a /v1/completions request."""
+def completion_prompts(req: CompletionRequest, tok: Tokenizer, stream: bool) -> list[tuple[list[int], str]]:
+    """The prompts of a /v1/completions request as (ids, text): a string (encoded after BOS, as `run
+    --raw` does), a list of strings, a list of token ids (taken as they are: no BOS is added; the
+    text is their decoding), or a list of such lists."""
     prompt = req.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            if prompt and all(isinstance(p, str) for p in prompt):
-                raise bad_request("prompt", f"send one prompt per request, got {len(prompt)}")
-            raise bad_request("prompt", "must be a string (token id arrays are not supported)")
-        prompt = prompt[0]
-    return prompt
+    if isinstance(prompt, str):
+        return [(tok.encode(prompt, bos=True), prompt)]
+    _refuse_if(not prompt, "prompt", "must not be empty")
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        prompts = [prompt]
+    elif all(isinstance(p, str) for p in prompt):
+        prompts = [tok.encode(p, bos=True) for p in prompt]
+    elif all(isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+             for p in prompt):
+        prompts = prompt
+    else:
+        raise bad_request("prompt", "must be a string, a list of strings, a list of token ids or a list of "
+                                    "non-empty lists of token ids")
+    for j, ids in enumerate(prompts):
+        bad = next((i for i in ids if not 0 <= i < tok.vocab_size), None)
+        _refuse_if(bad is not None, f"prompt[{j}]" if len(prompts) > 1 else "prompt",
+                   f"token id {bad} is outside the vocabulary (0..{tok.vocab_size - 1})")
+    _refuse_if(stream and len(prompts) > 1, "stream", f"stream one prompt at a time, got {len(prompts)}")
+    texts = prompt if isinstance(prompt[0], str) else [tok.decode(ids) for ids in prompts]
+    return list(zip(prompts, texts, strict=True))
 
 
 # -- the chat prompt, as mistral-common's v1 and v3 encoders build it -------------------------------
@@ -230,63 +296,92 @@ def _text(content: str | list[Any] | None, param: str) -> str | None:
     return "\n\n".join(texts)
 
 
-def chat_conversation(messages: Sequence[Message]) -> tuple[list[dict[str, str]], str | None]:
-    """Validate and normalise OpenAI messages the way mistral-common's request validator and
-    normaliser do (the same for v1 and v3): (user/assistant messages, system prompt).
+def _calls(raw: list[Any], param: str) -> list[dict]:
+    """An assistant message's OpenAI `tool_calls` as the tokenizer takes them: {id, name, arguments}."""
+    calls = []
+    for j, c in enumerate(raw):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(c.get("id"), str) or not isinstance(fn.get("name"), str):
+            raise bad_request(f"{param}[{j}]", 'must be {"id": ..., "type": "function", "function": '
+                                               '{"name": ..., "arguments": "..."}}')
+        calls.append({"id": c["id"], "name": fn["name"], "arguments": fn.get("arguments", "")})
+    return calls
 
-    Accepted: consecutive messages of one role (merged, joined by a blank line), system messages
-    anywhere but right after an assistant message (all joined into one system prompt, which the
-    tokenizer version puts before the first or the last user message), a conversation that does not
-    start with a user message (an empty user message is put first). Refused: a conversation ending
-    with an assistant message, a system message right after an assistant message, an assistant
-    message without text.
+
+def chat_conversation(messages: Sequence[Message]) -> tuple[list[dict], str | None]:
+    """Validate and normalise OpenAI messages the way mistral-common's request validator and
+    normaliser do (the same for v1 and v3): (user/assistant/tool messages, system prompt).
+
+    Accepted: consecutive text messages of one role (merged, joined by a blank line), system
+    messages anywhere but right after an assistant message (all joined into one system prompt,
+    which the tokenizer version puts before the first or the last user message), a conversation
+    that does not start with a user message (an empty user message is put first), assistant
+    messages with `tool_calls` (and no text) and the `tool` messages answering them. Refused: a
+    conversation ending with an assistant message, a system message right after an assistant
+    message, an assistant message with neither text nor calls. How calls and results must pair is
+    the tokenizer's to check (`tool_template.check_conversation`).
     """
     if not messages:
         raise bad_request("messages", "must contain at least one message")
-    roles, texts = [], []
+    items: list[dict] = []  # {"role", "content"[, "tool_calls" | "tool_call_id"]}
     for i, m in enumerate(messages):
-        role = ROLES.get(m.role)
-        if m.role in ("tool", "function"):
-            raise bad_request(f"messages[{i}].role", f"'{m.role}' messages are not supported (no tool calling)")
+        role = "tool" if m.role == "tool" else ROLES.get(m.role)
         if role is None:
-            raise bad_request(f"messages[{i}].role", f"unknown role {m.role!r}; use system, developer, user or assistant")
-        if m.tool_calls:
-            raise bad_request(f"messages[{i}].tool_calls", "tool calling is not supported")
+            raise bad_request(f"messages[{i}].role", f"unknown role {m.role!r}; use system, developer, user, "
+                                                     "assistant or tool")
         text = _text(m.content, f"messages[{i}].content")
-        if text is None:
+        item: dict = {"role": role, "content": text}
+        if m.tool_calls:
+            if role != "assistant":
+                raise bad_request(f"messages[{i}].tool_calls", "only assistant messages make tool calls")
+            item["tool_calls"] = _calls(m.tool_calls, f"messages[{i}].tool_calls")
+        if role == "tool":
+            if not isinstance(m.tool_call_id, str):
+                raise bad_request(f"messages[{i}].tool_call_id", "a tool message must name the call it answers")
+            item["tool_call_id"], item["content"] = m.tool_call_id, text or ""
+        elif text is None and not m.tool_calls:
             raise bad_request(f"messages[{i}].content", "is missing")
-        if role == "assistant" and not text:
-            raise bad_request(f"messages[{i}].content", "an assistant message needs text")
-        if i and roles[-1] == "assistant" and role == "system":
+        if role == "assistant" and not text and not m.tool_calls:
+            raise bad_request(f"messages[{i}].content", "an assistant message needs text or tool calls")
+        if items and items[-1]["role"] == "assistant" and role == "system":
             raise bad_request(f"messages[{i}].role", f"a {m.role} message cannot follow an assistant message")
-        roles.append(role)
-        texts.append(text)
-    if len(roles) > 1 and roles[-1] == "assistant" or roles == ["assistant"]:
-        raise bad_request("messages", "the conversation must end with a user message (the assistant replies to it)")
-    system = "\n\n".join(t for r, t in zip(roles, texts, strict=True) if r == "system" and t) or None
-    out: list[dict[str, str]] = []
+        items.append(item)
+    if items[-1]["role"] == "assistant":
+        raise bad_request("messages", "the conversation must end with a user or tool message (the assistant "
+                                      "replies to it)")
+    system = "\n\n".join(it["content"] for it in items if it["role"] == "system" and it["content"]) or None
+    out: list[dict] = []
     previous = None
-    for role, text in zip(roles, texts, strict=True):
+    for item in items:
+        role = item["role"]
+        plain = role in ("user", "assistant") and "tool_calls" not in item
         if role != "system":
-            if role == previous:  # merge a run of one role; a system message between two runs splits them
-                if text:
-                    out[-1]["content"] = f"{out[-1]['content']}\n\n{text}" if out[-1]["content"] else text
+            if plain and role == previous and "tool_calls" not in out[-1]:
+                # merge a run of one role; a system message between two runs splits them
+                if item["content"]:
+                    out[-1]["content"] = (f"{out[-1]['content']}\n\n{item['content']}" if out[-1]["content"]
+                                          else item["content"])
             else:
-                out.append({"role": role, "content": text})
-        previous = role
+                out.append(dict(item))
+        previous = role if plain or role == "system" else None
     if not out or out[0]["role"] != "user":
         out.insert(0, {"role": "user", "content": ""})
     return out, system
 
 
-def chat_prompt_ids(tok: Tokenizer, messages: Sequence[Message], default_system: str | None = None) -> list[int]:
-    """Prompt ids for the next assistant reply: the Instruct template `run` and `chat` use.
+def chat_prompt_ids(tok: Tokenizer, messages: Sequence[Message], default_system: str | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
+    """Prompt ids for the next assistant reply: the Instruct template `run` and `chat` use, with
+    the request's tools (`tool_calls.ToolPlan.tools`).
 
     Two user messages in a row (split by a system message) stay two `[INST]` blocks, as mistral-common
     encodes them; the system prompt goes where the tokenizer version puts it.
     """
     conversation, system = chat_conversation(messages)
-    return tok.encode_instruct(conversation, system=system or default_system)
+    try:
+        return tok.encode_instruct(conversation, system=system or default_system, tools=tools)
+    except ValueError as e:
+        raise bad_request("messages", str(e)) from None
 
 
 def context_length_exceeded(prompt_tokens: int, ctx: int, what: str) -> APIError:
@@ -295,60 +390,6 @@ def context_length_exceeded(prompt_tokens: int, ctx: int, what: str) -> APIError
     return APIError(400, f"This model's maximum context length is {ctx} tokens, but the {what} take "
                          f"{prompt_tokens} tokens and the reply needs at least 1. Shorten the {what}.",
                     param=what, code="context_length_exceeded")
-
-
-# -- responses -------------------------------------------------------------------------------------
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-def _envelope(kind: str, rid: str, created: int, model: str, choice: dict, **fields: object) -> dict:
-    """OpenAI's object around one choice (index 0): a response, or one chunk of a stream."""
-    return {"id": rid, "object": kind, "created": created, "model": model, "choices": [{"index": 0, **choice}],
-            **fields, "system_fingerprint": None}
-
-
-def _chunk_usage(include_usage: bool) -> dict:
-    """With `include_usage` every chunk has `usage: null` (the last one, `usage_chunk`, has the counts)."""
-    return {"usage": None} if include_usage else {}
-
-
-def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str, used: dict) -> dict:
-    message = {"role": "assistant", "content": text, "refusal": None}
-    return _envelope("chat.completion", rid, created, model,
-                     {"message": message, "logprobs": None, "finish_reason": finish_reason}, usage=used)
-
-
-def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
-               *, include_usage: bool = False) -> dict:
-    return _envelope("chat.completion.chunk", rid, created, model,
-                     {"delta": delta, "logprobs": None, "finish_reason": finish_reason}, **_chunk_usage(include_usage))
-
-
-def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str, used: dict) -> dict:
-    return _envelope("text_completion", rid, created, model,
-                     {"text": text, "logprobs": None, "finish_reason": finish_reason}, usage=used)
-
-
-def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None,
-                     *, include_usage: bool = False) -> dict:
-    return _envelope("text_completion", rid, created, model,
-                     {"text": text, "logprobs": None, "finish_reason": finish_reason}, **_chunk_usage(include_usage))
-
-
-def usage_chunk(chunk: dict, used: dict) -> dict:
-    """The last chunk of a stream with `include_usage`: no choices, the usage."""
-    return chunk | {"choices": [], "usage": used}
 
 
 def validation_error(errors: Sequence[dict]) -> APIError:

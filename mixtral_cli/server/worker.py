@@ -15,9 +15,12 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
+from ..engine.evaluate import prompt_logprobs
 from ..engine.generate import Completion, Session
 from ..engine.loader import Engine
-from .protocol import APIError, Settings, usage
+from ..engine.logprobs import TokenLogprob
+from .protocol import APIError, Settings
+from .responses import usage
 
 
 class _Cancellable(Completion):
@@ -37,27 +40,30 @@ class _Cancellable(Completion):
 
 
 class Job:
-    """One request's generation. The worker thread posts ("text", piece) and finally ("end", None)
-    to `events`, an asyncio queue read on the event loop."""
+    """One request's generation. The worker thread posts (with `echo`: ("prompt", None, the prompt's
+    logprobs), then) ("text", piece, its tokens' logprobs) and finally ("end", None, []) to `events`,
+    an asyncio queue read on the event loop."""
 
     def __init__(self, prompt_ids: list[int], settings: Settings, *, continuation: bool) -> None:
         self.prompt_ids = prompt_ids
         self.settings = settings
         self.continuation = continuation
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+        self.events: asyncio.Queue[tuple[str, str | None, list[TokenLogprob]]] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.state = "queued"  # then running, and done, cancelled or failed
         self.completion: Completion | None = None
+        self.prompt_scores: list[TokenLogprob] = []  # the prompt's tokens scored (echo with logprobs)
+        self.posted_logprobs = 0  # how many of the completion's logprobs went out with streamed text
         self.error: BaseException | None = None
         self.disconnected = False  # the client went away
         self.stalled = False  # the client stopped reading its stream
         self.queued_at = time.perf_counter()
         self.finished_at: float | None = None
 
-    def post(self, kind: str, value: str | None = None) -> None:
+    def post(self, kind: str, value: str | None = None, logprobs: list[TokenLogprob] | None = None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value, logprobs or []))
 
     @property
     def prompt_tokens(self) -> int:
@@ -161,11 +167,19 @@ class Worker:
                 self._finish(job, state)
 
     def _generate(self, job: Job) -> None:
-        completion = _Cancellable(self.session, self.engine.tokenizer, job.prompt_ids, job.settings.gen,
-                                  continuation=job.continuation, cancelled=job.cancelled)
+        s = job.settings
+        if s.echo and s.logprobs is not None:
+            job.prompt_scores = prompt_logprobs(self.session, job.prompt_ids, s.logprobs)
+        if s.echo and s.stream:
+            job.post("prompt", None, job.prompt_scores)
+        if not s.generate:
+            return
+        completion = _Cancellable(self.session, self.engine.tokenizer, job.prompt_ids, s.gen,
+                                  continuation=job.continuation, cancelled=job.cancelled, logprobs=s.logprobs)
         job.completion = completion
         for piece in completion:
             if job.cancelled.is_set():
                 return
-            if job.settings.stream:
-                job.post("text", piece)
+            if s.stream:
+                job.post("text", piece, completion.logprobs[job.posted_logprobs:])
+                job.posted_logprobs = len(completion.logprobs)
