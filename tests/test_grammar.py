@@ -180,3 +180,19 @@ def test_without_a_grammar_the_mask_is_not_applied(engine_fp32):
     assert free.constraint is None and free.finish_reason == "length"
     assert not torch.equal(torch.tensor(free.token_ids),
                            torch.tensor(generate(engine_fp32, Grammar.json_object(), seed=5, max_tokens=20).token_ids))
+
+
+def test_a_grammar_that_cannot_finish_in_the_context_ends_with_length(engine_fp32):
+    endless = Grammar.json_schema({"type": "string", "minLength": 5000})
+    c = generate(engine_fp32, endless, seed=0, max_tokens=None)
+    room = engine_fp32.model.max_len - len(c.prompt_ids)
+    assert c.finish_reason == "length" and len(c.token_ids) == room and c.text.lstrip().startswith('"')
+
+
+def test_an_engine_failure_mid_output_is_a_grammar_error(tok):
+    """The engine's error state (here from a token the mask forbade) surfaces as a GrammarError."""
+    constraint = Constraint(Grammar.json_object(), tok)
+    forbidden = raw_encode(tok, "x")[0]
+    assert not constraint.allowed()[forbidden]
+    with pytest.raises(GrammarError, match="stopped mid-output"):
+        constraint.advance(forbidden)

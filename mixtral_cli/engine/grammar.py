@@ -201,12 +201,19 @@ class Constraint:
     def allowed(self) -> torch.Tensor:
         """Bool [V]: the tokens that keep the output inside the grammar (EOS once it may end)."""
         bias = self._matcher.compute_logit_bias()  # one byte per token: 0 or 200
+        self._raise_if_failed()
         return torch.frombuffer(bytearray(bias), dtype=torch.uint8)[:self._vocab].bool()
 
     def advance(self, token: int) -> None:
         """Feed the sampled token (one `allowed()` said was allowed)."""
-        if not self._matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {_one_line(self._matcher.get_error())}")
+        self._matcher.consume_token(token)
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        """A grammar that passed `check` can still exceed the engine's per-step limits on some
+        output (a lexer state explosion): a GrammarError, never a wrong mask."""
+        if self._matcher.is_error():
+            raise GrammarError(self.grammar.source, f"stopped mid-output: {_one_line(self._matcher.get_error())}")
 
     @property
     def done(self) -> bool:

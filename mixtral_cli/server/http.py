@@ -351,6 +351,8 @@ class Api:
     @staticmethod
     def _raise_unless_done(job: Job) -> None:
         if job.state == "failed":
+            if isinstance(job.error, GrammarError):  # the request's grammar outgrew the engine's limits
+                raise bad_request(job.error.source, job.error.problem)
             raise APIError(500, f"generation failed: {type(job.error).__name__}: {job.error}")
         if job.state == "cancelled":
             if job.disconnected:
