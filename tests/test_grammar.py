@@ -28,7 +28,7 @@ MEDIUM = {"$defs": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}
                          "kind": {"anyOf": [{"const": "v2"}, {"type": "integer", "minimum": 3, "maximum": 9}]},
                          "note": {"type": ["string", "null"], "minLength": 2, "maxLength": 8}}}
 NON_ASCII = {"type": "object", "required": ["greeting", "mood"], "additionalProperties": False,
-             "properties": {"greeting": {"enum": ["héllo wörld", "こんにちは"]}, "mood": {"const": "😀🎉"}}}
+             "properties": {"greeting": {"enum": ["héllo wörld", "こんにちは"]}, "mood": {"const": "😀🎉🦀𝄞"}}}
 SCHEMAS = {"small": SMALL, "medium": MEDIUM, "non-ascii": NON_ASCII}
 
 
