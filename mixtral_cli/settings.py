@@ -147,6 +147,7 @@ class ServeOptions:
     api_key: str | None = None
     max_queue: int = 8  # requests that may wait while one generates; more get 503
     send_timeout: float = 30.0  # seconds a stream may wait for its reader before it is cut
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed by CORS ("*": any); none: no CORS
 
     def validate(self) -> None:
         """The server's own settings. `gen` is validated where it is built (the command line's
@@ -156,3 +157,19 @@ class ServeOptions:
             raise UserError(f"--max-queue must be at least 0, got {self.max_queue}")
         if not self.send_timeout > 0:
             raise UserError(f"--send-timeout must be positive, got {self.send_timeout}")
+        for origin in self.cors_origins:
+            _check_origin(origin)
+
+
+def _check_origin(origin: str) -> None:
+    """A --cors-origin: '*', 'null' (what a browser sends from a file:// page) or scheme://host[:port],
+    as a browser's Origin header spells it (no path, no trailing slash)."""
+    if origin in ("*", "null"):
+        return
+    scheme, sep, rest = origin.partition("://")
+    hint = "pass scheme://host[:port], e.g. http://localhost:3000, or '*' for any origin"
+    if not sep or not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum() \
+            or not rest or any(c in rest for c in " /?#@") or rest.startswith(":") or rest.endswith(":"):
+        if sep and rest.endswith("/") and "/" not in rest[:-1]:
+            hint = f"drop the trailing slash: {origin[:-1]}"
+        raise UserError(f"--cors-origin {origin!r} is not an origin", hint=hint)

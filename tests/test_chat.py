@@ -477,3 +477,70 @@ def test_piped_stdin_prints_only_the_replies(tiny_ckpt, engine_fp32, tmp_path):
     assert err.count("tokens · experts hit") == 2
     assert "error: 'x' is not a number" in err and "hit rate" in err
     assert ">>>" not in out + err
+
+
+# -- /json ------------------------------------------------------------------------------------------
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+
+
+def test_json_toggle_holds_replies_to_json_and_back(engine_fp32, capsys, tmp_path):
+    import json
+
+    import jsonschema
+
+    chat = Chat(engine_fp32, GenerationConfig(max_tokens=60, sampling=SamplingConfig(temperature=0.8, seed=5)))
+    chat.handle("Who are you?")
+    with pytest.raises(ValueError):  # the tiny model writes no JSON of itself
+        json.loads(chat.conv.messages[-1]["content"])
+    chat.handle("/json")
+    assert "json on: replies are any JSON object" in capsys.readouterr().err
+    chat.handle("Who are you, as JSON?")
+    assert chat.last_finish == "stop"
+    assert isinstance(json.loads(chat.conv.messages[-1]["content"]), dict)
+    (tmp_path / "person.json").write_text(json.dumps(PERSON))
+    for arg in (json.dumps(PERSON), str(tmp_path / "person.json")):
+        chat.handle(f"/json {arg}")
+        chat.handle("Describe a person.")
+        assert chat.last_finish == "stop"
+        jsonschema.validate(json.loads(chat.conv.messages[-1]["content"]), PERSON)
+    chat.handle("/set")
+    err = capsys.readouterr().err
+    assert f"json on: replies are JSON under the schema in {tmp_path / 'person.json'}" in err
+    table = " ".join(err.split())
+    assert re.search(r"json JSON under the schema in .*\(/json\)", table), table
+    # a bad schema is one line, and the mode stays as it was
+    for bad, needle in [('{"type": "foo"}', "error: /json: Invalid type: foo"),
+                        ('{"type": ', "error: /json: not valid JSON"),
+                        (str(tmp_path / "missing.json"), "error: /json: no such file")]:
+        chat.handle(f"/json {bad}")
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert chat.json_label.endswith("person.json") and chat.gen.grammar is not None
+    chat.handle("/json off")
+    assert "json off" in capsys.readouterr().err and chat.gen.grammar is None
+    chat.handle("/set")
+    assert re.search(r"json\s+off \(/json\)", capsys.readouterr().err)
+    chat.handle("/help")
+    assert "/json [SCHEMA|FILE|off]" in capsys.readouterr().err
+    assert chat.running
+
+
+def test_json_reply_cut_at_max_tokens_says_so(engine_fp32, capsys):
+    chat = Chat(engine_fp32, GenerationConfig(max_tokens=4, sampling=SamplingConfig(temperature=0.8, seed=1)))
+    chat.handle('/json {"type": "object", "required": ["essay"], "properties": {"essay": {"type": "string", "minLength": 100}}}')
+    chat.handle("Write an essay.")
+    assert chat.last_finish == "length"
+    assert "the JSON reply was cut at max_tokens (4)" in capsys.readouterr().err
+
+
+def test_piped_json_mode(tiny_ckpt, tmp_path):
+    import json
+
+    stdin = '/json {"type": "object", "required": ["n"], "additionalProperties": false, "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}\nHi\n'
+    proc = subprocess.run(chat_args(tiny_ckpt, "-n", "40", "--temp", "0.9", "-s", "2"), input=stdin.encode(),
+                          capture_output=True, env=chat_env(tmp_path), cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    reply = json.loads(proc.stdout.decode())
+    assert set(reply) == {"n"} and 0 <= reply["n"] <= 9

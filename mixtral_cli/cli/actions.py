@@ -46,6 +46,9 @@ def run_once(engine: Engine, prompt: str, gen: GenerationConfig, *, raw: bool, s
             shown.extend(ui.stream(completion))
         finally:  # Ctrl-C included: leave the terminal on a fresh line
             ui.end_stream("".join(shown))
+        if gen.grammar is not None and completion.finish_reason == "length":
+            ui.notice(f"warning: the output was cut after {completion.stats.completion_tokens} tokens, before it "
+                      f"matched {gen.grammar.source} (raise -n/--max-tokens)")
         if ui.err.is_terminal:  # the same dim line as after a chat reply
             s, uses = completion.stats, stats.hits + stats.misses
             ui.stats_line(s.prefill_tokens_per_s, s.decode_tokens_per_s, s.completion_tokens,

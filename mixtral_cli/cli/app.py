@@ -97,12 +97,25 @@ def _resolve(model: str | None, yes: bool) -> Path:
             return fetch(missing.repo_id, progress=progress)
 
 
-def _load(model: str | None, opts, yes: bool = False):
+def _load(model: str | None, opts, yes: bool = False, grammar=None):
+    """The engine; with `grammar`, that grammar is checked against the model's tokenizer first,
+    before any weight loads (and the engine keeps that tokenizer, whose vocabulary table the
+    grammar engine has then built)."""
     from ..engine.loader import load_engine
 
     path = _resolve(model, yes)
+    tok = None
+    if grammar is not None:
+        from .structured import check_with_tokenizer
+
+        tok = check_with_tokenizer(grammar, path)
     with ui.load_progress() as update:
-        return load_engine(path, opts, on_progress=update)
+        if tok is None:
+            return load_engine(path, opts, on_progress=update)
+        from ..checkpoints.reader import Checkpoint
+        from ..engine.loader import build_engine
+
+        return build_engine(Checkpoint(path), tok, opts, on_progress=update)
 
 
 def _traced(engine, trace: Path | None, model: str | None):
@@ -148,6 +161,9 @@ def run(
     model: ModelOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="No chat template: ids are [BOS] + encode(prompt).")] = False,
     json_out: JsonOpt = False,
+    json_schema: Annotated[str | None, typer.Option("--json-schema", metavar="SCHEMA", help="The output is a JSON document valid under this JSON Schema: inline JSON (starting with '{') or a JSON file's path  [default: none]")] = None,
+    json_object: Annotated[bool, typer.Option("--json-object", help="The output is a JSON object (any).")] = False,
+    grammar: Annotated[str | None, typer.Option("--grammar", metavar="FILE", help="The output matches this grammar file: llama.cpp's GBNF, or llguidance's Lark (a file with a 'start:' rule)  [default: none]")] = None,
     system: SystemOpt = None,
     trace: TraceOpt = None,
     yes: YesOpt = False,
@@ -161,11 +177,16 @@ def run(
         raise UserError("the prompt is empty", hint="pass a prompt argument, or pipe the prompt text into 'mixtral run -'")
     if raw and system:
         raise UserError("--system needs the chat template", hint="drop --raw or --system")
+    from .structured import build, from_options
+
+    spec = from_options(json_schema, json_object, grammar)  # read (files too) before torch loads
     _check_trace(trace)
     _needs_torch(runtime.threads)
     from .actions import run_once
 
-    engine = _load(model, runtime, yes)
+    if spec is not None:
+        gen.grammar = build(spec)  # refused from its text alone, before the model is looked up
+    engine = _load(model, runtime, yes, grammar=gen.grammar)
     with _traced(engine, trace, model):
         run_once(engine, prompt, gen, raw=raw, system=system, json_out=json_out)
 
@@ -294,6 +315,7 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", metavar="N", help="Requests that may wait while one generates; more get 503 with Retry-After.")] = default_of(ServeOptions, "max_queue"),
     send_timeout: Annotated[float, typer.Option("--send-timeout", metavar="SECONDS", help="Cut a stream whose client has not read for this long.")] = default_of(ServeOptions, "send_timeout"),
     system: Annotated[str | None, typer.Option("--system", metavar="TEXT", help="System prompt for conversations that bring none (default: none).")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin", metavar="ORIGIN", help="Let web pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API from a browser (repeatable)  [default: none: no CORS headers]")] = None,
     yes: YesOpt = False,
 ) -> None:
     """Serve the model on OpenAI's HTTP API: /v1/chat/completions (streaming too), /v1/completions, /v1/models, /health.
@@ -306,12 +328,16 @@ def serve(
     from ..server.process import serve as run_server
 
     opts = ServeOptions(model_name=model_name(model), gen=gen, system=system, host=host, port=port,
-                        api_key=api_key or None, max_queue=max_queue, send_timeout=send_timeout)
+                        api_key=api_key or None, max_queue=max_queue, send_timeout=send_timeout,
+                        cors_origins=list(cors_origin or ()))
     opts.validate()
     sock = listen(host, port)  # before the long load: a port in use fails at once
     if not opts.api_key and not is_loopback(host):
         ui.notice(f"warning: listening on {host} without an API key: anyone who can reach this port can use "
                   "the model (set --api-key or $MIXTRAL_API_KEY)")
+    elif not opts.api_key and "*" in opts.cors_origins:
+        ui.notice("warning: --cors-origin '*' without an API key: any web page open in a browser on this machine "
+                  "can use the model (set --api-key or $MIXTRAL_API_KEY, or name the origins)")
     run_server(_load(model, runtime, yes), opts, sock, ui.server_log, ui.serve_banner)
 
 

@@ -37,6 +37,8 @@ HELP = [
     ("/regen", "drop the last reply and generate it again"),
     ("/set NAME VALUE", "temp, top_p, top_k, min_p, repeat_penalty, seed (or 'random'), max_tokens, "
                         "system (no value clears it); '/set' alone lists them"),
+    ("/json [SCHEMA|FILE|off]", "replies as JSON: '/json' any JSON object, '/json {...}' or '/json FILE' valid "
+                                "under that JSON Schema, '/json off' free text again ('/set' shows which)"),
     ("/stats", "expert cache hits and misses, prefetch accuracy, bytes moved, last reply speeds"),
     (f'{FENCE} ... {FENCE}', "multi-line message: start and end it with a line of three double quotes"),
     ("Ctrl-C", "stop the reply; the part shown is kept (/regen redoes it); at the prompt: clear the line"),
@@ -189,6 +191,7 @@ class Chat:
         self.conv = Conversation(engine.tokenizer, system or None)
         self.last: GenerationStats | None = None
         self.last_finish: str | None = None
+        self.json_label: str | None = None  # what /json holds replies to (None: free text)
         self.running = True
 
     @property
@@ -231,6 +234,8 @@ class Chat:
                 self.regen()
             elif name == "/set":
                 self.set(arg)
+            elif name == "/json":
+                self.json(arg)
             elif name == "/stats":
                 ui.chat_table("stats", self.stats_rows())
             else:
@@ -246,10 +251,26 @@ class Chat:
 
     def set(self, arg: str) -> None:
         if not arg:
-            ui.chat_table("settings", [(k, _current(self.gen, self.conv, k)) for k in SETTINGS])
+            ui.chat_table("settings", [(k, _current(self.gen, self.conv, k)) for k in SETTINGS]
+                          + [("json", f"{self.json_label or 'off'} (/json)")])
             return
         name, _, value = arg.partition(" ")
         ui.chat_info(apply_setting(self.gen, self.conv, name, value.strip()))
+
+    def json(self, arg: str) -> None:
+        """`/json`: replies held to any JSON object; `/json SCHEMA` (inline JSON or a file): to that
+        schema; `/json off`: free text. A bad schema leaves the mode as it was."""
+        from .structured import build, object_spec, schema_spec
+
+        if arg.lower() in ("off", "none", "text"):
+            self.gen.grammar, self.json_label = None, None
+            ui.chat_info("json off: replies are free text")
+            return
+        spec = schema_spec(arg, "/json") if arg and arg.lower() != "on" else object_spec("/json")
+        grammar = build(spec)
+        grammar.check(self.engine.tokenizer)
+        self.gen.grammar, self.json_label = grammar, spec.label
+        ui.chat_info(f"json on: replies are {spec.label}")
 
     def regen(self) -> None:
         reply = self.conv.pop_reply()
@@ -303,6 +324,9 @@ class Chat:
             ui.notice("the model gave an empty reply; the message was dropped")
         elif completion.finish_reason == "length" and completion.stats.completion_tokens < self.gen.max_tokens:
             ui.notice(f"the reply reached the end of the {self.ctx}-token context")
+        elif completion.finish_reason == "length" and self.gen.grammar is not None:
+            ui.notice(f"the JSON reply was cut at max_tokens ({self.gen.max_tokens}) before it was complete "
+                      "(raise it with /set max_tokens N)")
 
     def stats_rows(self) -> list[tuple[str, str]]:
         s = self.engine.experts.stats

@@ -133,12 +133,72 @@ def _log_line(scope, status: int, record: _Record, seconds: float) -> str:
     return " · ".join(parts)
 
 
-class Gate:
-    """ASGI middleware: the API key check (all but /health) and one log line per request."""
+CORS_METHODS = b"GET, POST, OPTIONS"
+CORS_HEADERS = b"Authorization, Content-Type"  # allowed when a preflight names none
+CORS_MAX_AGE_S = 600  # how long a browser may reuse a preflight's answer
 
-    def __init__(self, app, api_key: str | None, log: Callable[[str], None]) -> None:
+
+def _origin_key(origin: str) -> str:
+    """An origin as a browser's Origin header spells it: lower case, no default port."""
+    origin = origin.lower()
+    for scheme, port in (("http://", ":80"), ("https://", ":443")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin[: -len(port)]
+    return origin
+
+
+class Cors:
+    """Which browser origins may call the API (`ServeOptions.cors_origins`; '*': any)."""
+
+    def __init__(self, origins: list[str]) -> None:
+        self.any = "*" in origins
+        self.origins = {_origin_key(o).encode() for o in origins if o != "*"}
+
+    def allow(self, origin: bytes | None) -> bytes | None:
+        """The Access-Control-Allow-Origin value for a request from `origin` (None: no CORS headers)."""
+        if origin is None:
+            return None
+        if self.any:
+            return b"*"
+        return origin if _origin_key(origin.decode("latin-1")).encode() in self.origins else None
+
+    def vary(self) -> list[tuple[bytes, bytes]]:
+        """Responses to named origins differ by Origin (all of them: a cache must not mix them up)."""
+        return [] if self.any else [(b"vary", b"Origin")]
+
+    def actual(self, allowed: bytes | None) -> list[tuple[bytes, bytes]]:
+        """The headers every response (errors and streams too) gets."""
+        if allowed is None:
+            return self.vary()
+        return [(b"access-control-allow-origin", allowed), (b"access-control-expose-headers", b"Retry-After"),
+                *self.vary()]
+
+    def preflight(self, allowed: bytes, requested: bytes | None) -> Response:
+        """The answer to a browser's preflight (OPTIONS with Access-Control-Request-Method): no API
+        key asked, since a browser sends none on a preflight."""
+        headers = [(b"access-control-allow-origin", allowed), (b"access-control-allow-methods", CORS_METHODS),
+                   (b"access-control-allow-headers", requested.strip() if requested and requested.strip()
+                    else CORS_HEADERS),
+                   (b"access-control-max-age", str(CORS_MAX_AGE_S).encode()),
+                   (b"vary", b"Access-Control-Request-Headers"), *self.vary()]
+        response = Response(status_code=204)
+        response.raw_headers.extend(headers)
+        return response
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    return next((v for k, v in scope["headers"] if k == name), None)
+
+
+class Gate:
+    """ASGI middleware: CORS (with `cors_origins`: preflights answered here, the Allow-Origin header
+    added to every response), the API key check (all but /health and preflights) and one log line
+    per request."""
+
+    def __init__(self, app, api_key: str | None, log: Callable[[str], None], cors_origins: list[str] | None = None) -> None:
         self.app, self.log = app, log
         self.key = api_key.encode() if api_key else None
+        self.cors = Cors(cors_origins) if cors_origins else None
 
     def _authorized(self, scope) -> bool:
         value = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
@@ -152,15 +212,25 @@ class Gate:
         record = scope["mixtral.log"] = _Record()
         status = 0
         t0 = time.perf_counter()
+        allowed = self.cors.allow(_header(scope, b"origin")) if self.cors else None
+        preflight = allowed is not None and scope["method"] == "OPTIONS" and \
+            _header(scope, b"access-control-request-method") is not None
+        extra = self.cors.actual(allowed) if self.cors and not preflight else []
 
         async def tracked(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         try:
-            if self.key and scope["path"] != "/health" and not self._authorized(scope):
+            if preflight:
+                record.note = "CORS preflight"
+                await self.cors.preflight(allowed, _header(scope, b"access-control-request-headers"))(
+                    scope, receive, tracked)
+            elif self.key and scope["path"] != "/health" and not self._authorized(scope):
                 err = APIError(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 record.note = err.message
@@ -432,4 +502,4 @@ class Api:
 
 
 def create_app(engine: Engine, worker: Worker, opts: ServeOptions, log: Callable[[str], None]) -> Gate:
-    return Gate(Api(engine, worker, opts).app(), opts.api_key, log)
+    return Gate(Api(engine, worker, opts).app(), opts.api_key, log, opts.cors_origins)

@@ -148,6 +148,8 @@ def serve(engine: Engine, opts: ServeOptions, sock: socket.socket, log: Callable
     """Serve until a signal; `banner(url, model, ctx, max_queue, keyed)` announces the server first."""
     server = Server(engine, opts, sock, log=log)
     banner(server.url, opts.model_name, engine.model.max_len, opts.max_queue, bool(opts.api_key))
+    if opts.cors_origins:
+        log(f"CORS: web pages from {', '.join(opts.cors_origins)} may call the API from a browser")
     server.run()
     log("stopped")
 
