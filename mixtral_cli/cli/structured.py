@@ -102,9 +102,7 @@ def from_options(json_schema: str | None, json_object: bool, grammar: str | None
 
 def build(spec: Spec) -> Grammar:
     """The grammar `spec` asks for, checked as far as its text alone allows (GrammarError if not)."""
-    import llguidance
-
-    from ..engine.grammar import LIMITS, Grammar, GrammarError
+    from ..engine.grammar import Grammar
 
     if spec.grammar is None:
         grammar = Grammar.json_schema(spec.schema, spec.source)
@@ -112,9 +110,7 @@ def build(spec: Spec) -> Grammar:
         grammar = Grammar.lark(spec.grammar, spec.source)  # a bad one is refused below
     else:
         grammar = Grammar.gbnf(spec.grammar, spec.source)
-    error = llguidance.LLMatcher.validate_grammar(grammar.text, None, limits=llguidance.LLParserLimits(**LIMITS))
-    if error:
-        raise GrammarError(spec.source, _first_line(error))
+    grammar.validate()
     return grammar
 
 
@@ -131,9 +127,3 @@ def check_with_tokenizer(grammar: Grammar, model_dir: Path) -> Tokenizer | None:
     grammar.check(tok)
     return tok
 
-
-def _first_line(error: object) -> str:
-    """An engine message as one line, without its position in the generated grammar text."""
-    from ..engine.grammar import _one_line
-
-    return _one_line(error)

@@ -151,12 +151,16 @@ class Grammar:
         """Any JSON object (OpenAI's `{"type": "json_object"}`)."""
         return cls.json_schema({"type": "object"}, "response_format")
 
-    def check(self, tok: Tokenizer) -> None:
-        """Compile against `tok`'s vocabulary (bounded by `LIMITS`); raise GrammarError if the engine
-        refuses the grammar."""
-        error = llguidance.LLMatcher.validate_grammar(self.text, _cached(tok)[1], limits=_limits())
+    def validate(self, tok: Tokenizer | None = None) -> None:
+        """Raise GrammarError if the engine refuses the grammar: from its text alone, or (with
+        `tok`) against that vocabulary; bounded by `LIMITS`."""
+        error = llguidance.LLMatcher.validate_grammar(self.text, _cached(tok)[1] if tok else None, limits=_limits())
         if error:
             raise GrammarError(self.source, _one_line(error))
+
+    def check(self, tok: Tokenizer) -> None:
+        """Compile against `tok`'s vocabulary; raise GrammarError if the engine refuses the grammar."""
+        self.validate(tok)
         matcher = llguidance.LLMatcher(_cached(tok)[1], self.text, log_level=0, limits=_limits())
         if matcher.is_error():
             raise GrammarError(self.source, _one_line(matcher.get_error()))
